@@ -1,0 +1,34 @@
+# make help lists the targets. Each target sets up .venv in the checkout on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The torch build to install; override for another CUDA or a CPU wheel index.
+TORCH_PIP ?= torch==2.14.1 torchvision==0.29.1
+DEMO_DIR ?= demo_out
+NPROC ?= 2
+
+.PHONY: help setup demo test bench lint clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: setup.cfg
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_PIP)
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed ## create .venv and install vsr_ddp with its test tools
+
+demo: $(VENV)/.installed ## make a sample clip with audio and upscale it with $(NPROC) ranks on CPU
+	$(PY) -m vsr_ddp.demo --dir $(DEMO_DIR) --nproc $(NPROC)
+
+test: $(VENV)/.installed ## the whole test suite (CPU, gloo)
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.installed ## benchmarks (not tests): frames/s and stage shares
+	$(PY) -m vsr_ddp.bench
+
+clean: ## remove demo output and caches (keeps .venv)
+	rm -rf $(DEMO_DIR) .pytest_cache
