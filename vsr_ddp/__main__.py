@@ -1,0 +1,58 @@
+"""Entry point.
+
+    python -m vsr_ddp job=upscale input=clip.mp4 output=out job.model=lanczos job.scale=2
+    torchrun --standalone --nproc_per_node=8 -m vsr_ddp job=upscale input=/data/videos output=/data/out \
+        job.model=/models/RealESRGAN_x4plus.pth
+    python -m vsr_ddp -m job=upscale input=clip.mp4 output='out/s${job.scale}' job.model=bicubic job.scale=2,3
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from . import dist
+from .logs import setup_logging
+
+log = logging.getLogger("vsr_ddp")
+
+# Errors a user can fix from the message alone: one line on the console, exit status 2.
+USER_ERRORS = (dist.DistError, ValueError, FileNotFoundError)
+
+
+def run(cfg: DictConfig) -> int:
+    ctx = None
+    try:
+        ctx = dist.init(cfg.device, cfg.dist.backend, cfg.dist.timeout_min)
+        setup_logging(Path(cfg.log.dir), ctx.rank, cfg.log.level)
+        log.info("vsr_ddp job=%s input=%s output=%s", cfg.job.name, cfg.input, cfg.output)
+        from .runner import Runner
+
+        return Runner(cfg, ctx).run()
+    except USER_ERRORS as e:
+        logging.getLogger("vsr_ddp").debug("error", exc_info=True)
+        if ctx is None or ctx.is_main:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        dist.teardown(ctx)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    status = run(cfg)
+    if status and not _multirun():
+        sys.exit(status)
+
+
+def _multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().mode.name == "MULTIRUN"
+
+
+if __name__ == "__main__":
+    main()

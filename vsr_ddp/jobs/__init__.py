@@ -1,0 +1,15 @@
+"""One module per job. A job is a small class (see :class:`vsr_ddp.jobs.base.Job`): the runner
+hands it frames of one unit and writes what it returns; the job never touches files."""
+from __future__ import annotations
+
+from .base import Job
+from .upscale import UpscaleJob
+
+JOBS = {"upscale": UpscaleJob}
+
+
+def make_job(cfg, device) -> Job:
+    name = cfg.job.name
+    if name not in JOBS:
+        raise ValueError(f"job={name} is not implemented here (known: {', '.join(sorted(JOBS))})")
+    return JOBS[name](cfg.job, device)

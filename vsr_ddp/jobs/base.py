@@ -1,0 +1,34 @@
+"""What the runner needs from a job."""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Protocol
+
+import numpy as np
+
+
+class Job(Protocol):
+    name: str
+    uses_context: bool  # True: frames outside the owned range are passed in as context
+
+    def setup(self) -> None:
+        """Load models, once per rank, before any work. Raise for a missing model file."""
+
+    def tag(self) -> str:
+        """Work-folder tag: ``<stem>_<tag>`` (e.g. ``4x``)."""
+
+    def settings(self) -> dict:
+        """Everything that changes the pixels; shards made with other settings are redone."""
+
+    def output_size(self, width: int, height: int) -> tuple[int, int]:
+        """Frame size this job makes from frames of ``width`` x ``height``."""
+
+    def process(self, frames: np.ndarray) -> np.ndarray:
+        """# (B, H, W, 3) uint8 -> (B, H', W', 3) uint8."""
+
+
+def signature(settings: dict) -> str:
+    """A short stable hash of a job's settings, stored in every sidecar."""
+    blob = json.dumps(settings, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

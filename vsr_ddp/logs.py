@@ -1,0 +1,140 @@
+"""Logging and progress: one log file per rank, only rank 0 on the console, and a tqdm bar on
+rank 0 that counts the frames of all ranks (each rank adds to a run-wide counter)."""
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+FORMAT = "%(asctime)s [rank %(rank)s] %(levelname)s %(name)s: %(message)s"
+
+
+def human_duration(seconds: float | None) -> str:
+    """'45 s', '12 min', '1 h 3 min', '2 d 5 h' — what a person reads at a glance."""
+    if seconds is None or seconds != seconds or seconds == float("inf"):
+        return "?"
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s} s"
+    m = s // 60
+    if m < 60:
+        return f"{m} min"
+    h, m = divmod(m, 60)
+    if h < 24:
+        return f"{h} h {m} min" if m else f"{h} h"
+    d, h = divmod(h, 24)
+    return f"{d} d {h} h" if h else f"{d} d"
+
+
+class _TqdmHandler(logging.StreamHandler):
+    """Console lines that do not tear the progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
+def setup_logging(log_dir: Path, rank: int, level: str = "INFO") -> Path:
+    """``<log_dir>/rank<N>.log`` for every rank (appended across resumes); console for rank 0."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    path = log_dir / f"rank{rank}.log"
+    old_factory = logging.getLogRecordFactory()
+
+    def factory(*args, **kwargs):
+        record = old_factory(*args, **kwargs)
+        record.rank = rank
+        return record
+
+    logging.setLogRecordFactory(factory)
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.setLevel(level)
+    fh = logging.FileHandler(path, encoding="utf-8")
+    fh.setFormatter(logging.Formatter(FORMAT))
+    root.addHandler(fh)
+    if rank == 0:
+        ch = _TqdmHandler()
+        ch.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        root.addHandler(ch)
+    logging.captureWarnings(True)
+    return path
+
+
+class _Bar(tqdm):
+    @property
+    def format_dict(self):
+        d = super().format_dict
+        rate = d.get("rate") or (d["n"] / d["elapsed"] if d.get("elapsed") else None)
+        left = (d["total"] - d["n"]) / rate if rate and d.get("total") else None
+        d["eta"] = human_duration(left)
+        return d
+
+
+class Progress:
+    """Run-wide frame progress. Every rank calls :meth:`advance`; rank 0 shows the bar and
+    every rank logs a line with frames/s and ETA now and then."""
+
+    def __init__(self, ctx, show_bar: bool, log_every_s: float = 30.0):
+        self.ctx = ctx
+        self.log = logging.getLogger("vsr_ddp.progress")
+        self.log_every_s = log_every_s
+        self._stop = threading.Event()
+        self._mine = 0
+        self._t0 = time.monotonic()
+        self._bar = None
+        self._thread = None
+        if show_bar:
+            self._bar = _Bar(total=0, unit="frame", dynamic_ncols=True, file=sys.stderr, mininterval=0.5,
+                             bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} frames [{rate_fmt}, ETA {eta}]")
+
+    def add_total(self, frames: int) -> None:
+        self.ctx.add("frames_total", frames)
+
+    def start(self) -> None:
+        self._refresh()
+        self._thread = threading.Thread(target=self._poll, name="progress", daemon=True)
+        self._thread.start()
+
+    def advance(self, frames: int) -> None:
+        self._mine += frames
+        self.ctx.add("frames_done", frames)
+
+    def _poll(self) -> None:
+        last_log = time.monotonic()
+        while not self._stop.wait(0.5):
+            self._refresh()
+            if time.monotonic() - last_log >= self.log_every_s:
+                last_log = time.monotonic()
+                self._log_line()
+
+    def _refresh(self) -> None:
+        if self._bar is None:
+            return
+        total, done = self.ctx.add("frames_total", 0), self.ctx.add("frames_done", 0)
+        self._bar.total = max(total, done)
+        self._bar.update(done - self._bar.n)
+
+    def _log_line(self) -> None:
+        total, done = self.ctx.add("frames_total", 0), self.ctx.add("frames_done", 0)
+        elapsed = time.monotonic() - self._t0
+        rate = self._mine / elapsed if elapsed > 0 else 0.0
+        all_rate = done / elapsed if elapsed > 0 else 0.0
+        eta = human_duration((total - done) / all_rate) if all_rate > 0 else "?"
+        self.log.info("this rank %d frames (%.2f frames/s); all ranks %d/%d frames, ETA %s",
+                      self._mine, rate, done, total, eta)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._refresh()
+        self._log_line()
+        if self._bar is not None:
+            self._bar.close()

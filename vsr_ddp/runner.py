@@ -1,0 +1,216 @@
+"""One run of a vsr_ddp job, top to bottom: load, plan, work, wait, merge, report."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from . import shards
+from .dist import Dist
+from .jobs import make_job
+from .jobs.base import signature
+from .logs import Progress, human_duration
+from .pipeline import run_stages
+from .plan import InputError, Plan, Unit, VideoInfo, format_plan, list_inputs, plan_units, probe
+from .video import FrameReader, ShardWriter, even_size, merge, pad_even
+
+log = logging.getLogger(__name__)
+
+
+class Runner:
+    def __init__(self, cfg, ctx: Dist):
+        self.cfg = cfg
+        self.ctx = ctx
+        self.output = Path(cfg.output).expanduser()
+        self.encode = OmegaConf.to_container(cfg.encode, resolve=True)
+        self.job = make_job(cfg, ctx.device)
+        self.failures: dict[str, str] = {}  # input path -> first reason, on this rank
+
+    def run(self) -> int:
+        """Returns the process exit status: 0 when every input is ok, 1 when any failed."""
+        # 1. The model, once per rank. A missing or unreadable model fails here, before any work.
+        self.job.setup()
+        self.sig = signature({**self.job.settings(), "encode": self.encode})
+        self.tag = self.job.tag()
+
+        # 2. Probe the inputs (each rank a share) and plan the same units on every rank.
+        plan = self.make_plan()
+        if self.cfg.dry_run:
+            if self.ctx.is_main:
+                print(format_plan(plan, self.ctx.world), flush=True)
+            return 0
+        self.output.mkdir(parents=True, exist_ok=True)
+        if self.ctx.is_main:
+            for vi, info in enumerate(plan.videos):
+                self.write_checkpoint(plan, vi)
+
+        # 3. Work: this rank's units, decode/model/encode overlapped.
+        mine = plan.units_for_rank(self.ctx.rank, self.ctx.world)
+        todo = [u for u in mine if not shards.shard_done(self.wdir(plan.videos[u.video]), u, self.sig)]
+        log.info("%d unit(s) for this rank, %d already done", len(mine), len(mine) - len(todo))
+        progress = Progress(self.ctx, show_bar=self.ctx.is_main and self.cfg.log.progress)
+        progress.add_total(sum(u.frames for u in todo))
+        progress.start()
+        try:
+            for unit in todo:
+                info = plan.videos[unit.video]
+                if info.path in self.failures:
+                    continue
+                try:
+                    self.process_unit(info, unit, progress)
+                except Exception as e:  # noqa: BLE001 - one broken input never stops the batch
+                    reason = f"{e.__class__.__name__}: {e}" if not str(e) else str(e)
+                    log.error("%s: %s failed: %s", info.path, unit.key, reason)
+                    self.failures.setdefault(info.path, f"{unit.key} (frames [{unit.start}, {unit.end})): {reason}")
+        finally:
+            progress.close()
+
+        # 4. Every rank arrives here when its units are done, however long the others take.
+        log.info("units done; waiting for the other ranks")
+        self.ctx.wait_for_all("units_done")
+        failures = {}
+        for per_rank in self.ctx.all_gather_object(self.failures):
+            for path, reason in per_rank.items():
+                failures.setdefault(path, reason)
+        if not self.ctx.is_main:
+            return 0
+
+        # 5. Rank 0 merges each video's shards and writes the report.
+        return self.finish(plan, failures)
+
+    # -- planning -------------------------------------------------------------------------------
+    def make_plan(self) -> Plan:
+        inputs = list_inputs(self.cfg.input)
+        probed = {}
+        for path in inputs[self.ctx.rank::self.ctx.world]:
+            try:
+                probed[str(path)] = probe(path)
+            except InputError as e:
+                probed[str(path)] = str(e)
+            except OSError as e:
+                probed[str(path)] = f"cannot read ({e.strerror or e})"
+        results = {}
+        for part in self.ctx.all_gather_object(probed):
+            results.update(part)
+        videos, failed, stems = [], {}, {}
+        for path in map(str, inputs):
+            res = results[path]
+            if isinstance(res, str):
+                failed[path] = res
+                log.error("%s: %s", path, res)
+            elif res.stem in stems:
+                failed[path] = f"same output name {res.stem}.mp4 as {stems[res.stem]}; rename one of them"
+                log.error("%s: %s", path, failed[path])
+            else:
+                stems[res.stem] = path
+                videos.append(res)
+        w = self.cfg.work
+        units = plan_units(videos, w.unit, w.segment_frames, w.overlap)
+        log.info("plan: %d video(s), %d unit(s), %d failed to probe", len(videos), len(units), len(failed))
+        return Plan(videos=videos, failed=failed, units=units)
+
+    def wdir(self, info: VideoInfo) -> Path:
+        return shards.work_dir(self.output, info, self.tag)
+
+    def write_checkpoint(self, plan: Plan, vi: int, output: str | None = None) -> None:
+        info = plan.videos[vi]
+        wdir = self.wdir(info)
+        wdir.mkdir(parents=True, exist_ok=True)
+        units = plan.units_of(vi)
+        status = {u.key: "done" if shards.shard_done(wdir, u, self.sig, verify_checksum=False) else "pending"
+                  for u in units}
+        shards.write_checkpoint(wdir, info, units, self.sig, status, output=output)
+
+    # -- one unit -------------------------------------------------------------------------------
+    def process_unit(self, info: VideoInfo, unit: Unit, progress: Progress) -> None:
+        t0 = time.monotonic()
+        wdir = self.wdir(info)
+        wdir.mkdir(parents=True, exist_ok=True)
+        shards.discard_partial(wdir, unit)
+        start, end = (unit.read_start, unit.read_end) if self.job.uses_context else (unit.start, unit.end)
+        out_w, out_h = even_size(*self.job.output_size(info.width, info.height))
+        reader = FrameReader(info, backend=self.cfg.work.reader, chunk=self.cfg.work.read_chunk)
+        writer = ShardWriter(shards.shard_path(wdir, unit), out_w, out_h, info.fps, self.encode, info.color)
+
+        def sink(frames):  # (n, H', W', 3) uint8
+            writer.write(frames)
+            progress.advance(len(frames))
+
+        try:
+            run_stages(reader.read(start, end), lambda f: pad_even(self.job.process(f)), sink,
+                       depth=self.cfg.work.queue_depth)
+            if writer.frames != unit.frames:
+                raise RuntimeError(f"wrote {writer.frames} frames, owned range has {unit.frames}")
+            writer.close()
+        except BaseException:
+            writer.abort()
+            shards.discard_partial(wdir, unit)
+            raise
+        seconds = time.monotonic() - t0
+        shards.write_sidecar(wdir, unit, signature=self.sig, encode=self.encode, rank=self.ctx.rank,
+                             host=self.ctx.host, seconds=seconds,
+                             extra={"read_start": start, "read_end": end, "width": out_w, "height": out_h,
+                                    "reader": reader.backend})
+        log.info("%s %s: frames [%d, %d) in %.1f s (%.2f frames/s)", info.stem, unit.key, unit.start,
+                 unit.end, seconds, unit.frames / max(seconds, 1e-9))
+
+    # -- merge and report (rank 0) --------------------------------------------------------------
+    def finish(self, plan: Plan, failures: dict) -> int:
+        entries = {path: {"input": path, "status": "failed", "reason": reason, "output": None,
+                          "frames": None, "seconds": None} for path, reason in plan.failed.items()}
+        for vi, info in enumerate(plan.videos):
+            entry = {"input": info.path, "status": "failed", "reason": failures.get(info.path),
+                     "output": None, "frames": info.frames, "seconds": None}
+            entries[info.path] = entry
+            if entry["reason"]:
+                continue
+            try:
+                entry.update(self.merge_video(plan, vi))
+                entry["status"] = "ok"
+            except Exception as e:  # noqa: BLE001 - reported per video
+                entry["reason"] = f"merge: {e}"
+                log.error("%s: merge failed: %s", info.path, e)
+        inputs = [str(p) for p in list_inputs(self.cfg.input)]
+        report = {"videos": [entries[p] for p in inputs if p in entries]}
+        shards.atomic_write_json(self.output / "run_report.json", report)
+        failed = [e for e in report["videos"] if e["status"] == "failed"]
+        for e in failed:
+            log.error("FAILED %s: %s", e["input"], e["reason"])
+        ok = len(report["videos"]) - len(failed)
+        log.info("%d ok, %d failed; report: %s", ok, len(failed), self.output / "run_report.json")
+        return 1 if failed else 0
+
+    def merge_video(self, plan: Plan, vi: int) -> dict:
+        info = plan.videos[vi]
+        wdir = self.wdir(info)
+        units = plan.units_of(vi)
+        missing = [u for u in units if not shards.shard_done(wdir, u, self.sig)]
+        if missing:
+            raise RuntimeError("shards missing or inconsistent: " + ", ".join(
+                f"{u.key} [{u.start}, {u.end})" for u in missing[:5]))
+        sides = [shards.read_sidecar(wdir, u) for u in units]
+        # Coverage from what the sidecars say, not from the plan: stale or foreign shards show here.
+        shards.check_coverage([Unit(vi, s["seg_idx"], s["start"], s["end"], s["read_start"], s["read_end"])
+                               for s in sides], info.frames)
+        out = self.output / f"{info.stem}.mp4"
+        t0 = time.monotonic()
+        ordered = [wdir / s["shard"] for s in sorted(sides, key=lambda s: s["start"])]
+        merge(ordered, info, out, wdir / "concat.txt")
+        merge_s = time.monotonic() - t0
+        seconds = sum(s["seconds"] for s in sides) + merge_s
+        self.write_checkpoint(plan, vi, output=str(out))
+        log.info("%s -> %s: %d frames, merged in %.2f s (work %s)", info.path, out, info.frames, merge_s,
+                 human_duration(seconds))
+        return {"output": str(out), "seconds": round(seconds, 3), "merge_seconds": round(merge_s, 3)}
+
+
+def report_path(output: str | Path) -> Path:
+    return Path(output) / "run_report.json"
+
+
+def load_report(output: str | Path) -> dict:
+    with open(report_path(output), encoding="utf-8") as f:
+        return json.load(f)

@@ -1,0 +1,295 @@
+"""Video I/O: frame-exact reads of [start, end), shard encoding, and the final merge.
+
+All encoding goes through the ffmpeg binary that imageio-ffmpeg ships (it has libx264,
+libx265 and NVENC), driven with argument lists over pipes; no system ffmpeg is assumed.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import subprocess
+import tempfile
+from fractions import Fraction
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .plan import VideoInfo
+from .shards import commit, tmp_path
+
+log = logging.getLogger(__name__)
+
+# Audio codecs an .mp4 carries as they are; anything else is re-encoded to AAC.
+MP4_AUDIO_COPY = {"aac", "mp3", "ac3", "eac3", "alac", "opus"}
+# Text subtitles become mov_text (the only subtitle codec mp4 takes); bitmap ones are dropped.
+TEXT_SUBTITLES = {"subrip", "srt", "ass", "ssa", "mov_text", "webvtt", "text"}
+# Containers where decord's seeking was seen to be frame-exact in our tests; others are read
+# with PyAV (see tests/test_video.py, which checks both against a sequential decode).
+DECORD_CONTAINERS = {".mp4", ".mov", ".mkv", ".avi"}
+
+
+class DecodeError(RuntimeError):
+    pass
+
+
+class EncodeError(RuntimeError):
+    pass
+
+
+def ffmpeg_exe() -> str:
+    import imageio_ffmpeg
+
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def timescale(fps: Fraction) -> int:
+    """An mp4 track timescale in which every frame lasts a whole number of ticks.
+
+    With the muxer's default the frame durations of 30000/1001 video get rounded, and
+    concatenated shards drift by a frame over long runs.
+    """
+    return fps.numerator * max(1, math.ceil(90_000 / fps.numerator))
+
+
+def even_size(width: int, height: int) -> tuple[int, int]:
+    """yuv420p needs even sides; odd outputs get one replicated row/column."""
+    return width + width % 2, height + height % 2
+
+
+def pad_even(frames: np.ndarray) -> np.ndarray:
+    """# (N, H, W, 3) uint8 -> (N, H', W', 3) with H', W' even, edge pixels replicated."""
+    _, h, w, _ = frames.shape
+    if h % 2 == 0 and w % 2 == 0:
+        return frames
+    return np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+
+
+# -- reading ----------------------------------------------------------------------------------
+
+class FrameReader:
+    """Frame-exact reads of any [start, end) of one video, in chunks, with flat memory.
+
+    decord is the fast path (it seeks to the nearest keyframe and decodes forward); containers
+    where decord's frame index is not trustworthy go through PyAV instead, and the log says so.
+    """
+
+    def __init__(self, info: VideoInfo, backend: str = "auto", chunk: int = 8):
+        self.info = info
+        self.chunk = chunk
+        suffix = Path(info.path).suffix.lower()
+        if backend == "auto":
+            backend = "decord" if suffix in DECORD_CONTAINERS else "pyav"
+            if backend == "pyav":
+                log.info("%s: reading with PyAV (decord's seeking is not frame-exact for %s)",
+                         info.path, suffix)
+        self.backend = backend
+
+    def read(self, start: int, end: int) -> Iterator[np.ndarray]:
+        """Yield # (n, H, W, 3) uint8 chunks covering exactly frames [start, end)."""
+        if not 0 <= start < end <= self.info.frames:
+            raise ValueError(f"bad frame range [{start}, {end}) for {self.info.frames} frames")
+        reader = self._read_decord if self.backend == "decord" else self._read_pyav
+        got = start
+        for chunk in reader(start, end):
+            got += len(chunk)
+            yield chunk
+        if got != end:
+            raise DecodeError(f"decoded frames [{start}, {got}) but the video should have frames up to {end}")
+
+    def _read_decord(self, start: int, end: int) -> Iterator[np.ndarray]:
+        import decord
+
+        try:
+            vr = decord.VideoReader(self.info.path, ctx=decord.cpu(0), num_threads=1)
+        except decord.DECORDError as e:
+            raise DecodeError(f"decord cannot open the video: {str(e).splitlines()[0][:200]}") from None
+        n = len(vr)
+        if n < end:
+            raise DecodeError(f"the stream has {n} decodable frames, {end} expected (truncated?)")
+        try:
+            for s in range(start, end, self.chunk):
+                e = min(end, s + self.chunk)
+                yield vr.get_batch(list(range(s, e))).asnumpy()  # (n, H, W, 3) uint8
+        except decord.DECORDError as e:
+            raise DecodeError(f"decoding failed near frame {s}: {str(e).splitlines()[0][:200]}") from None
+        finally:
+            del vr
+
+    def _read_pyav(self, start: int, end: int) -> Iterator[np.ndarray]:
+        import av
+
+        fps = self.info.fps
+        try:
+            container = av.open(self.info.path)
+        except av.error.FFmpegError as e:
+            raise DecodeError(f"cannot open the video: {e}") from None
+        with container:
+            vs = container.streams.video[0]
+            vs.thread_type = "AUTO"
+            tb = vs.time_base
+            t0 = vs.start_time or 0
+            if start > 0:
+                # Seek to the keyframe at or before `start`, then count frames by timestamp.
+                container.seek(int(t0 + (Fraction(start) / fps) / tb), stream=vs, backward=True, any_frame=False)
+            buf, idx = [], None
+            try:
+                for frame in container.decode(vs):
+                    if frame.pts is None:
+                        raise DecodeError("frames without timestamps: cannot read a range exactly")
+                    idx = round((frame.pts - t0) * tb * fps)
+                    if idx < start:
+                        continue
+                    if idx >= end:
+                        break
+                    buf.append(frame.to_ndarray(format="rgb24"))
+                    if len(buf) == self.chunk:
+                        yield np.stack(buf)
+                        buf = []
+            except av.error.FFmpegError as e:
+                raise DecodeError(f"decoding failed after frame {idx}: {e}") from None
+            if buf:
+                yield np.stack(buf)
+
+
+# -- writing shards ---------------------------------------------------------------------------
+
+def encoder_args(encode, fps: Fraction) -> list[str]:
+    """ffmpeg output options for a shard; every shard of a video gets the same ones, which is
+    what lets the merge concatenate them without re-encoding."""
+    codec = encode["codec"]
+    if codec == "auto":
+        codec = "libx264"
+    args = ["-c:v", codec, "-pix_fmt", encode.get("pix_fmt", "yuv420p")]
+    if codec in ("libx264", "libx265"):
+        args += ["-preset", str(encode["preset"]), "-crf", str(encode["crf"])]
+        if codec == "libx265":
+            args += ["-tag:v", "hvc1", "-x265-params", "log-level=error"]
+    elif codec.endswith("_nvenc"):
+        args += ["-preset", "p5", "-rc", "vbr", "-cq", str(encode["crf"]), "-b:v", "0"]
+    else:
+        args += ["-q:v", str(encode["crf"])]
+    return args + ["-video_track_timescale", str(timescale(fps))]
+
+
+class ShardWriter:
+    """Pipes # (n, H, W, 3) uint8 frames into ffmpeg, which writes one encoded shard.
+
+    The shard is written under a temporary name and only appears under ``path`` when
+    :meth:`close` has checked ffmpeg's exit status.
+    """
+
+    def __init__(self, path: Path, width: int, height: int, fps: Fraction, encode, color: dict | None = None):
+        self.path = Path(path)
+        self.tmp = tmp_path(self.path)
+        self.size = (width, height)
+        self.frames = 0
+        cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
+               "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}",
+               "-framerate", f"{fps.numerator}/{fps.denominator}", "-i", "pipe:0", "-an"]
+        cmd += encoder_args(encode, fps)
+        # Tag the input's colour description: pixels go out in the matrix they were decoded
+        # with, so the same tags keep them meaning the same colours.
+        for key, value in (color or {}).items():
+            cmd += [f"-{key}", value]
+        cmd += ["-f", "mp4", str(self.tmp)]
+        self._stderr = tempfile.TemporaryFile()
+        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._stderr)
+
+    def _error(self, what: str) -> EncodeError:
+        self._stderr.seek(0)
+        tail = self._stderr.read().decode("utf-8", "replace").strip().splitlines()[-3:]
+        return EncodeError(f"{what}: {' | '.join(tail) or 'no message'}")
+
+    def write(self, frames: np.ndarray) -> None:
+        n, h, w, c = frames.shape  # (n, H, W, 3) uint8
+        if (w, h) != self.size or c != 3 or frames.dtype != np.uint8:
+            raise EncodeError(f"frame batch {frames.shape} {frames.dtype} does not match {self.size}")
+        try:
+            self._proc.stdin.write(np.ascontiguousarray(frames).data)
+        except (BrokenPipeError, OSError):
+            self._proc.wait()
+            raise self._error(f"encoder exited with status {self._proc.returncode}") from None
+        self.frames += n
+
+    def close(self) -> None:
+        """Finish the shard and commit it under its final name."""
+        try:
+            self._proc.stdin.close()
+        except OSError:
+            pass
+        rc = self._proc.wait()
+        if rc != 0:
+            raise self._error(f"encoder exited with status {rc}")
+        commit(self.tmp, self.path)
+        self._stderr.close()
+
+    def abort(self) -> None:
+        """Stop the encoder and remove the partial shard."""
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        try:
+            self._proc.stdin.close()
+        except OSError:
+            pass
+        self._stderr.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+# -- merging ----------------------------------------------------------------------------------
+
+def _concat_line(path: Path) -> str:
+    # concat demuxer quoting: inside '...', a quote is written as '\''
+    return "file '" + str(path).replace("'", "'\\''") + "'\n"
+
+
+def merge(shards: list[Path], info: VideoInfo, out: Path, list_file: Path) -> None:
+    """Concatenate shards (already in frame order) without re-encoding, mux the input's audio
+    and subtitles, and write ``out`` atomically with faststart."""
+    list_file.write_text("".join(_concat_line(p.name) for p in shards), encoding="utf-8")
+    cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
+           "-f", "concat", "-safe", "0", "-i", str(list_file), "-i", info.path, "-map", "0:v:0"]
+    codecs = ["-c:v", "copy"]
+    for n, a in enumerate(info.audio):
+        cmd += ["-map", f"1:{a['index']}"]
+        if a["codec"] in MP4_AUDIO_COPY:
+            codecs += [f"-c:a:{n}", "copy"]
+        else:
+            log.info("%s: audio stream %d is %s, re-encoding it to AAC for mp4", info.path, a["index"], a["codec"])
+            codecs += [f"-c:a:{n}", "aac", f"-b:a:{n}", "192k"]
+    n_sub = 0
+    for s in info.subtitles:
+        if s["codec"] in TEXT_SUBTITLES:
+            cmd += ["-map", f"1:{s['index']}"]
+            codecs += [f"-c:s:{n_sub}", "mov_text"]
+            n_sub += 1
+        else:
+            log.warning("%s: subtitle stream %d (%s) is a bitmap format mp4 cannot hold; dropped",
+                        info.path, s["index"], s["codec"])
+    tmp = tmp_path(out)
+    cmd += codecs + ["-movflags", "+faststart", "-video_track_timescale", str(timescale(info.fps)),
+                     "-f", "mp4", str(tmp)]
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=list_file.parent)
+    if proc.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        tail = proc.stderr.decode("utf-8", "replace").strip().splitlines()[-3:]
+        raise EncodeError(f"merge failed: {' | '.join(tail)}")
+    try:
+        frames = count_frames(tmp)
+        if frames != info.frames:
+            raise EncodeError(f"merged video has {frames} frames, expected {info.frames}")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    commit(tmp, out)
+
+
+def count_frames(path: Path) -> int:
+    """Frame count from the container's sample table (no decoding)."""
+    import av
+
+    with av.open(str(path)) as c:
+        vs = c.streams.video[0]
+        return vs.frames or sum(1 for p in c.demux(vs) if p.size)
+
