@@ -1,0 +1,90 @@
+"""Planning, manifest and bookkeeping units (no video decoding, no torch)."""
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+
+from vsr_ddp import shards
+from vsr_ddp.logs import human_duration
+from vsr_ddp.plan import Plan, Unit, VideoInfo, list_inputs, plan_units
+
+
+def _info(frames, name="v.mp4"):
+    return VideoInfo(path=name, frames=frames, fps=Fraction(30000, 1001), width=64, height=48, codec="h264")
+
+
+def test_segments_own_each_frame_once_and_read_context():
+    units = plan_units([_info(25), _info(7, "w.mp4")], "segment", segment_frames=10, overlap=2)
+    v0 = [u for u in units if u.video == 0]
+    assert [(u.start, u.end) for u in v0] == [(0, 10), (10, 20), (20, 25)]
+    assert [(u.read_start, u.read_end) for u in v0] == [(0, 12), (8, 22), (18, 25)]
+    assert [u.key for u in v0] == ["segment_0000", "segment_0001", "segment_0002"]
+    v1 = [u for u in units if u.video == 1]
+    assert [(u.start, u.end, u.read_start, u.read_end) for u in v1] == [(0, 7, 0, 7)]
+    for vi, n in ((0, 25), (1, 7)):
+        shards.check_coverage([u for u in units if u.video == vi], n)
+
+
+def test_whole_video_units_are_rank_strided():
+    units = plan_units([_info(5, f"{i}.mp4") for i in range(5)], "video", segment_frames=2, overlap=3)
+    assert all((u.start, u.end) == (0, 5) and (u.read_start, u.read_end) == (0, 5) for u in units)
+    plan = Plan(videos=[], failed={}, units=units)
+    assert [u.video for u in plan.units_for_rank(0, 2)] == [0, 2, 4]
+    assert [u.video for u in plan.units_for_rank(1, 2)] == [1, 3]
+    every = sorted(u.video for r in range(3) for u in plan.units_for_rank(r, 3))
+    assert every == [0, 1, 2, 3, 4]
+
+
+def test_bad_work_settings_are_rejected():
+    with pytest.raises(ValueError, match="work.unit"):
+        plan_units([_info(5)], "frames", 10, 0)
+    with pytest.raises(ValueError, match="segment_frames"):
+        plan_units([_info(5)], "segment", 0, 0)
+
+
+def test_coverage_names_gaps_and_overlaps():
+    u = lambda s, e, i=0: Unit(0, i, s, e, s, e)  # noqa: E731
+    with pytest.raises(ValueError, match=r"frames \[10, 12\) are covered by no shard"):
+        shards.check_coverage([u(0, 10), u(12, 20, 1)], 20)
+    with pytest.raises(ValueError, match=r"frames \[8, 10\) are covered by more than one shard"):
+        shards.check_coverage([u(0, 10), u(8, 20, 1)], 20)
+    with pytest.raises(ValueError, match=r"frames \[20, 25\) are covered by no shard"):
+        shards.check_coverage([u(0, 10), u(10, 20, 1)], 25)
+
+
+def test_sidecar_marks_a_shard_done_only_when_it_matches(tmp_path):
+    unit = Unit(0, 3, 30, 40, 28, 42)
+    shard = shards.shard_path(tmp_path, unit)
+    shard.write_bytes(b"\x00" * 1000)
+    assert not shards.shard_done(tmp_path, unit, "sig")  # no sidecar yet
+    side = shards.write_sidecar(tmp_path, unit, signature="sig", encode={"crf": 18}, rank=1, host="h", seconds=1.5)
+    assert side["start"] == 30 and side["end"] == 40 and side["frames_written"] == 10
+    assert side["shard"] == "segment_0003.mp4" and side["size"] == 1000
+    assert shards.shard_done(tmp_path, unit, "sig")
+    assert not shards.shard_done(tmp_path, unit, "other-settings")
+    assert not shards.shard_done(tmp_path, Unit(0, 3, 30, 41, 28, 42), "sig")  # another plan
+    shard.write_bytes(b"\x01" * 1000)  # same size, other bytes: checksum catches it
+    assert not shards.shard_done(tmp_path, unit, "sig")
+    shards.discard_partial(tmp_path, unit)
+    assert not shard.exists() and not shards.sidecar_path(tmp_path, unit).exists()
+
+
+def test_atomic_json_leaves_no_partial(tmp_path):
+    target = tmp_path / "checkpoint.json"
+    shards.atomic_write_json(target, {"a": 1})
+    assert target.read_text().strip().startswith("{")
+    assert not list(tmp_path.glob("*" + shards.TMP_SUFFIX))
+
+
+def test_inputs_are_listed_by_extension(tmp_path):
+    for name in ("b.mkv", "a.mp4", "notes.txt", "c.WEBM"):
+        (tmp_path / name).write_bytes(b"x")
+    assert [p.name for p in list_inputs(tmp_path)] == ["a.mp4", "b.mkv", "c.WEBM"]
+    with pytest.raises(ValueError, match="no such file"):
+        list_inputs(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("seconds,text", [(5, "5 s"), (59.6, "1 min"), (720, "12 min"), (3780, "1 h 3 min"),
+                                          (7200, "2 h"), (7500, "2 h 5 min"), (90000, "1 d 1 h"), (None, "?")])
+def test_human_eta(seconds, text):
+    assert human_duration(seconds) == text

@@ -1,0 +1,114 @@
+"""The upscale job with Real-ESRGAN-layout checkpoints (random weights), tiling, and model errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import spandrel
+import torch
+from builders import decode_indices, make_clip, probe_streams, read_frames, save_rrdbnet, save_srvgg
+from conftest import read_report, run_job
+from test_e2e import psnr
+
+from vsr_ddp.models.sr import Upscaler
+
+
+def spandrel_direct(model_path, frames: np.ndarray) -> np.ndarray:
+    """Independent inference: spandrel on the file, frame by frame, fp32 on the CPU."""
+    state = torch.load(model_path, map_location="cpu", weights_only=True)
+    desc = spandrel.ModelLoader().load_from_state_dict(spandrel.canonicalize_state_dict(state)).eval()
+    outs = []
+    with torch.no_grad():
+        for f in frames:  # (H, W, 3) uint8
+            x = torch.from_numpy(f).permute(2, 0, 1)[None].float() / 255
+            y = desc(x).clamp(0, 1)[0].permute(1, 2, 0).mul(255).round().byte().numpy()
+            outs.append(y)
+    return np.stack(outs)  # (N, H*s, W*s, 3) uint8
+
+
+@pytest.fixture(scope="module")
+def small_clip(tmp_path_factory):
+    return make_clip(tmp_path_factory.mktemp("sr") / "clip.mp4", frames=12, size=(64, 48), audio=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,scale", [("rrdb", 4), ("rrdb", 2), ("srvgg", 4)])
+def test_real_esrgan_layout_checkpoint_matches_spandrel(kind, scale, small_clip, tmp_path):
+    save = save_rrdbnet if kind == "rrdb" else save_srvgg
+    model = save(tmp_path / f"{kind}_x{scale}.pth", scale=scale, seed=1)
+    other = save(tmp_path / f"{kind}_x{scale}_other.pth", scale=scale, seed=2)
+    out = tmp_path / "out"
+    # crf 0: the only loss left is yuv420p's chroma subsampling
+    run_job(["job=upscale", f"input={small_clip}", f"output={out}", f"job.model={model}",
+             "work.segment_frames=5", "encode.crf=0", "encode.preset=ultrafast"], nproc=2)
+    final = out / "clip.mp4"
+    got = read_frames(final)
+    src = read_frames(small_clip)
+    assert got.shape == (12, 48 * scale, 64 * scale, 3)
+    want = spandrel_direct(model, src)
+    unrelated = spandrel_direct(other, src)
+    assert psnr(got, want) > 30
+    assert psnr(got, want) > psnr(got, unrelated) + 6  # it is this model's output, not any model's
+    assert probe_streams(final)["frames"] == 12
+    assert read_report(out)["videos"][0]["status"] == "ok"
+
+
+def test_tiled_equals_untiled():
+    """With tile_pad covering the receptive field, tiles are seamless: identical up to float noise."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        model = save_srvgg(Path(d) / "c.pth", scale=2, seed=3)
+        frames = np.random.default_rng(0).integers(0, 256, (3, 40, 56, 3), dtype=np.uint8)
+        whole = Upscaler(str(model), device=torch.device("cpu"))(frames)
+        tiled = Upscaler(str(model), device=torch.device("cpu"), tile=16, tile_pad=24)(frames)
+        thin = Upscaler(str(model), device=torch.device("cpu"), tile=16, tile_pad=0)(frames)
+    assert whole.shape == tiled.shape == (3, 80, 112, 3)
+    assert np.abs(whole.astype(int) - tiled.astype(int)).max() <= 1
+    # and the test can tell: without context the seams show
+    assert np.abs(whole.astype(int) - thin.astype(int)).max() > 1
+
+
+@pytest.mark.slow
+def test_tiled_job_output_equals_untiled_job_output(small_clip, tmp_path):
+    model = save_srvgg(tmp_path / "c.pth", scale=2, seed=4)
+    outs = {}
+    for name, extra in (("whole", []), ("tiled", ["job.tile=24", "job.tile_pad=24"])):
+        run_job(["job=upscale", f"input={small_clip}", f"output={tmp_path / name}", f"job.model={model}",
+                 "work.unit=video", *extra])
+        outs[name] = read_frames(tmp_path / name / "clip.mp4")
+    assert outs["whole"].shape == outs["tiled"].shape
+    assert psnr(outs["whole"], outs["tiled"]) > 45
+    assert decode_indices(outs["tiled"]) == list(range(12))
+
+
+def test_outscale_resizes_model_output():
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        model = save_srvgg(Path(d) / "c.pth", scale=4, seed=5)
+        up = Upscaler(str(model), device=torch.device("cpu"), outscale=2)
+        frames = np.zeros((2, 30, 40, 3), np.uint8)
+        assert up(frames).shape == (2, 60, 80, 3)
+        assert up.output_size(40, 30) == (80, 60)
+
+
+@pytest.mark.parametrize("content,needle", [(None, "does not exist"), (b"not a checkpoint", "cannot read")])
+def test_bad_model_file_fails_before_any_work(content, needle, small_clip, tmp_path):
+    model = tmp_path / "RealESRGAN_x4plus.pth"
+    if content is not None:
+        model.write_bytes(content)
+    out = tmp_path / "out"
+    proc = run_job(["job=upscale", f"input={small_clip}", f"output={out}", f"job.model={model}"], check=False)
+    assert proc.returncode == 2
+    line = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(line) == 1 and needle in line[0] and str(model) in line[0]
+    assert "github.com/xinntao/Real-ESRGAN/releases" in line[0]
+    assert not (out / "clip.mp4").exists() and not (out / ".vsr_ddp" / "clip_4x").exists()
+
+
+def test_scale_mismatch_is_a_clear_error(tmp_path):
+    model = save_srvgg(tmp_path / "c.pth", scale=4, seed=6)
+    with pytest.raises(ValueError, match="x4 model.*job.outscale=2"):
+        Upscaler(str(model), device=torch.device("cpu"), scale=2)
