@@ -364,7 +364,7 @@ def probe_streams(path: str | Path) -> dict:
     """
     info = dict(frames=0, fps=None, width=None, height=None, video_codec=None, audio_codec=None,
                 audio_duration=None, audio_declared_duration=None, subtitles=0)
-    # one open per stream: decode(stream) then demuxes only what it needs
+    # one pass per stream keeps each loop trivial; test clips are tiny
     with av.open(str(path)) as container:
         info["subtitles"] = len(container.streams.subtitles)
         has_audio = bool(container.streams.audio)
@@ -411,7 +411,9 @@ def make_truncated(src: str | Path, dst: str | Path, keep: float = 0.4) -> Path:
     MP4/MOV are remuxed with +faststart first: with the moov (index) before the data
     the cut file still opens and lists every frame, but the data runs out part way
     (ffmpeg's default moov-last MP4 would not open at all). Matroska/WebM/AVI already
-    keep their headers at the front.
+    keep their headers at the front. With B-frames the last decodable frame can follow
+    a gap (its B-frames were cut off), and where the cut lands decides whether PyAV
+    stops cleanly or raises InvalidDataError.
     """
     src, dst = Path(src), Path(dst)
     if src.suffix.lower() in (".mp4", ".mov"):
@@ -443,7 +445,9 @@ def make_corrupt(src: str | Path, dst: str | Path, span: tuple[float, float] = (
     """Copy src with a `span` fraction of its media payload overwritten by seeded random bytes.
 
     For MP4/MOV the span is relative to the mdat payload, so the index stays intact and
-    only sample data is garbage; for other containers it is relative to the whole file.
+    only sample data is garbage (H.264 decoding then raises InvalidDataError); for other
+    containers it is relative to the whole file (Matroska/WebM demuxers resync and
+    silently drop the frames in the span).
     """
     data = bytearray(Path(src).read_bytes())
     start, end = _mdat_payload(data) or (0, len(data))

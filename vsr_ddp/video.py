@@ -24,9 +24,10 @@ log = logging.getLogger(__name__)
 MP4_AUDIO_COPY = {"aac", "mp3", "ac3", "eac3", "alac", "opus"}
 # Text subtitles become mov_text (the only subtitle codec mp4 takes); bitmap ones are dropped.
 TEXT_SUBTITLES = {"subrip", "srt", "ass", "ssa", "mov_text", "webvtt", "text"}
-# Containers where decord's seeking was seen to be frame-exact in our tests; others are read
-# with PyAV (see tests/test_video.py, which checks both against a sequential decode).
-DECORD_CONTAINERS = {".mp4", ".mov", ".mkv", ".avi"}
+# Containers where decord's random access was seen to be frame-exact (tests/test_video.py checks
+# both readers against a sequential decode). Not .avi: H.264 with B-frames in AVI carries no
+# timestamps, and decord then returns the wrong frames on seeks without any error.
+DECORD_CONTAINERS = {".mp4", ".mov", ".m4v", ".mkv", ".webm"}
 
 
 class DecodeError(RuntimeError):
@@ -89,67 +90,91 @@ class FrameReader:
         """Yield # (n, H, W, 3) uint8 chunks covering exactly frames [start, end)."""
         if not 0 <= start < end <= self.info.frames:
             raise ValueError(f"bad frame range [{start}, {end}) for {self.info.frames} frames")
-        reader = self._read_decord if self.backend == "decord" else self._read_pyav
+        if self.backend == "decord":
+            vr = self._open_decord()
+            reader = self._read_decord(vr, start, end) if vr is not None else self._read_pyav(start, end)
+        else:
+            reader = self._read_pyav(start, end)
         got = start
-        for chunk in reader(start, end):
+        for chunk in reader:
             got += len(chunk)
             yield chunk
         if got != end:
-            raise DecodeError(f"decoded frames [{start}, {got}) but the video should have frames up to {end}")
+            raise DecodeError(f"truncated or corrupt: decoded frames [{start}, {got}) of [{start}, {end}); "
+                              f"the container declares {self.info.frames} frames")
 
-    def _read_decord(self, start: int, end: int) -> Iterator[np.ndarray]:
+    def _open_decord(self):
         import decord
 
         try:
-            vr = decord.VideoReader(self.info.path, ctx=decord.cpu(0), num_threads=1)
-        except decord.DECORDError as e:
-            raise DecodeError(f"decord cannot open the video: {str(e).splitlines()[0][:200]}") from None
-        n = len(vr)
-        if n < end:
-            raise DecodeError(f"the stream has {n} decodable frames, {end} expected (truncated?)")
+            return decord.VideoReader(self.info.path, ctx=decord.cpu(0), num_threads=1)
+        except (decord.DECORDError, RuntimeError) as e:
+            # decord scans every packet when it opens a file and gives up on the first bad one
+            # (a truncated mp4, say); PyAV decodes what is there, and the count check decides.
+            log.warning("%s: decord cannot open it (%s); reading with PyAV", self.info.path, _first_line(e))
+            self.backend = "pyav"
+            return None
+
+    def _read_decord(self, vr, start: int, end: int) -> Iterator[np.ndarray]:
+        import decord
+
+        if len(vr) < end:
+            raise DecodeError(f"truncated or corrupt: {len(vr)} decodable frames, the container declares "
+                              f"{self.info.frames}")
+        s = start
         try:
             for s in range(start, end, self.chunk):
-                e = min(end, s + self.chunk)
-                yield vr.get_batch(list(range(s, e))).asnumpy()  # (n, H, W, 3) uint8
+                yield vr.get_batch(list(range(s, min(end, s + self.chunk)))).asnumpy()  # (n, H, W, 3) uint8
         except decord.DECORDError as e:
-            raise DecodeError(f"decoding failed near frame {s}: {str(e).splitlines()[0][:200]}") from None
-        finally:
-            del vr
+            raise DecodeError(f"corrupt: decoding failed near frame {s} ({_first_line(e)})") from None
 
     def _read_pyav(self, start: int, end: int) -> Iterator[np.ndarray]:
+        """Seek to the keyframe before ``start`` and count frames by timestamp; a gap in the
+        timestamps is an error, never a silently shorter or shifted range."""
         import av
 
         fps = self.info.fps
         try:
             container = av.open(self.info.path)
         except av.error.FFmpegError as e:
-            raise DecodeError(f"cannot open the video: {e}") from None
+            raise DecodeError(f"cannot open the video: {_first_line(e)}") from None
         with container:
             vs = container.streams.video[0]
             vs.thread_type = "AUTO"
             tb = vs.time_base
             t0 = vs.start_time or 0
             if start > 0:
-                # Seek to the keyframe at or before `start`, then count frames by timestamp.
-                container.seek(int(t0 + (Fraction(start) / fps) / tb), stream=vs, backward=True, any_frame=False)
-            buf, idx = [], None
+                container.seek(int(t0 + (Fraction(start) / fps) / tb), stream=vs, backward=True)
+            buf, expected = [], start
             try:
-                for frame in container.decode(vs):
+                for pos, frame in enumerate(container.decode(vs)):
                     if frame.pts is None:
-                        raise DecodeError("frames without timestamps: cannot read a range exactly")
-                    idx = round((frame.pts - t0) * tb * fps)
-                    if idx < start:
+                        if start > 0:
+                            raise DecodeError("frames carry no timestamps: a range cannot be read exactly "
+                                              "(use work.unit=video)")
+                        idx = pos  # decoding from the very start: counting is exact
+                    else:
+                        idx = round((frame.pts - t0) * tb * fps)
+                    if idx < expected:
                         continue
-                    if idx >= end:
-                        break
+                    if idx > expected:
+                        raise DecodeError(f"corrupt: frames [{expected}, {idx}) are missing from the stream")
                     buf.append(frame.to_ndarray(format="rgb24"))
-                    if len(buf) == self.chunk:
+                    expected += 1
+                    if len(buf) == self.chunk or expected == end:
                         yield np.stack(buf)
                         buf = []
+                    if expected == end:
+                        break
             except av.error.FFmpegError as e:
-                raise DecodeError(f"decoding failed after frame {idx}: {e}") from None
+                raise DecodeError(f"corrupt: decoding failed at frame {expected} ({_first_line(e)})") from None
             if buf:
                 yield np.stack(buf)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else e.__class__.__name__
 
 
 # -- writing shards ---------------------------------------------------------------------------
