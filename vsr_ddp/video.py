@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import subprocess
 import tempfile
 from fractions import Fraction
@@ -126,7 +127,7 @@ class FrameReader:
             for s in range(start, end, self.chunk):
                 yield vr.get_batch(list(range(s, min(end, s + self.chunk)))).asnumpy()  # (n, H, W, 3) uint8
         except decord.DECORDError as e:
-            raise DecodeError(f"corrupt: decoding failed near frame {s} ({_first_line(e)})") from None
+            raise DecodeError(f"truncated or corrupt: decoding failed near frame {s} ({_first_line(e)})") from None
 
     def _read_pyav(self, start: int, end: int) -> Iterator[np.ndarray]:
         """Seek to the keyframe before ``start`` and count frames by timestamp; a gap in the
@@ -158,7 +159,7 @@ class FrameReader:
                     if idx < expected:
                         continue
                     if idx > expected:
-                        raise DecodeError(f"corrupt: frames [{expected}, {idx}) are missing from the stream")
+                        raise DecodeError(f"truncated or corrupt: frames [{expected}, {idx}) are missing from the stream")
                     buf.append(frame.to_ndarray(format="rgb24"))
                     expected += 1
                     if len(buf) == self.chunk or expected == end:
@@ -167,14 +168,19 @@ class FrameReader:
                     if expected == end:
                         break
             except av.error.FFmpegError as e:
-                raise DecodeError(f"corrupt: decoding failed at frame {expected} ({_first_line(e)})") from None
+                raise DecodeError(f"truncated or corrupt: decoding failed at frame {expected} ({_first_line(e)})") from None
             if buf:
                 yield np.stack(buf)
 
 
 def _first_line(e: BaseException) -> str:
+    """The useful part of a decoder's message: decord prefixes each with a timestamp and
+    its source location ("[19:07:37] /github/workspace/src/...cc:218: Check failed: ...")."""
     text = str(e).strip()
-    return text.splitlines()[0][:200] if text else e.__class__.__name__
+    if not text:
+        return e.__class__.__name__
+    text = re.sub(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ", "", text.splitlines()[0])
+    return text.replace("Check failed: ", "")[:160]
 
 
 # -- writing shards ---------------------------------------------------------------------------

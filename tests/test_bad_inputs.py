@@ -1,0 +1,50 @@
+"""Broken inputs: each gets a clear reason, the other videos finish, the exit status says so."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from builders import (make_audio_only, make_clip, make_corrupt, make_not_a_video, make_truncated,
+                      make_zero_byte, probe_streams)
+from conftest import read_report, run_job
+
+pytestmark = pytest.mark.slow
+
+
+def test_bad_inputs_are_reported_and_the_batch_goes_on(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    good = make_clip(d / "good.mp4", frames=24, audio=True)
+    src = make_clip(tmp_path / "src.mp4", frames=48, audio=True, faststart=True)
+    make_zero_byte(d / "empty.mp4")
+    make_not_a_video(d / "notes.mp4")
+    make_audio_only(d / "song.mp4")
+    make_truncated(src, d / "cut.mp4")
+    make_corrupt(src, d / "garbled.mp4")
+    shutil.copy(good, d / "good.webm")  # same output name as good.mp4, which sorts first
+    out = tmp_path / "out"
+    proc = run_job(["job=upscale", f"input={d}", f"output={out}", "job.model=lanczos", "job.scale=2",
+                    "work.segment_frames=16"], nproc=2, check=False)
+    assert proc.returncode != 0
+    report = {v["input"].rsplit("/", 1)[1]: v for v in read_report(out)["videos"]}
+    assert report["good.mp4"]["status"] == "ok"
+    assert probe_streams(out / "good.mp4")["frames"] == 24
+    expected = {"empty.mp4": "empty file", "notes.mp4": "not a readable video", "song.mp4": "no video stream",
+                "cut.mp4": "truncated or corrupt", "garbled.mp4": "corrupt", "good.webm": "same output name"}
+    for name, needle in expected.items():
+        entry = report[name]
+        assert entry["status"] == "failed", name
+        assert needle in entry["reason"], (name, entry["reason"])
+        assert "\n" not in entry["reason"]
+        # the console names the file and the cause on one line
+        assert any(name in ln and needle in ln for ln in proc.stderr.splitlines()), (name, proc.stderr[-3000:])
+    # no final file for a failed input, and nothing half-written anywhere
+    assert sorted(p.name for p in out.glob("*.mp4")) == ["good.mp4"]
+    assert not list(out.rglob("*.partial"))
+
+
+def test_missing_input_is_a_configuration_error(tmp_path):
+    proc = run_job(["job=upscale", f"input={tmp_path / 'nope'}", f"output={tmp_path / 'out'}",
+                    "job.model=lanczos", "job.scale=2"], check=False)
+    assert proc.returncode == 2
+    assert f"error: {tmp_path / 'nope'}: no such file or folder" in proc.stderr
