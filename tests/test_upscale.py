@@ -50,6 +50,9 @@ def test_real_esrgan_layout_checkpoint_matches_spandrel(kind, scale, small_clip,
     assert psnr(got, want) > psnr(got, unrelated) + 6  # it is this model's output, not any model's
     assert probe_streams(final)["frames"] == 12
     assert read_report(out)["videos"][0]["status"] == "ok"
+    for rank in (0, 1):  # each rank loaded the model exactly once for its 1-2 segments
+        log = (out / ".vsr_ddp" / "logs" / f"rank{rank}.log").read_text()
+        assert log.count("vsr_ddp.models.sr: loaded") == 1
 
 
 def test_tiled_equals_untiled():
