@@ -54,3 +54,28 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     checkpoint = json.loads((wdir / "checkpoint.json").read_text())
     assert [s["status"] for s in checkpoint["segments"].values()] == ["done"] * 10
     assert [(s["start"], s["end"]) for s in checkpoint["segments"].values()] == [(i, i + 4) for i in range(0, 40, 4)]
+
+
+def test_sigterm_stops_cleanly_and_the_rerun_finishes(tmp_path):
+    """What Slurm preemption does: SIGTERM to torchrun, which passes it to every rank."""
+    clip = make_clip(tmp_path / "clip.mp4", frames=40, size=(64, 48), audio=True)
+    model = save_srvgg(tmp_path / "m.pth", scale=2, seed=8, num_feat=32, num_conv=16)
+    args = ["job=upscale", f"input={clip}", f"output={tmp_path / 'out'}", f"job.model={model}",
+            "work.segment_frames=4", "job.batch_size=1", "work.read_chunk=1"]
+    wdir = tmp_path / "out" / ".vsr_ddp" / "clip_2x"
+    proc = subprocess.Popen(job_cmd(args, nproc=2), cwd=ROOT, env=job_env(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while len(list(wdir.glob("segment_*.json"))) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # to torchrun only, as Slurm does
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert "rerun the same command to resume" in err
+    assert not list(wdir.glob("*.partial")), "a partial shard was left behind"
+    for side in wdir.glob("segment_*.json"):  # every sidecar left describes a complete shard
+        assert (wdir / json.loads(side.read_text())["shard"]).stat().st_size == json.loads(side.read_text())["size"]
+    assert not (tmp_path / "out" / "clip.mp4").exists()
+    run_job(args, nproc=2)
+    assert decode_indices(read_frames(tmp_path / "out" / "clip.mp4")) == list(range(40))

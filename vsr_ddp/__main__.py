@@ -14,7 +14,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from . import dist
+from . import dist, preempt
 from .logs import setup_logging
 
 log = logging.getLogger("vsr_ddp")
@@ -25,6 +25,7 @@ USER_ERRORS = (dist.DistError, ValueError, FileNotFoundError)
 
 def run(cfg: DictConfig) -> int:
     ctx = None
+    preempt.install()
     try:
         ctx = dist.init(cfg.device, cfg.dist.backend, cfg.dist.timeout_min)
         setup_logging(Path(cfg.log.dir), ctx.rank, cfg.log.level)

@@ -61,15 +61,20 @@ class Dist:
             self._local_counters[key] = self._local_counters.get(key, 0) + amount
             return self._local_counters[key]
 
-    def wait_for_all(self, key: str, poll_s: float = 1.0) -> None:
+    def wait_for_all(self, key: str, cancel: threading.Event | None = None, poll_s: float = 0.5) -> bool:
         """Arrive at ``key`` and wait until every rank has, without any timeout.
 
         A rank that finished early waits here while the others still work; a crashed rank
-        makes torchrun tear the whole job down, so the loop cannot spin forever.
+        makes torchrun tear the whole job down, so the loop cannot spin forever. Returns False
+        when ``cancel`` is set first (preemption: the other ranks will not arrive).
         """
         self.add(key, 1)
         while self.add(key, 0) < self.world:
-            time.sleep(poll_s)
+            if cancel is not None and cancel.wait(poll_s):
+                return False
+            if cancel is None:
+                time.sleep(poll_s)
+        return True
 
     # -- collectives: only where every rank is known to be present ---------------------------
     def all_gather_object(self, obj) -> list:

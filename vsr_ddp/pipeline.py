@@ -13,6 +13,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from .preempt import Preempted
+
 _END = object()
 
 
@@ -21,8 +23,13 @@ class _Stop(Exception):
 
 
 def run_stages(source: Iterable[np.ndarray], model: Callable[[np.ndarray], np.ndarray],
-               sink: Callable[[np.ndarray], None], depth: int = 4) -> None:
-    """Feed every chunk of ``source`` through ``model`` into ``sink``, stages overlapped."""
+               sink: Callable[[np.ndarray], None], depth: int = 4,
+               cancel: threading.Event | None = None) -> None:
+    """Feed every chunk of ``source`` through ``model`` into ``sink``, stages overlapped.
+
+    ``cancel``, when set from outside (a signal handler), stops all stages with Preempted.
+    """
+
     stop = threading.Event()
     errors: list[BaseException] = []
     decoded: queue.Queue = queue.Queue(depth)
@@ -69,6 +76,8 @@ def run_stages(source: Iterable[np.ndarray], model: Callable[[np.ndarray], np.nd
 
     def infer() -> None:
         while (chunk := get(decoded)) is not _END:
+            if cancel is not None and cancel.is_set():
+                raise Preempted("stop requested")
             put(modelled, model(chunk))
         put(modelled, _END)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from . import shards
+from . import preempt, shards
 from .dist import Dist
 from .jobs import make_job
 from .jobs.base import signature
@@ -57,20 +57,29 @@ class Runner:
         try:
             for unit in todo:
                 info = plan.videos[unit.video]
+                if preempt.requested.is_set():
+                    break
                 if info.path in self.failures:
                     continue
                 try:
                     self.process_unit(info, unit, progress)
+                except preempt.Preempted:
+                    break
                 except Exception as e:  # noqa: BLE001 - one broken input never stops the batch
-                    reason = f"{e.__class__.__name__}: {e}" if not str(e) else str(e)
+                    reason = str(e) or e.__class__.__name__
                     log.error("%s: %s failed: %s", info.path, unit.key, reason)
                     self.failures.setdefault(info.path, f"{unit.key} (frames [{unit.start}, {unit.end})): {reason}")
+                    shards.write_failure(self.wdir(info), unit, reason=reason, rank=self.ctx.rank,
+                                         host=self.ctx.host)
         finally:
             progress.close()
 
         # 4. Every rank arrives here when its units are done, however long the others take.
         log.info("units done; waiting for the other ranks")
-        self.ctx.wait_for_all("units_done")
+        if preempt.requested.is_set() or not self.ctx.wait_for_all("units_done", cancel=preempt.requested):
+            # No merge: the job is being taken away. Finished shards stay for the rerun.
+            log.warning("stopped early on request; rerun the same command to resume")
+            return preempt.exit_status()
         failures = {}
         for per_rank in self.ctx.all_gather_object(self.failures):
             for path, reason in per_rank.items():
@@ -141,7 +150,7 @@ class Runner:
 
         try:
             run_stages(reader.read(start, end), lambda f: pad_even(self.job.process(f)), sink,
-                       depth=self.cfg.work.queue_depth)
+                       depth=self.cfg.work.queue_depth, cancel=preempt.requested)
             if writer.frames != unit.frames:
                 raise RuntimeError(f"wrote {writer.frames} frames, owned range has {unit.frames}")
             writer.close()

@@ -104,11 +104,22 @@ def shard_done(wdir: Path, unit: Unit, signature: str, verify_checksum: bool = T
     return not verify_checksum or sha256(shard) == side.get("sha256")
 
 
+def failure_path(wdir: Path, unit: Unit) -> Path:
+    return wdir / f"{unit.key}.failed.json"
+
+
 def discard_partial(wdir: Path, unit: Unit) -> None:
-    """Remove whatever an interrupted attempt at this unit left behind."""
-    for p in (shard_path(wdir, unit), sidecar_path(wdir, unit)):
+    """Remove whatever an earlier attempt at this unit left behind (partial or failed)."""
+    for p in (shard_path(wdir, unit), sidecar_path(wdir, unit), failure_path(wdir, unit)):
         for q in (p, tmp_path(p)):
             q.unlink(missing_ok=True)
+
+
+def write_failure(wdir: Path, unit: Unit, *, reason: str, rank: int, host: str) -> None:
+    """Record why a unit failed, next to where its shard would be (read by vsr_ddp.status)."""
+    atomic_write_json(failure_path(wdir, unit), {
+        "version": SIDECAR_VERSION, "seg_idx": unit.seg_idx, "start": unit.start, "end": unit.end,
+        "reason": reason, "rank": rank, "host": host, "failed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
 
 def write_sidecar(wdir: Path, unit: Unit, *, signature: str, encode: dict, rank: int, host: str,
