@@ -103,3 +103,39 @@ def test_encoder_death_is_an_error_not_a_short_shard(tmp_path):
     w.abort()
     assert not (tmp_path / "segment_0000.mp4").exists()
     assert not list(tmp_path.iterdir())
+
+
+def test_encoder_choice_and_quality_mapping():
+    from vsr_ddp.video import encoder_args, encoder_works, resolve_codec
+
+    assert resolve_codec("libx265") == "libx265"
+    assert resolve_codec("auto", "h264", cuda=False) == "libx264"
+    assert resolve_codec("auto", "hevc", cuda=False) == "libx265"
+    if not encoder_works("h264_nvenc"):  # no NVIDIA GPU here: auto falls back even when asked for CUDA
+        assert resolve_codec("auto", "h264", cuda=True) == "libx264"
+    fps = Fraction(30000, 1001)
+    x264 = encoder_args({"codec": "libx264", "crf": 20, "preset": "slow"}, fps)
+    x265 = encoder_args({"codec": "libx265", "crf": 20, "preset": "slow"}, fps)
+    nvenc = encoder_args({"codec": "h264_nvenc", "crf": 20, "preset": "slow"}, fps)
+    assert x264[x264.index("-crf") + 1] == "20" and x265[x265.index("-crf") + 1] == "25"
+    assert nvenc[nvenc.index("-preset") + 1] == "p5" and nvenc[nvenc.index("-cq") + 1] == "20"
+    assert x264[-1] == "90000"  # the timescale in which a 30000/1001 frame lasts 3003 ticks
+    with pytest.raises(ValueError, match="resolved"):
+        encoder_args({"codec": "auto", "crf": 20, "preset": "slow"}, fps)
+
+
+def test_hevc_shards_merge_too(tmp_path):
+    src = make_clip(tmp_path / "in.mp4", frames=20, audio=False)
+    info = probe(src)
+    frames = read_frames(src)
+    enc = {"codec": "libx265", "crf": 18, "preset": "ultrafast", "pix_fmt": "yuv420p"}
+    paths = []
+    for i, (a, b) in enumerate([(0, 9), (9, 20)]):
+        w = ShardWriter(tmp_path / f"segment_{i:04d}.mp4", 64, 48, info.fps, enc)
+        w.write(frames[a:b])
+        w.close()
+        paths.append(w.path)
+    merge(paths, info, tmp_path / "final.mp4", tmp_path / "concat.txt")
+    got = probe_streams(tmp_path / "final.mp4")
+    assert got["frames"] == 20 and got["video_codec"] == "hevc"
+    assert decode_indices(read_frames(tmp_path / "final.mp4")) == list(range(20))

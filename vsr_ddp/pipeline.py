@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from typing import Callable, Iterable
 
 import numpy as np
@@ -24,11 +25,16 @@ class _Stop(Exception):
 
 def run_stages(source: Iterable[np.ndarray], model: Callable[[np.ndarray], np.ndarray],
                sink: Callable[[np.ndarray], None], depth: int = 4,
-               cancel: threading.Event | None = None) -> None:
+               cancel: threading.Event | None = None) -> dict:
     """Feed every chunk of ``source`` through ``model`` into ``sink``, stages overlapped.
 
     ``cancel``, when set from outside (a signal handler), stops all stages with Preempted.
+    Returns seconds per stage: busy time of decode, model and encode, the model stage's time
+    spent waiting for decoded frames (``model_starved_s``: ~0 in steady state when decoding
+    keeps up), and the wall time.
     """
+    t_start = time.perf_counter()
+    busy = {"decode_s": 0.0, "model_s": 0.0, "encode_s": 0.0, "model_starved_s": 0.0}
 
     stop = threading.Event()
     errors: list[BaseException] = []
@@ -66,19 +72,37 @@ def run_stages(source: Iterable[np.ndarray], model: Callable[[np.ndarray], np.nd
         return run
 
     def decode() -> None:
-        for chunk in source:  # (n, H, W, 3) uint8
+        it = iter(source)
+        while True:
+            t = time.perf_counter()
+            chunk = next(it, _END)  # (n, H, W, 3) uint8
+            busy["decode_s"] += time.perf_counter() - t
             put(decoded, chunk)
-        put(decoded, _END)
+            if chunk is _END:
+                return
 
     def encode() -> None:
         while (chunk := get(modelled)) is not _END:
+            t = time.perf_counter()
             sink(chunk)
+            busy["encode_s"] += time.perf_counter() - t
 
     def infer() -> None:
-        while (chunk := get(decoded)) is not _END:
+        first = True
+        while True:
+            t = time.perf_counter()
+            chunk = get(decoded)
+            if not first:  # the first wait is the pipeline filling, not starvation
+                busy["model_starved_s"] += time.perf_counter() - t
+            first = False
+            if chunk is _END:
+                break
             if cancel is not None and cancel.is_set():
                 raise Preempted("stop requested")
-            put(modelled, model(chunk))
+            t = time.perf_counter()
+            out = model(chunk)
+            busy["model_s"] += time.perf_counter() - t
+            put(modelled, out)
         put(modelled, _END)
 
     threads = [threading.Thread(target=guarded(decode), name="decode", daemon=True),
@@ -98,3 +122,5 @@ def run_stages(source: Iterable[np.ndarray], model: Callable[[np.ndarray], np.nd
                     stop.set()
     if errors:
         raise errors[0]
+    busy["wall_s"] = time.perf_counter() - t_start
+    return {k: round(v, 4) for k, v in busy.items()}

@@ -1,7 +1,6 @@
 """One run of a vsr_ddp job, top to bottom: load, plan, work, wait, merge, report."""
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ from .jobs.base import signature
 from .logs import Progress, human_duration
 from .pipeline import run_stages
 from .plan import InputError, Plan, Unit, VideoInfo, format_plan, list_inputs, plan_units, probe
-from .video import FrameReader, ShardWriter, even_size, merge, pad_even
+from .video import FrameReader, ShardWriter, even_size, merge, pad_even, resolve_codec
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +24,7 @@ class Runner:
         self.cfg = cfg
         self.ctx = ctx
         self.output = Path(cfg.output).expanduser()
-        self.encode = OmegaConf.to_container(cfg.encode, resolve=True)
+        self.encode = self.resolve_encoder(OmegaConf.to_container(cfg.encode, resolve=True))
         self.job = make_job(cfg, ctx.device)
         self.failures: dict[str, str] = {}  # input path -> first reason, on this rank
 
@@ -90,6 +89,18 @@ class Runner:
         # 5. Rank 0 merges each video's shards and writes the report.
         return self.finish(plan, failures)
 
+    def resolve_encoder(self, encode: dict) -> dict:
+        """Pick the concrete encoder once per run. All ranks must agree (the merge concatenates
+        shards without re-encoding), so a run where some node lacks NVENC uses software."""
+        wanted = encode["codec"]
+        mine = resolve_codec(wanted, encode.get("format", "h264"), self.ctx.device.type == "cuda")
+        chosen = set(self.ctx.all_gather_object(mine))
+        codec = mine if len(chosen) == 1 else resolve_codec(wanted, encode.get("format", "h264"), cuda=False)
+        if wanted == "auto":
+            log.info("encode.codec=auto: using %s%s", codec, "" if len(chosen) == 1 else
+                     f" (ranks disagreed: {sorted(chosen)})")
+        return {**encode, "codec": codec}
+
     # -- planning -------------------------------------------------------------------------------
     def make_plan(self) -> Plan:
         inputs = list_inputs(self.cfg.input)
@@ -149,8 +160,8 @@ class Runner:
             progress.advance(len(frames))
 
         try:
-            run_stages(reader.read(start, end), lambda f: pad_even(self.job.process(f)), sink,
-                       depth=self.cfg.work.queue_depth, cancel=preempt.requested)
+            stages = run_stages(reader.read(start, end), lambda f: pad_even(self.job.process(f)), sink,
+                                depth=self.cfg.work.queue_depth, cancel=preempt.requested)
             if writer.frames != unit.frames:
                 raise RuntimeError(f"wrote {writer.frames} frames, owned range has {unit.frames}")
             writer.close()
@@ -162,7 +173,7 @@ class Runner:
         shards.write_sidecar(wdir, unit, signature=self.sig, encode=self.encode, rank=self.ctx.rank,
                              host=self.ctx.host, seconds=seconds,
                              extra={"read_start": start, "read_end": end, "width": out_w, "height": out_h,
-                                    "reader": reader.backend})
+                                    "reader": reader.backend, "stages": stages, **resource_peaks(self.ctx.device)})
         log.info("%s %s: frames [%d, %d) in %.1f s (%.2f frames/s)", info.stem, unit.key, unit.start,
                  unit.end, seconds, unit.frames / max(seconds, 1e-9))
 
@@ -216,10 +227,13 @@ class Runner:
         return {"output": str(out), "seconds": round(seconds, 3), "merge_seconds": round(merge_s, 3)}
 
 
-def report_path(output: str | Path) -> Path:
-    return Path(output) / "run_report.json"
+def resource_peaks(device) -> dict:
+    """Peak host RSS of this process so far, and peak GPU memory on CUDA (for benchmarks)."""
+    import resource
 
+    import torch
 
-def load_report(output: str | Path) -> dict:
-    with open(report_path(output), encoding="utf-8") as f:
-        return json.load(f)
+    peaks = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if device.type == "cuda":
+        peaks["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return peaks

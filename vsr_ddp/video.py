@@ -5,6 +5,7 @@ libx265 and NVENC), driven with argument lists over pipes; no system ffmpeg is a
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -185,21 +186,58 @@ def _first_line(e: BaseException) -> str:
 
 # -- writing shards ---------------------------------------------------------------------------
 
+# x264's preset names, and the NVENC preset of about the same speed/quality trade.
+NVENC_PRESETS = {"ultrafast": "p1", "superfast": "p1", "veryfast": "p2", "faster": "p3", "fast": "p3",
+                 "medium": "p4", "slow": "p5", "slower": "p6", "veryslow": "p7"}
+# encode.crf is on x264's scale; x265 reaches the same quality about 5 higher (its default 28
+# matches x264's 23), NVENC's constant-quality -cq about where x264's crf is.
+CRF_OFFSET = {"libx264": 0, "libx265": 5, "h264_nvenc": 0, "hevc_nvenc": 0}
+
+
+@functools.lru_cache(maxsize=None)
+def encoder_works(codec: str) -> bool:
+    """Whether this ffmpeg can really encode with ``codec`` here: NVENC is compiled into the
+    imageio-ffmpeg binary but needs an NVIDIA GPU and driver, which only a trial tells."""
+    cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-f", "lavfi",
+           "-i", "color=black:size=256x256:duration=0.1", "-frames:v", "2", "-c:v", codec, "-f", "null", "-"]
+    try:
+        return subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def resolve_codec(codec: str, fmt: str = "h264", cuda: bool = False) -> str:
+    """``auto`` -> h264_nvenc / hevc_nvenc on a GPU whose encoder works, else libx264 / libx265."""
+    if codec != "auto":
+        return codec
+    if fmt not in ("h264", "hevc"):
+        raise ValueError(f"encode.format must be h264 or hevc, not {fmt!r}")
+    hw = f"{fmt}_nvenc"
+    if cuda and encoder_works(hw):
+        return hw
+    return "libx264" if fmt == "h264" else "libx265"
+
+
 def encoder_args(encode, fps: Fraction) -> list[str]:
     """ffmpeg output options for a shard; every shard of a video gets the same ones, which is
     what lets the merge concatenate them without re-encoding."""
     codec = encode["codec"]
     if codec == "auto":
-        codec = "libx264"
+        raise ValueError("encode.codec=auto must be resolved (resolve_codec) before encoding")
+    crf = int(encode["crf"]) + CRF_OFFSET.get(codec, 0)
+    preset = str(encode["preset"])
     args = ["-c:v", codec, "-pix_fmt", encode.get("pix_fmt", "yuv420p")]
     if codec in ("libx264", "libx265"):
-        args += ["-preset", str(encode["preset"]), "-crf", str(encode["crf"])]
+        args += ["-preset", preset, "-crf", str(crf)]
         if codec == "libx265":
             args += ["-tag:v", "hvc1", "-x265-params", "log-level=error"]
     elif codec.endswith("_nvenc"):
-        args += ["-preset", "p5", "-rc", "vbr", "-cq", str(encode["crf"]), "-b:v", "0"]
+        args += ["-preset", NVENC_PRESETS.get(preset, preset), "-tune", "hq", "-rc", "vbr", "-cq", str(crf),
+                 "-b:v", "0"]
+        if codec == "hevc_nvenc":
+            args += ["-tag:v", "hvc1"]
     else:
-        args += ["-q:v", str(encode["crf"])]
+        args += ["-q:v", str(crf)]
     return args + ["-video_track_timescale", str(timescale(fps))]
 
 
