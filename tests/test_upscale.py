@@ -115,3 +115,37 @@ def test_scale_mismatch_is_a_clear_error(tmp_path):
     model = save_srvgg(tmp_path / "c.pth", scale=4, seed=6)
     with pytest.raises(ValueError, match="x4 model.*job.outscale=2"):
         Upscaler(str(model), device=torch.device("cpu"), scale=2)
+
+
+@pytest.mark.slow
+def test_spans_get_the_model_and_the_rest_the_fallback(small_clip, tmp_path):
+    import cv2
+
+    clip = make_clip(tmp_path / "c.mp4", frames=48, size=(64, 48), fps="30000/1001", audio=True)
+    model = save_srvgg(tmp_path / "m.pth", scale=2, seed=9)
+    out = tmp_path / "out"
+    # 0.5 s .. 1 s at 29.97 fps = frames [15, 30): edges inside segments [10, 20) and [20, 30)
+    run_job(["job=upscale", f"input={clip}", f"output={out}", f"job.model={model}", "job.spans=[0:00.5-0:01]",
+             "work.segment_frames=10", "encode.crf=0", "encode.preset=ultrafast"], nproc=2)
+    got = read_frames(out / "c.mp4")
+    src = read_frames(clip)
+    by_model = spandrel_direct(model, src)
+    by_lanczos = np.stack([cv2.resize(f, (128, 96), interpolation=cv2.INTER_LANCZOS4) for f in src])
+    chose_model = [psnr(g, m) > psnr(g, c) for g, m, c in zip(got, by_model, by_lanczos)]
+    assert chose_model == [15 <= i < 30 for i in range(48)]
+    assert decode_indices(got) == list(range(48))
+
+
+def test_span_times_snap_to_frames():
+    from fractions import Fraction
+
+    from vsr_ddp.jobs.upscale import span_frames
+    from vsr_ddp.plan import VideoInfo
+
+    info = VideoInfo(path="v.mp4", frames=3000, fps=Fraction(30000, 1001), width=64, height=48, codec="h264")
+    assert span_frames(["0:01:00-0:01:30"], info) == [(1798, 2697)]
+    assert span_frames(["10-20.5", "1:30:00-2:00:00"], info) == [(300, 614)]
+    with pytest.raises(ValueError, match="ends before it starts"):
+        span_frames(["20-10"], info)
+    with pytest.raises(ValueError, match="cannot read the time"):
+        span_frames(["1m-2m"], info)

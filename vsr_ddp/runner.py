@@ -155,12 +155,20 @@ class Runner:
         reader = FrameReader(info, backend=self.cfg.work.reader, chunk=self.cfg.work.read_chunk)
         writer = ShardWriter(shards.shard_path(wdir, unit), out_w, out_h, info.fps, self.encode, info.color)
 
-        def sink(frames):  # (n, H', W', 3) uint8
+        self.job.begin(info)
+        position = [start]  # absolute index of the next frame into the model stage
+
+        def model(frames):  # (n, H, W, 3) uint8 -> (n, H', W', 3) uint8, H' and W' even
+            out = self.job.process(frames, position[0])
+            position[0] += len(frames)
+            return pad_even(out)
+
+        def sink(frames):
             writer.write(frames)
             progress.advance(len(frames))
 
         try:
-            stages = run_stages(reader.read(start, end), lambda f: pad_even(self.job.process(f)), sink,
+            stages = run_stages(reader.read(start, end), model, sink,
                                 depth=self.cfg.work.queue_depth, cancel=preempt.requested)
             if writer.frames != unit.frames:
                 raise RuntimeError(f"wrote {writer.frames} frames, owned range has {unit.frames}")

@@ -24,8 +24,11 @@ class Job(Protocol):
     def output_size(self, width: int, height: int) -> tuple[int, int]:
         """Frame size this job makes from frames of ``width`` x ``height``."""
 
-    def process(self, frames: np.ndarray) -> np.ndarray:
-        """# (B, H, W, 3) uint8 -> (B, H', W', 3) uint8."""
+    def begin(self, info) -> None:
+        """Called before each unit, with the VideoInfo of its video."""
+
+    def process(self, frames: np.ndarray, first: int) -> np.ndarray:
+        """# (B, H, W, 3) uint8, absolute index of frames[0] -> (B, H', W', 3) uint8."""
 
 
 def signature(settings: dict) -> str:
