@@ -5,6 +5,8 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
 from omegaconf import OmegaConf
 
 from . import preempt, shards
@@ -38,8 +40,11 @@ class Runner:
         # 2. Probe the inputs (each rank a share) and plan the same units on every rank.
         plan = self.make_plan()
         if self.cfg.dry_run:
+            estimate = self.calibrate(plan) if self.cfg.job.get("calibrate") else None
             if self.ctx.is_main:
                 print(format_plan(plan, self.ctx.world), flush=True)
+                if estimate:
+                    print(estimate, flush=True)
             return 0
         self.output.mkdir(parents=True, exist_ok=True)
         if self.ctx.is_main:
@@ -131,6 +136,44 @@ class Runner:
         units = plan_units(videos, w.unit, w.segment_frames, w.overlap)
         log.info("plan: %d video(s), %d unit(s), %d failed to probe", len(videos), len(units), len(failed))
         return Plan(videos=videos, failed=failed, units=units)
+
+    def calibrate(self, plan: Plan, warmup: int = 1, timed: int = 3) -> str | None:
+        """Time the model on real frames on every rank's device and estimate the run.
+
+        Each rank runs ``warmup`` + ``timed`` batches of the first video's frames; the time per
+        pixel scales to the other videos' sizes. Decoding and encoding overlap the model, so
+        the model's time is the run's time in steady state.
+        """
+        if not plan.videos:
+            return None
+        info = plan.videos[0]
+        batch = int(self.cfg.job.get("batch_size", 4))
+        frames = np.concatenate(list(FrameReader(info).read(0, min(info.frames, batch))))
+        if len(frames) < batch:
+            frames = np.concatenate([frames] * (batch // len(frames) + 1))[:batch]
+        self.job.begin(info)
+        for _ in range(warmup):
+            self.job.process(frames, 0)
+        if self.ctx.device.type == "cuda":
+            torch.cuda.synchronize(self.ctx.device)
+        t0 = time.perf_counter()
+        for _ in range(timed):
+            self.job.process(frames, 0)
+        if self.ctx.device.type == "cuda":
+            torch.cuda.synchronize(self.ctx.device)
+        s_per_px = (time.perf_counter() - t0) / (timed * len(frames) * info.width * info.height)
+        rates = self.ctx.all_gather_object(s_per_px)
+        per_rank = []
+        for rank, rate in enumerate(rates):
+            mine = plan.units_for_rank(rank, self.ctx.world)
+            px = sum(u.frames * plan.videos[u.video].width * plan.videos[u.video].height for u in mine)
+            per_rank.append(px * rate)
+        fps = [1 / (r * info.width * info.height) for r in rates]
+        device = f"{self.ctx.world} GPU{'s' if self.ctx.world > 1 else ''}" if self.ctx.device.type == "cuda" \
+            else f"{self.ctx.world} CPU rank{'s' if self.ctx.world > 1 else ''}"
+        return (f"estimate: about {human_duration(max(per_rank))} on {device} "
+                f"(model {min(fps):.2f}-{max(fps):.2f} frames/s per rank at {info.width}x{info.height}; "
+                f"slowest rank {max(range(len(per_rank)), key=per_rank.__getitem__)})")
 
     def wdir(self, info: VideoInfo) -> Path:
         return shards.work_dir(self.output, info, self.tag)
