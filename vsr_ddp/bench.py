@@ -1,0 +1,168 @@
+"""`make bench`: how close the upscale job runs to the speed of its model, and how it scales.
+
+    python -m vsr_ddp.bench                      # CPU here: random-weight Compact model, 1 and 2 ranks
+    python -m vsr_ddp.bench --nproc 8 --size 1280x720 --model /models/realesr-animevideov3.pth
+
+For one model and one clip it measures: the model alone on pre-decoded frames (frames/s), the
+whole job through the command line with 1 rank and with N ranks (frames/s in steady state, from
+the sidecars, and over the whole wall time including start-up and merge), the share of each
+stage, peak host RSS and GPU memory, the merge's share of the job, and peak RSS for a clip 10x
+longer. It prints one table per run and writes bench.json. A benchmark, not a test: it
+asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .demo import make_sample
+from .plan import probe
+from .video import FrameReader
+
+
+def make_compact(path: Path, scale: int, num_feat: int, num_conv: int, seed: int = 0) -> Path:
+    """A random-weight SRVGGNetCompact (Real-ESRGAN's compact video model) saved in its layout."""
+    from safetensors.torch import save_file
+    from spandrel.architectures.Compact.__arch.SRVGG import SRVGGNetCompact  # spandrel ships the arch
+
+    torch.manual_seed(seed)
+    net = SRVGGNetCompact(num_in_ch=3, num_out_ch=3, num_feat=num_feat, num_conv=num_conv, upscale=scale)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    return path
+
+
+def model_only(model: str, clip: Path, batch: int, device: torch.device, precision: str) -> dict:
+    """The model on frames already in memory: the ceiling for the job."""
+    from .models.sr import Upscaler
+
+    info = probe(clip)
+    frames = np.concatenate(list(FrameReader(info).read(0, info.frames)))  # (N, H, W, 3) uint8
+    up = Upscaler(model, device=device, batch_size=batch, precision=precision)
+    up(frames[:batch])  # warm-up: allocations, cuDNN autotuning
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for i in range(0, len(frames), batch):
+        up(frames[i:i + batch])
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    return {"frames": len(frames), "seconds": round(seconds, 3), "fps": round(len(frames) / seconds, 3)}
+
+
+def run_job(model: str, clip: Path, out: Path, nproc: int, batch: int, segment_frames: int,
+            device: str, precision: str) -> dict:
+    """The job through its command line; figures from the wall clock, the sidecars, the report."""
+    args = ["job=upscale", f"input={clip}", f"output={out}", f"job.model={model}", f"job.batch_size={batch}",
+            f"job.precision={precision}", f"work.segment_frames={segment_frames}", f"device={device}",
+            "log.progress=false"]
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "vsr_ddp", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "vsr_ddp", *args]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"bench job failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    report = json.loads((out / "run_report.json").read_text())["videos"][0]
+    sides = [json.loads(p.read_text()) for p in sorted(out.glob(".vsr_ddp/*/segment_*.json"))]
+    frames = sum(s["frames_written"] for s in sides)
+    per_rank: dict[int, float] = {}
+    for s in sides:
+        per_rank[s["rank"]] = per_rank.get(s["rank"], 0.0) + s["stages"]["wall_s"]
+    steady = max(per_rank.values())  # the busiest rank decides when the work is done
+    stage_total = sum(s["stages"]["wall_s"] for s in sides)
+    share = {k: round(sum(s["stages"][k] for s in sides) / stage_total, 3)
+             for k in ("decode_s", "model_s", "encode_s", "model_starved_s")}
+    return {
+        "ranks": nproc, "frames": frames, "wall_s": round(wall, 2),
+        "fps_steady": round(frames / steady, 3), "fps_wall": round(frames / wall, 3),
+        "stage_share": share, "merge_s": report.get("merge_seconds"),
+        "merge_share": round((report.get("merge_seconds") or 0) / wall, 4),
+        "peak_rss_mb": max(s["peak_rss_mb"] for s in sides),
+        "peak_gpu_mb": max((s.get("peak_gpu_mb", 0) for s in sides), default=0) or None,
+    }
+
+
+def table(title: str, rows: list[tuple[str, object]]) -> str:
+    w = max(len(k) for k, _ in rows)
+    return "\n".join([f"### {title}", *(f"  {k:<{w}}  {v}" for k, v in rows)])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", default="bench_out", help="work folder (clips, outputs, bench.json)")
+    ap.add_argument("--nproc", type=int, default=2, help="ranks for the multi-rank run")
+    ap.add_argument("--frames", type=int, default=96)
+    ap.add_argument("--size", default="256x144", help="input size WxH")
+    ap.add_argument("--model", default="compact", help="'compact' (random weights, built here) or a checkpoint")
+    ap.add_argument("--scale", type=int, default=2, help="scale of the built compact model")
+    ap.add_argument("--feat", type=int, default=32, help="features of the built compact model")
+    ap.add_argument("--conv", type=int, default=16, help="conv layers of the built compact model")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", default="auto")
+    ap.add_argument("--long", type=int, default=10, help="the long clip is this many times the short one")
+    args = ap.parse_args(argv)
+    root = Path(args.dir).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    model = args.model
+    if model == "compact":
+        model = str(make_compact(root / "compact.safetensors", args.scale, args.feat, args.conv))
+    fps = "30000/1001"
+    short = make_sample(root / "short.mp4", seconds=args.frames * 1001 / 30000 + 0.001, size=args.size, fps=fps)
+    n_short = probe(short).frames
+    seg = max(1, -(-n_short // (2 * max(2, args.nproc))))  # about two segments per rank
+    results = {"device": dev_name, "model": args.model if args.model != "compact" else
+               f"random SRVGGNetCompact x{args.scale}, {args.feat} features, {args.conv} convs",
+               "input": f"{args.size}, {n_short} frames", "batch": args.batch}
+    print(f"vsr_ddp bench on {dev_name}: {results['model']}, input {results['input']}", flush=True)
+
+    results["model_only"] = model_only(model, short, args.batch, device, args.precision)
+    dev_arg = "cuda" if device.type == "cuda" else "cpu"
+    one = run_job(model, short, root / "out1", 1, args.batch, seg, dev_arg, args.precision)
+    many = run_job(model, short, root / f"out{args.nproc}", args.nproc, args.batch, seg, dev_arg, args.precision)
+    longclip = make_sample(root / "long.mp4", seconds=args.long * args.frames * 1001 / 30000 + 0.001,
+                           size=args.size, fps=fps)
+    long1 = run_job(model, longclip, root / "out_long", 1, args.batch, 10 * seg, dev_arg, args.precision)
+    results.update({"one_rank": one, "n_ranks": many, "long_one_rank": long1})
+
+    m = results["model_only"]["fps"]
+    for name, r in (("1 rank", one), (f"{args.nproc} ranks", many), (f"1 rank, {args.long}x longer clip", long1)):
+        rows = [("frames", r["frames"]), ("end-to-end frames/s (steady, from sidecars)", r["fps_steady"]),
+                ("end-to-end frames/s (wall, incl. start-up + merge)", r["fps_wall"]),
+                ("stage share of unit wall time", ", ".join(f"{k[:-2]} {v:.0%}" for k, v in r["stage_share"].items())),
+                ("peak host RSS per rank", f"{r['peak_rss_mb']:.0f} MB"),
+                ("peak GPU memory", f"{r['peak_gpu_mb']:.0f} MB" if r["peak_gpu_mb"] else "n/a"),
+                ("merge", f"{r['merge_s']:.2f} s = {r['merge_share']:.1%} of job wall")]
+        if r["ranks"] == 1:
+            rows.insert(2, ("end-to-end / model-only", f"{r['fps_steady'] / m:.3f}"))
+        else:
+            rows.insert(2, ("scaling efficiency vs N x 1 rank", f"{r['fps_steady'] / (r['ranks'] * one['fps_steady']):.3f}"))
+        print(table(name, rows), flush=True)
+    print(table("model only (pre-decoded frames)", [("frames/s", m), ("frames", results["model_only"]["frames"])]))
+    growth = long1["peak_rss_mb"] / one["peak_rss_mb"] - 1
+    print(table("memory over video length", [("peak RSS short / long", f"{one['peak_rss_mb']:.0f} / "
+                                              f"{long1['peak_rss_mb']:.0f} MB ({growth:+.1%})")]))
+    results["summary"] = {"e2e_over_model": round(one["fps_steady"] / m, 3),
+                          "scaling_efficiency": round(many["fps_steady"] / (args.nproc * one["fps_steady"]), 3),
+                          "rss_growth_long": round(growth, 4), "merge_share": one["merge_share"]}
+    (root / "bench.json").write_text(json.dumps(results, indent=2))
+    print(f"wrote {root / 'bench.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
