@@ -80,17 +80,39 @@ class Plan:
         return self.units[rank::world]
 
 
-def list_inputs(input_path: str | Path) -> list[Path]:
-    """A file, or the videos of a folder (by extension, sorted, not recursive)."""
+def list_inputs(input_path: str | Path, shard_index: int = 0, num_shards: int = 1) -> list[Path]:
+    """A file, or the videos of a folder (by extension, sorted, not recursive).
+
+    With ``num_shards > 1`` only this share is kept (:func:`shard_inputs`), before anything
+    is probed: a Slurm job array splits a folder without its tasks talking to each other.
+    """
     p = Path(input_path).expanduser()
     if p.is_dir():
         files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in VIDEO_EXTENSIONS)
         if not files:
             raise InputError(f"{p}: no videos ({' '.join(VIDEO_EXTENSIONS)}) in this folder")
-        return files
+        return shard_inputs(files, shard_index, num_shards)
     if p.is_file():
-        return [p]
+        return shard_inputs([p], shard_index, num_shards)
     raise InputError(f"{p}: no such file or folder")
+
+
+def shard_inputs(inputs: list, shard_index: int = 0, num_shards: int = 1) -> list:
+    """Share ``shard_index`` of ``num_shards`` (``work.shard_index`` / ``work.num_shards``):
+    ``inputs[shard_index::num_shards]`` of the sorted list, the same on every task and rerun.
+    A share may be empty (more array tasks than videos); that run has nothing to do."""
+    if num_shards < 1:
+        raise ValueError(f"work.num_shards must be >= 1, not {num_shards}")
+    if not 0 <= shard_index < num_shards:
+        raise ValueError(f"work.shard_index must be in [0, {num_shards - 1}] (work.num_shards={num_shards}), "
+                         f"not {shard_index}")
+    return list(inputs)[shard_index::num_shards]
+
+
+def report_name(shard_index: int = 0, num_shards: int = 1) -> str:
+    """``run_report.json``, or ``run_report.<i>-of-<n>.json`` for one share of a job array, so
+    that the tasks of an array can share one output folder without clobbering the report."""
+    return "run_report.json" if num_shards == 1 else f"run_report.{shard_index}-of-{num_shards}.json"
 
 
 def _pick_fps(stream) -> Fraction:
