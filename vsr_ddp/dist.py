@@ -12,13 +12,18 @@ works with local stand-ins.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import socket
+import subprocess
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -88,18 +93,141 @@ class Dist:
         if self.distributed:
             dist.barrier(group=self._group)
 
+    # -- start-up checks --------------------------------------------------------------------
+    def check_shared_folder(self, output: str | Path, wait_s: float = 20.0) -> None:
+        """Fail before any work when ``output`` is not one folder for every rank.
+
+        Shards written on one node must be visible to rank 0 for the merge, and resuming
+        relies on every rank seeing every sidecar. A node-local path (``/tmp/out``, a local
+        scratch disk) passes on one node and silently breaks on several, so: every rank writes
+        ``<output>/.vsr_ddp/hosts/<rank>.json`` with a fresh token, and after a gather (the
+        barrier) looks for every other rank's token. Network filesystems may show a new file a
+        little late, hence the short grace period. Every rank raises the same error, naming
+        who cannot see whom.
+        """
+        if not self.distributed:
+            return
+        folder = Path(output).expanduser() / ".vsr_ddp" / "hosts"
+        folder.mkdir(parents=True, exist_ok=True)
+        token = uuid.uuid4().hex
+        tmp = folder / f"{self.rank}.json.partial"
+        tmp.write_text(json.dumps({"rank": self.rank, "host": self.host, "pid": os.getpid(), "token": token}))
+        os.replace(tmp, folder / f"{self.rank}.json")
+        peers = self.all_gather_object((self.host, token))  # [(host, token)] per rank
+
+        def unseen() -> list[int]:
+            out = []
+            for r, (_, tok) in enumerate(peers):
+                try:
+                    seen = json.loads((folder / f"{r}.json").read_text()).get("token")
+                except (OSError, ValueError):
+                    seen = None
+                if seen != tok:
+                    out.append(r)
+            return out
+
+        deadline = time.monotonic() + wait_s
+        missing = unseen()
+        while missing and time.monotonic() < deadline:
+            time.sleep(0.5)
+            missing = unseen()
+        blind = [(r, m) for r, m in enumerate(self.all_gather_object(missing)) if m]
+        if blind:
+            who = "; ".join(f"rank {r} on {peers[r][0]} cannot see rank(s) "
+                            + ", ".join(f"{m} ({peers[m][0]})" for m in miss) for r, miss in blind[:8])
+            raise DistError(f"output folder {output} is not shared between the nodes ({who}): put output= on a "
+                            f"filesystem every node mounts at the same path")
+
 
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     return int(value) if value not in (None, "") else default
 
 
+def _first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list (``node[03-05,7]`` -> ``node03``), as Slurm expands it."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             check=True, timeout=60).stdout.split()
+    except (OSError, subprocess.SubprocessError) as e:
+        if "[" not in nodelist:  # a plain list needs no scontrol
+            return nodelist.split(",")[0]
+        raise DistError(f"cannot expand SLURM_JOB_NODELIST={nodelist} with scontrol ({e}): set MASTER_ADDR")
+    if not out:
+        raise DistError(f"scontrol show hostnames {nodelist} printed nothing: set MASTER_ADDR")
+    return out[0]
+
+
+def _tasks_on_node(tasks_per_node: str, node_id: int) -> int | None:
+    """This node's entry of Slurm's compressed ``SLURM_TASKS_PER_NODE`` (``2(x3),1``)."""
+    counts = []
+    for part in tasks_per_node.split(","):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if not m:
+            return None
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    return counts[node_id] if 0 <= node_id < len(counts) else None
+
+
+def slurm_env() -> None:
+    """Give tasks that srun started directly (no torchrun: Hydra's submitit launcher, ``srun
+    python -m vsr_ddp``) the variables torch.distributed reads, from Slurm's own.
+
+    Only inside a job step (SLURM_STEP_ID): the batch script itself also has SLURM_PROCID=0
+    and SLURM_NTASKS, and a ``python -m vsr_ddp`` there would wait forever for ranks that
+    srun never started. Variables already set (by torchrun, or by hand) win.
+    """
+    env = os.environ
+    if "RANK" in env or "SLURM_STEP_ID" not in env or "SLURM_PROCID" not in env:
+        return
+    ntasks = _env_int("SLURM_NTASKS", 1)
+    if ntasks <= 1:
+        return
+    node_id, nnodes = _env_int("SLURM_NODEID", 0), max(1, _env_int("SLURM_NNODES", 1))
+    local_world = (_env_int("SLURM_NTASKS_PER_NODE", 0)
+                   or _tasks_on_node(env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", ""),
+                                     node_id)
+                   or -(-ntasks // nnodes))
+    env["RANK"] = env["SLURM_PROCID"]
+    env["WORLD_SIZE"] = str(ntasks)
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    env["LOCAL_WORLD_SIZE"] = str(local_world)
+    if "MASTER_ADDR" not in env:
+        env["MASTER_ADDR"] = _first_host(env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"])
+    if "MASTER_PORT" not in env:
+        # The same on every task of the job without talking; different for concurrent jobs (and
+        # array tasks) sharing a node; below Linux's ephemeral range (32768+).
+        env["MASTER_PORT"] = str(20000 + _env_int("SLURM_JOB_ID", 0) % 10000)
+
+
+def check_slurm_world(world: int, local_world: int) -> None:
+    """Under Slurm + torchrun, WORLD_SIZE must be what the allocation runs: one torchrun per node
+    (``srun --ntasks-per-node=1``), ``--nnodes=$SLURM_NNODES``, LOCAL_WORLD_SIZE ranks each.
+    Otherwise several independent torchrun worlds each process every input, or nodes idle."""
+    env = os.environ
+    if "SLURM_JOB_ID" not in env or "TORCHELASTIC_RUN_ID" not in env:
+        return
+    nodes = max(1, _env_int("SLURM_NNODES", 1))
+    fix = ("launch one torchrun per node: srun --ntasks-per-node=1 torchrun --nnodes=$SLURM_NNODES "
+           f"--nproc_per_node={local_world} --rdzv_backend=c10d ... (launch/multi_node.sbatch)")
+    if world != nodes * local_world:
+        raise DistError(f"WORLD_SIZE={world} does not match the Slurm allocation: {nodes} node(s) x "
+                        f"{local_world} rank(s) per node = {nodes * local_world}; {fix}")
+    if "SLURM_STEP_ID" in env:
+        agents = _env_int("SLURM_STEP_NUM_TASKS", _env_int("SLURM_NTASKS", 1))
+        if agents != nodes:
+            raise DistError(f"srun started {agents} torchrun task(s) on {nodes} node(s), each with its own "
+                            f"world of {world} rank(s): every input would be processed more than once; {fix}")
+
+
 def init(device: str = "auto", backend: str = "auto", timeout_min: float = 30.0) -> Dist:
     """Set up this process: rank, device, process groups. Call once, pair with :func:`teardown`."""
+    slurm_env()
     rank = _env_int("RANK", 0)
     world = _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
     local_world = _env_int("LOCAL_WORLD_SIZE", world)
+    check_slurm_world(world, local_world)
 
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda:

@@ -15,7 +15,7 @@ from .jobs import make_job
 from .jobs.base import signature
 from .logs import Progress, human_duration
 from .pipeline import run_stages
-from .plan import InputError, Plan, Unit, VideoInfo, format_plan, list_inputs, plan_units, probe
+from .plan import InputError, Plan, Unit, VideoInfo, format_plan, list_inputs, plan_units, probe, report_name
 from .video import FrameReader, ShardWriter, even_size, merge, pad_even, resolve_codec
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ class Runner:
         self.tag = self.job.tag()
 
         # 2. Probe the inputs (each rank a share) and plan the same units on every rank.
+        self.ctx.check_shared_folder(self.output)
         plan = self.make_plan()
         if self.cfg.dry_run:
             estimate = self.calibrate(plan) if self.cfg.job.get("calibrate") else None
@@ -108,7 +109,7 @@ class Runner:
 
     # -- planning -------------------------------------------------------------------------------
     def make_plan(self) -> Plan:
-        inputs = list_inputs(self.cfg.input)
+        inputs = list_inputs(self.cfg.input, self.cfg.work.shard_index, self.cfg.work.num_shards)
         probed = {}
         for path in inputs[self.ctx.rank::self.ctx.world]:
             try:
@@ -133,7 +134,21 @@ class Runner:
                 stems[res.stem] = path
                 videos.append(res)
         w = self.cfg.work
-        units = plan_units(videos, w.unit, w.segment_frames, w.overlap)
+        plan_video = getattr(self.job, "plan_video", None)
+        if plan_video is None:
+            units = plan_units(videos, w.unit, w.segment_frames, w.overlap)
+        else:
+            # The job cuts its own units (key intervals, whole videos) and may reject a video
+            # (missing keys, say) with a reason of its own.
+            kept, units = [], []
+            for info in videos:
+                try:
+                    units += plan_video(info, len(kept))
+                    kept.append(info)
+                except InputError as e:
+                    failed[info.path] = str(e)
+                    log.error("%s: %s", info.path, e)
+            videos = kept
         log.info("plan: %d video(s), %d unit(s), %d failed to probe", len(videos), len(units), len(failed))
         return Plan(videos=videos, failed=failed, units=units)
 
@@ -199,19 +214,34 @@ class Runner:
         writer = ShardWriter(shards.shard_path(wdir, unit), out_w, out_h, info.fps, self.encode, info.color)
 
         self.job.begin(info)
-        position = [start]  # absolute index of the next frame into the model stage
+        if getattr(self.job, "streaming", True):
+            source = reader.read(start, end)
+            position = [start]  # absolute index of the next frame into the model stage
 
-        def model(frames):  # (n, H, W, 3) uint8 -> (n, H', W', 3) uint8, H' and W' even
-            out = self.job.process(frames, position[0])
-            position[0] += len(frames)
-            return pad_even(out)
+            def model(frames):  # (n, H, W, 3) uint8 -> (n, H', W', 3) uint8, H' and W' even
+                out = self.job.process(frames, position[0])
+                position[0] += len(frames)
+                return pad_even(out)
+        else:
+            # Whole-unit jobs (propagation, diffusion) need every frame of the read range at once;
+            # their units are bounded (a key interval, one video) by their own planning.
+            def whole():
+                yield np.concatenate(list(reader.read(start, end)))  # (T, H, W, 3) uint8
+
+            source = whole()
+
+            def model(frames):  # read range -> owned frames
+                out = self.job.process_unit(frames, unit, info)
+                if len(out) != unit.frames:
+                    raise RuntimeError(f"{self.job.name} made {len(out)} frames for {unit.frames} owned")
+                return pad_even(out)
 
         def sink(frames):
             writer.write(frames)
             progress.advance(len(frames))
 
         try:
-            stages = run_stages(reader.read(start, end), model, sink,
+            stages = run_stages(source, model, sink,
                                 depth=self.cfg.work.queue_depth, cancel=preempt.requested)
             if writer.frames != unit.frames:
                 raise RuntimeError(f"wrote {writer.frames} frames, owned range has {unit.frames}")
@@ -246,12 +276,13 @@ class Runner:
                 log.error("%s: merge failed: %s", info.path, e)
         inputs = [str(p) for p in list_inputs(self.cfg.input)]
         report = {"videos": [entries[p] for p in inputs if p in entries]}
-        shards.atomic_write_json(self.output / "run_report.json", report)
+        report_file = self.output / report_name(self.cfg.work.shard_index, self.cfg.work.num_shards)
+        shards.atomic_write_json(report_file, report)
         failed = [e for e in report["videos"] if e["status"] == "failed"]
         for e in failed:
             log.error("FAILED %s: %s", e["input"], e["reason"])
         ok = len(report["videos"]) - len(failed)
-        log.info("%d ok, %d failed; report: %s", ok, len(failed), self.output / "run_report.json")
+        log.info("%d ok, %d failed; report: %s", ok, len(failed), report_file)
         return 1 if failed else 0
 
     def merge_video(self, plan: Plan, vi: int) -> dict:
