@@ -9,7 +9,14 @@ import numpy as np
 
 
 class Job(Protocol):
+    """A streaming job (``streaming = True``) gets chunks of frames through :meth:`process`, in
+    order, decode and encode overlapped; a whole-unit job gets the unit's entire read range
+    through ``process_unit(frames, unit, info) -> owned frames`` and may cut its own units with
+    ``plan_video(info, video_index) -> list[Unit]`` (raising plan.InputError to reject a video).
+    """
+
     name: str
+    streaming: bool
     uses_context: bool  # True: frames outside the owned range are passed in as context
 
     def setup(self) -> None:

@@ -47,6 +47,7 @@ def span_frames(spans, info: VideoInfo) -> list[tuple[int, int]]:
 
 class UpscaleJob:
     name = "upscale"
+    streaming = True
     uses_context = False  # single-image SR: each frame stands alone
 
     def __init__(self, cfg, device: torch.device):
