@@ -34,7 +34,7 @@ def run(cfg: DictConfig) -> int:
 
         return Runner(cfg, ctx).run()
     except USER_ERRORS as e:
-        logging.getLogger("vsr_ddp").debug("error", exc_info=True)
+        log.error("stopped before any work: %s", e, exc_info=True, extra={"console": False})
         if ctx is None or ctx.is_main:
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 2

@@ -62,6 +62,9 @@ def setup_logging(log_dir: Path, rank: int, level: str = "INFO") -> Path:
     if rank == 0:
         ch = _TqdmHandler()
         ch.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        # log.error(..., extra={"console": False}): for the file only (tracebacks behind a
+        # one-line console message)
+        ch.addFilter(lambda record: getattr(record, "console", True))
         root.addHandler(ch)
     logging.captureWarnings(True)
     return path

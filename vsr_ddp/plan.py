@@ -71,6 +71,7 @@ class Plan:
     videos: list  # VideoInfo per input that probed fine, in input order
     failed: dict  # input path -> reason, for inputs that did not probe
     units: list
+    inputs: list = field(default_factory=list)  # every input path (str), in input order
 
     def units_of(self, video: int) -> list:
         return [u for u in self.units if u.video == video]

@@ -150,7 +150,7 @@ class Runner:
                     log.error("%s: %s", info.path, e)
             videos = kept
         log.info("plan: %d video(s), %d unit(s), %d failed to probe", len(videos), len(units), len(failed))
-        return Plan(videos=videos, failed=failed, units=units)
+        return Plan(videos=videos, failed=failed, units=units, inputs=[str(p) for p in inputs])
 
     def calibrate(self, plan: Plan, warmup: int = 1, timed: int = 3) -> str | None:
         """Time the model on real frames on every rank's device and estimate the run.
@@ -274,8 +274,7 @@ class Runner:
             except Exception as e:  # noqa: BLE001 - reported per video
                 entry["reason"] = f"merge: {e}"
                 log.error("%s: merge failed: %s", info.path, e)
-        inputs = [str(p) for p in list_inputs(self.cfg.input)]
-        report = {"videos": [entries[p] for p in inputs if p in entries]}
+        report = {"videos": [entries[p] for p in plan.inputs if p in entries]}
         report_file = self.output / report_name(self.cfg.work.shard_index, self.cfg.work.num_shards)
         shards.atomic_write_json(report_file, report)
         failed = [e for e in report["videos"] if e["status"] == "failed"]
