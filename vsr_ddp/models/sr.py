@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,10 @@ def load_state_dict(path: Path) -> dict:
 
             return load_file(str(path), device="cpu")
         return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's own text here suggests weights_only=False, which would run code from the file
+        raise ModelError(f"job.model: cannot read {path} (not a tensors-only PyTorch checkpoint: a damaged "
+                         f"file, or one that stores Python objects). {WEIGHTS_HELP}") from None
     except Exception as e:  # noqa: BLE001 - any failure to read is the same user problem
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else e.__class__.__name__
         raise ModelError(f"job.model: cannot read {path} ({first}). {WEIGHTS_HELP}") from None
