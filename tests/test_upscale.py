@@ -166,3 +166,26 @@ def test_transformer_checkpoint_with_size_requirements(tmp_path):
     assert np.abs(up(frames).astype(int) - spandrel_direct(path, frames).astype(int)).max() <= 1
     small = np.random.default_rng(1).integers(0, 256, (1, 12, 14, 3), dtype=np.uint8)  # below the 16-px minimum
     assert up(small).shape == (1, 24, 28, 3)
+
+
+def test_out_of_memory_halves_the_batch_then_tiles_and_keeps_every_frame(tmp_path, monkeypatch):
+    """The CUDA OOM path, driven on the CPU: pretend anything above 1 frame or a 64-px tile is too big."""
+    model = save_srvgg(tmp_path / "c.pth", scale=2, seed=10)
+    frames = np.random.default_rng(2).integers(0, 256, (5, 100, 140, 3), dtype=np.uint8)
+    want = Upscaler(str(model), device=torch.device("cpu"))(frames)
+    up = Upscaler(str(model), device=torch.device("cpu"), batch_size=4, tile_pad=24)
+    real_infer = up._infer
+    seen = []
+
+    def fake_infer(batch, tile):
+        seen.append((len(batch), tile))
+        if len(batch) > 1 or not tile or tile > 64:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_infer(batch, tile)
+
+    monkeypatch.setattr(up, "_infer", fake_infer)
+    got = up(frames)
+    assert got.shape == want.shape
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1  # same frames, same order
+    assert up.batch_size == 1 and up.tile == 64
+    assert (4, 0) in seen and (1, 512) in seen and (1, 128) in seen and (1, 64) in seen
