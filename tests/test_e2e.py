@@ -118,3 +118,6 @@ def test_rank_that_finishes_early_outlives_the_collective_timeout(tmp_path):
     assert [v["status"] for v in report["videos"]] == ["ok", "ok"]
     long_s = [v["seconds"] for v in report["videos"]][0]
     assert long_s > 6, f"the long video took {long_s:.1f} s: not long enough to prove anything"
+    # Rank 0 merged the videos as they completed, before the end-of-run meeting.
+    log0 = (out / ".vsr_ddp" / "logs" / "rank0.log").read_text()
+    assert log0.index("a_long.mp4 ->") < log0.index("units done; waiting for the other ranks")

@@ -66,7 +66,8 @@ class Dist:
             self._local_counters[key] = self._local_counters.get(key, 0) + amount
             return self._local_counters[key]
 
-    def wait_for_all(self, key: str, cancel: threading.Event | None = None, poll_s: float = 0.5) -> bool:
+    def wait_for_all(self, key: str, cancel: threading.Event | None = None, poll_s: float = 0.5,
+                     on_poll=None) -> bool:
         """Arrive at ``key`` and wait until every rank has, without any timeout.
 
         A rank that finished early waits here while the others still work; a crashed rank
@@ -75,6 +76,8 @@ class Dist:
         """
         self.add(key, 1)
         while self.add(key, 0) < self.world:
+            if on_poll is not None:
+                on_poll()  # rank 0 merges finished videos meanwhile
             if cancel is not None and cancel.wait(poll_s):
                 return False
             if cancel is None:

@@ -29,6 +29,9 @@ class Runner:
         self.encode = self.resolve_encoder(OmegaConf.to_container(cfg.encode, resolve=True))
         self.job = make_job(cfg, ctx.device)
         self.failures: dict[str, str] = {}  # input path -> first reason, on this rank
+        self.merged: dict[int, dict] = {}  # rank 0: video index -> merge result, as videos complete
+        self._units_by_video: dict | None = None
+        self._last_merge_scan = float("-inf")
 
     def run(self) -> int:
         """Returns the process exit status: 0 when every input is ok, 1 when any failed."""
@@ -76,12 +79,17 @@ class Runner:
                     self.failures.setdefault(info.path, f"{unit.key} (frames [{unit.start}, {unit.end})): {reason}")
                     shards.write_failure(self.wdir(info), unit, reason=reason, rank=self.ctx.rank,
                                          host=self.ctx.host)
+                if self.ctx.is_main:
+                    self.merge_ready(plan)
         finally:
             progress.close()
 
         # 4. Every rank arrives here when its units are done, however long the others take.
+        #    Rank 0 goes on merging the videos whose shards the others complete meanwhile.
         log.info("units done; waiting for the other ranks")
-        if preempt.requested.is_set() or not self.ctx.wait_for_all("units_done", cancel=preempt.requested):
+        on_poll = (lambda: self.merge_ready(plan, min_interval_s=5.0)) if self.ctx.is_main else None
+        if preempt.requested.is_set() or not self.ctx.wait_for_all("units_done", cancel=preempt.requested,
+                                                                   on_poll=on_poll):
             # No merge: the job is being taken away. Finished shards stay for the rerun.
             log.warning("stopped early on request; rerun the same command to resume")
             return preempt.exit_status()
@@ -259,6 +267,27 @@ class Runner:
                  unit.end, seconds, unit.frames / max(seconds, 1e-9))
 
     # -- merge and report (rank 0) --------------------------------------------------------------
+    def merge_ready(self, plan: Plan, min_interval_s: float = 0.0) -> None:
+        """Merge every video whose shards are all present, so finished videos appear while the
+        batch goes on (a days-long run over a folder does not hold them back until the end)."""
+        now = time.monotonic()
+        if now - self._last_merge_scan < min_interval_s:
+            return
+        self._last_merge_scan = now
+        if self._units_by_video is None:
+            self._units_by_video = {}
+            for u in plan.units:
+                self._units_by_video.setdefault(u.video, []).append(u)
+        for vi, info in enumerate(plan.videos):
+            if vi in self.merged or info.path in self.failures:
+                continue
+            wdir = self.wdir(info)
+            if all(shards.sidecar_path(wdir, u).exists() for u in self._units_by_video.get(vi, ())):
+                try:
+                    self.merged[vi] = self.merge_video(plan, vi)
+                except Exception as e:  # noqa: BLE001 - retried, and reported, by finish()
+                    log.warning("%s: early merge failed (%s); will retry at the end", info.path, e)
+
     def finish(self, plan: Plan, failures: dict) -> int:
         entries = {path: {"input": path, "status": "failed", "reason": reason, "output": None,
                           "frames": None, "seconds": None} for path, reason in plan.failed.items()}
@@ -269,7 +298,7 @@ class Runner:
             if entry["reason"]:
                 continue
             try:
-                entry.update(self.merge_video(plan, vi))
+                entry.update(self.merged[vi] if vi in self.merged else self.merge_video(plan, vi))
                 entry["status"] = "ok"
             except Exception as e:  # noqa: BLE001 - reported per video
                 entry["reason"] = f"merge: {e}"
