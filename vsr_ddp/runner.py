@@ -15,7 +15,8 @@ from .jobs import make_job
 from .jobs.base import signature
 from .logs import Progress, human_duration
 from .pipeline import run_stages
-from .plan import InputError, Plan, Unit, VideoInfo, format_plan, list_inputs, plan_units, probe, report_name
+from .plan import (InputError, Plan, SkipVideo, Unit, VideoInfo, format_plan, list_inputs, plan_units, probe,
+                   report_name)
 from .video import FrameReader, ShardWriter, even_size, merge, pad_even, resolve_codec
 
 log = logging.getLogger(__name__)
@@ -63,33 +64,17 @@ class Runner:
         progress.add_total(sum(u.frames for u in todo))
         progress.start()
         try:
-            for unit in todo:
-                info = plan.videos[unit.video]
-                if preempt.requested.is_set():
-                    break
-                if info.path in self.failures:
-                    continue
-                try:
-                    self.process_unit(info, unit, progress)
-                except preempt.Preempted:
-                    break
-                except Exception as e:  # noqa: BLE001 - one broken input never stops the batch
-                    reason = str(e) or e.__class__.__name__
-                    log.error("%s: %s failed: %s", info.path, unit.key, reason)
-                    self.failures.setdefault(info.path, f"{unit.key} (frames [{unit.start}, {unit.end})): {reason}")
-                    shards.write_failure(self.wdir(info), unit, reason=reason, rank=self.ctx.rank,
-                                         host=self.ctx.host)
-                if self.ctx.is_main:
-                    self.merge_ready(plan)
+            self.work(plan, todo, progress)
+            # 4. Every rank arrives here when its units are done, however long the others take;
+            #    rank 0 goes on merging the videos the others complete meanwhile, and its bar
+            #    goes on counting their frames.
+            log.info("units done; waiting for the other ranks")
+            on_poll = (lambda: self.merge_ready(plan, min_interval_s=5.0)) if self.ctx.is_main else None
+            arrived = not preempt.requested.is_set() and self.ctx.wait_for_all(
+                "units_done", cancel=preempt.requested, on_poll=on_poll)
         finally:
             progress.close()
-
-        # 4. Every rank arrives here when its units are done, however long the others take.
-        #    Rank 0 goes on merging the videos whose shards the others complete meanwhile.
-        log.info("units done; waiting for the other ranks")
-        on_poll = (lambda: self.merge_ready(plan, min_interval_s=5.0)) if self.ctx.is_main else None
-        if preempt.requested.is_set() or not self.ctx.wait_for_all("units_done", cancel=preempt.requested,
-                                                                   on_poll=on_poll):
+        if not arrived:
             # No merge: the job is being taken away. Finished shards stay for the rerun.
             log.warning("stopped early on request; rerun the same command to resume")
             return preempt.exit_status()
@@ -102,6 +87,26 @@ class Runner:
 
         # 5. Rank 0 merges each video's shards and writes the report.
         return self.finish(plan, failures)
+
+    def work(self, plan: Plan, todo: list[Unit], progress: Progress) -> None:
+        """This rank's units, in order. A failed unit fails its video, never the batch."""
+        for unit in todo:
+            info = plan.videos[unit.video]
+            if preempt.requested.is_set():
+                return
+            if info.path in self.failures:
+                continue
+            try:
+                self.process_unit(info, unit, progress)
+            except preempt.Preempted:
+                return
+            except Exception as e:  # noqa: BLE001 - one broken input never stops the batch
+                reason = str(e) or e.__class__.__name__
+                log.error("%s: %s failed: %s", info.path, unit.key, reason)
+                self.failures.setdefault(info.path, f"{unit.key} (frames [{unit.start}, {unit.end})): {reason}")
+                shards.write_failure(self.wdir(info), unit, reason=reason, rank=self.ctx.rank, host=self.ctx.host)
+            if self.ctx.is_main:
+                self.merge_ready(plan)
 
     def resolve_encoder(self, encode: dict) -> dict:
         """Pick the concrete encoder once per run. All ranks must agree (the merge concatenates
@@ -143,6 +148,7 @@ class Runner:
                 videos.append(res)
         w = self.cfg.work
         plan_video = getattr(self.job, "plan_video", None)
+        skipped = {}
         if plan_video is None:
             units = plan_units(videos, w.unit, w.segment_frames, w.overlap)
         else:
@@ -153,12 +159,16 @@ class Runner:
                 try:
                     units += plan_video(info, len(kept))
                     kept.append(info)
+                except SkipVideo as e:  # left out on purpose (no prompt for it, say): not a failure
+                    skipped[info.path] = str(e)
+                    log.warning("%s: skipped: %s", info.path, e)
                 except InputError as e:
                     failed[info.path] = str(e)
                     log.error("%s: %s", info.path, e)
             videos = kept
         log.info("plan: %d video(s), %d unit(s), %d failed to probe", len(videos), len(units), len(failed))
-        return Plan(videos=videos, failed=failed, units=units, inputs=[str(p) for p in inputs])
+        return Plan(videos=videos, failed=failed, units=units, inputs=[str(p) for p in inputs],
+                    skipped=skipped)
 
     def calibrate(self, plan: Plan, warmup: int = 1, timed: int = 3) -> str | None:
         """Time the model on real frames on every rank's device and estimate the run.
@@ -291,6 +301,8 @@ class Runner:
     def finish(self, plan: Plan, failures: dict) -> int:
         entries = {path: {"input": path, "status": "failed", "reason": reason, "output": None,
                           "frames": None, "seconds": None} for path, reason in plan.failed.items()}
+        entries.update({path: {"input": path, "status": "skipped", "reason": reason, "output": None,
+                               "frames": None, "seconds": None} for path, reason in plan.skipped.items()})
         for vi, info in enumerate(plan.videos):
             entry = {"input": info.path, "status": "failed", "reason": failures.get(info.path),
                      "output": None, "frames": info.frames, "seconds": None}
@@ -309,8 +321,8 @@ class Runner:
         failed = [e for e in report["videos"] if e["status"] == "failed"]
         for e in failed:
             log.error("FAILED %s: %s", e["input"], e["reason"])
-        ok = len(report["videos"]) - len(failed)
-        log.info("%d ok, %d failed; report: %s", ok, len(failed), report_file)
+        ok = sum(e["status"] == "ok" for e in report["videos"])
+        log.info("%d ok, %d failed, %d skipped; report: %s", ok, len(failed), len(plan.skipped), report_file)
         return 1 if failed else 0
 
     def merge_video(self, plan: Plan, vi: int) -> dict:
