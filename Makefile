@@ -27,6 +27,11 @@ demo: $(VENV)/.installed ## make a sample clip with audio and upscale it with $(
 test: $(VENV)/.installed ## the whole test suite (CPU, gloo)
 	$(PY) -m pytest -q
 
+.PHONY: test-slurm
+test-slurm: $(VENV)/.installed ## opt-in, root: one-node Slurm from Debian runs launch/*.sbatch on CPU (~10 min)
+	$(PY) -m pip install --quiet -e '.[slurm]'
+	PYTHON=$(PY) bash tests/slurm/run_slurm_test.sh
+
 bench: $(VENV)/.installed ## benchmarks (not tests): frames/s and stage shares
 	$(PY) -m vsr_ddp.bench
 
