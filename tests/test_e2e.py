@@ -42,7 +42,7 @@ def test_two_ranks_upscale_keeps_frames_order_fps_and_audio(clips, tmp_path):
     assert (logs / "rank0.log").exists() and (logs / "rank1.log").exists()
     assert "[rank 1]" in (logs / "rank1.log").read_text()
     assert "rank 1" not in proc.stderr.replace("rank 1/2", "")
-    sides = sorted((out / ".vsr_ddp" / "av_2x").glob("segment_*.json"))
+    sides = sorted((out / ".vsr_ddp" / "av_2x").glob("segment_????.json"))
     assert len(sides) == 5
     import json
     ranks = {json.loads(p.read_text())["rank"] for p in sides}

@@ -27,14 +27,14 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
-        while len(list(wdir.glob("segment_*.json"))) < 3:
+        while len(list(wdir.glob("segment_????.json"))) < 3:
             assert proc.poll() is None, "the job ended before it could be killed"
             assert time.monotonic() < deadline, "no shards after 120 s"
             time.sleep(0.05)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the agent and both ranks, no chance to clean up
         proc.wait()
-    done_before = {p.name: json.loads(p.read_text()) for p in wdir.glob("segment_*.json")}
+    done_before = {p.name: json.loads(p.read_text()) for p in wdir.glob("segment_????.json")}
     assert 3 <= len(done_before) < 10
     assert not (out / "clip.mp4").exists()
 
@@ -66,7 +66,7 @@ def test_sigterm_stops_cleanly_and_the_rerun_finishes(tmp_path):
     proc = subprocess.Popen(job_cmd(args, nproc=2), cwd=ROOT, env=job_env(), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while len(list(wdir.glob("segment_*.json"))) < 2:
+    while len(list(wdir.glob("segment_????.json"))) < 2:
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)  # to torchrun only, as Slurm does
@@ -74,7 +74,8 @@ def test_sigterm_stops_cleanly_and_the_rerun_finishes(tmp_path):
     assert proc.returncode != 0
     assert "rerun the same command to resume" in err
     assert not list(wdir.glob("*.partial")), "a partial shard was left behind"
-    for side in wdir.glob("segment_*.json"):  # every sidecar left describes a complete shard
+    assert not list(wdir.glob("*.failed.json")), "preemption was recorded as a failure"
+    for side in wdir.glob("segment_????.json"):  # every sidecar left describes a complete shard
         assert (wdir / json.loads(side.read_text())["shard"]).stat().st_size == json.loads(side.read_text())["size"]
     assert not (tmp_path / "out" / "clip.mp4").exists()
     run_job(args, nproc=2)

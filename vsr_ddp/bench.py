@@ -75,7 +75,7 @@ def run_job(model: str, clip: Path, out: Path, nproc: int, batch: int, segment_f
     if proc.returncode != 0:
         raise SystemExit(f"bench job failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     report = json.loads((out / "run_report.json").read_text())["videos"][0]
-    sides = [json.loads(p.read_text()) for p in sorted(out.glob(".vsr_ddp/*/segment_*.json"))]
+    sides = [json.loads(p.read_text()) for p in sorted(out.glob(".vsr_ddp/*/segment_????.json"))]
     frames = sum(s["frames_written"] for s in sides)
     per_rank: dict[int, float] = {}
     for s in sides:

@@ -101,6 +101,10 @@ class Runner:
             except preempt.Preempted:
                 return
             except Exception as e:  # noqa: BLE001 - one broken input never stops the batch
+                if preempt.requested.is_set():
+                    # The stop signal reached the unit's ffmpeg too (same process group): not
+                    # a broken input; process_unit has already removed the partial shard.
+                    return
                 reason = str(e) or e.__class__.__name__
                 log.error("%s: %s failed: %s", info.path, unit.key, reason)
                 self.failures.setdefault(info.path, f"{unit.key} (frames [{unit.start}, {unit.end})): {reason}")
