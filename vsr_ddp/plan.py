@@ -17,6 +17,11 @@ class InputError(ValueError):
     """An input that cannot be processed; the message is the one-line reason users see."""
 
 
+class SkipVideo(InputError):
+    """Raised by a job's ``plan_video`` to leave an input out on purpose (sim2real: no prompt for
+    it). The run reports it ``skipped`` with the message as the reason, and the exit status stays 0."""
+
+
 @dataclass(frozen=True)
 class VideoInfo:
     """What the probe learned about one input file."""
@@ -72,6 +77,7 @@ class Plan:
     failed: dict  # input path -> reason, for inputs that did not probe
     units: list
     inputs: list = field(default_factory=list)  # every input path (str), in input order
+    skipped: dict = field(default_factory=dict)  # input path -> reason, for inputs a job left out (SkipVideo)
 
     def units_of(self, video: int) -> list:
         return [u for u in self.units if u.video == video]
@@ -201,6 +207,8 @@ def format_plan(plan: Plan, world: int) -> str:
                      f"subtitles {len(info.subtitles)}")
     for path, reason in plan.failed.items():
         lines.append(f"  {path}: FAILED: {reason}")
+    for path, reason in plan.skipped.items():
+        lines.append(f"  {path}: SKIPPED: {reason}")
     for rank in range(world):
         mine = plan.units_for_rank(rank, world)
         frames = sum(u.frames for u in mine)
