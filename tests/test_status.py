@@ -89,14 +89,14 @@ def test_half_done_run_with_a_failure(finished, tmp_path):
     assert (v_sub["state"], v_sub["shards_done"], v_sub["shards_partial"], v_sub["frames_done"]) == ("partial", 1, 1, 12)
     assert v_sub["fps"] == 2.0 and v_sub["eta_s"] == 12.0  # 24 frames left at 2 frames/s
     assert st["total"] == {"videos": 2, "merged": 0, "failed": 1, "shards_done": 3, "shards_total": 7,
-                           "frames_done": 36, "frames_total": 84, "fps": 4.5, "eta_s": 10.7}  # 36 frames / 8 busy s
+                           "frames_done": 36, "frames_total": 84, "fps": 4.5, "eta_s": 5.3}  # 36 frames / 8 busy s; 24 left in sub
 
     table = cli("--output", out)
     assert table.returncode == 0, table.stderr
     rows = {line.split()[0]: line.split() for line in table.stdout.split("\n\n")[0].splitlines()}
-    assert rows["av"] == ["av", "2/4", "24/48", "6.0", "?", "failed", "1"]
+    assert rows["av"] == ["av", "2/4", "24/48", "6.0", "-", "failed", "1"]
     assert rows["sub"] == ["sub", "1/3", "12/36", "2.0", "12", "s", "partial", "0"]
-    assert rows["all"] == ["all", "2", "3/7", "36/84", "4.5", "11", "s", "0/2", "merged", "1"]
+    assert rows["all"] == ["all", "2", "3/7", "36/84", "4.5", "5", "s", "0/2", "merged", "1"]
     assert "  av segment_0002 frames [24, 36) on rank 1 (gpu-node-7): CUDA out of memory" in table.stdout
 
 
@@ -109,3 +109,23 @@ def test_a_folder_without_a_run_is_a_clear_error(tmp_path):
 def test_busy_seconds_is_the_union_of_the_intervals():
     assert status.busy_seconds([]) == 0
     assert status.busy_seconds([(0, 2), (1, 3), (10, 11), (10.5, 10.7)]) == 4
+
+
+def test_inputs_only_in_the_run_report(finished, tmp_path):
+    """A video that failed to probe, or that the job skipped, has no work folder: the report tells."""
+    out = tmp_path / "out"
+    shutil.copytree(finished, out)
+    report = read_report(out)
+    report["videos"] += [{"input": "/in/broken.mp4", "status": "failed", "reason": "empty file (0 bytes)",
+                          "output": None, "frames": None, "seconds": None},
+                         {"input": "/in/still.mp4", "status": "skipped", "reason": "a single frame",
+                          "output": None, "frames": 1, "seconds": None}]
+    shards.atomic_write_json(out / "run_report.json", report)
+    st = status.collect(out)
+    assert [(v["stem"], v["state"]) for v in st["videos"]] == [("broken", "failed"), ("still", "skipped"),
+                                                               ("av", "merged"), ("sub", "merged")]
+    assert (st["total"]["failed"], st["total"]["eta_s"]) == (1, 0.0)
+    table = status.format_table(st)
+    assert table.splitlines()[1].split() == ["broken", "0/0", "0/0", "-", "-", "failed", "1"]
+    assert table.splitlines()[2].split() == ["still", "0/0", "0/0", "-", "-", "skipped", "0"]
+    assert table.endswith("failures:\n  broken: empty file (0 bytes)")

@@ -135,7 +135,8 @@ def collect(output: str | Path) -> dict:
     if not root.is_dir():
         raise FileNotFoundError(f"{output}: no .vsr_ddp folder (not a vsr_ddp output folder, or nothing ran yet)")
     videos = [v for d in sorted(p for p in root.iterdir() if p.is_dir()) if (v := video_status(d))]
-    # Inputs that never got a work folder (failed to probe) are only in the run reports.
+    # Inputs that never got a work folder (failed to probe, or skipped by the job) are only in the
+    # run reports.
     reports = sorted(output.glob("run_report*.json"))
     known = {v["input"] for v in videos}
     for report in reports:
@@ -144,10 +145,10 @@ def collect(output: str | Path) -> dict:
                 v = next(v for v in videos if v["input"] == entry["input"])
                 if entry.get("status") == "failed" and entry.get("reason"):
                     v["state"], v["reason"] = "failed", entry["reason"]
-            elif entry.get("status") == "failed":
+            elif entry.get("status") in ("failed", "skipped"):
                 known.add(entry.get("input"))
                 videos.append({"input": entry.get("input"), "stem": Path(entry.get("input") or "?").stem,
-                               "work_dir": None, "state": "failed", "reason": entry.get("reason"),
+                               "work_dir": None, "state": entry["status"], "reason": entry.get("reason"),
                                "output": None, "shards_done": 0, "shards_total": 0, "shards_partial": 0,
                                "frames_done": 0, "frames_total": 0, "fps": None, "busy_s": 0.0, "work_s": 0.0,
                                "failures": [], "_intervals": []})
@@ -160,7 +161,7 @@ def collect(output: str | Path) -> dict:
         left = v["frames_total"] - v["frames_done"]
         rate = v["fps"] or run_rate
         v["eta_s"] = 0.0 if left == 0 else (round(left / rate, 1) if rate and v["state"] != "failed" else None)
-    left = frames_total - frames_done
+    left = sum(v["frames_total"] - v["frames_done"] for v in videos if v["state"] != "failed")  # the rest waits
     total = {
         "videos": len(videos), "merged": sum(v["state"] == "merged" for v in videos),
         "failed": sum(v["state"] == "failed" for v in videos),
@@ -173,7 +174,7 @@ def collect(output: str | Path) -> dict:
 
 
 def _eta(v: dict) -> str:
-    if v["state"] == "merged":
+    if v["state"] in ("merged", "skipped", "failed"):
         return "-"
     return "0 s" if v["eta_s"] == 0 else human_duration(v["eta_s"])
 
@@ -185,7 +186,7 @@ def format_table(status: dict) -> str:
     for v in status["videos"]:
         rows.append([v["stem"], f"{v['shards_done']}/{v['shards_total']}", f"{v['frames_done']}/{v['frames_total']}",
                      f"{v['fps']:.1f}" if v["fps"] else "-", _eta(v), v["state"],
-                     str(len(v["failures"]) or ("1" if v.get("reason") else "0"))])
+                     str(len(v["failures"]) or int(v["state"] == "failed" and bool(v.get("reason"))))])
     t = status["total"]
     rows.append([f"all {t['videos']}", f"{t['shards_done']}/{t['shards_total']}",
                  f"{t['frames_done']}/{t['frames_total']}", f"{t['fps']:.1f}" if t["fps"] else "-",
@@ -199,7 +200,7 @@ def format_table(status: dict) -> str:
 
     out = [line(head), *(line(r) for r in rows[:-1]), "-" * len(line(head)), line(rows[-1])]
     fails = [(v, f) for v in status["videos"] for f in v["failures"]]
-    reasons = [v for v in status["videos"] if v.get("reason") and not v["failures"]]
+    reasons = [v for v in status["videos"] if v.get("reason") and not v["failures"] and v["state"] == "failed"]
     if fails or reasons:
         out.append("")
         out.append("failures:")
