@@ -98,11 +98,14 @@ def test_names_with_spaces_unicode_and_shell_characters(clips, tmp_path):
 def test_hydra_sweep_runs_each_scale_into_its_own_output(clips, tmp_path):
     out = tmp_path / "sweep"
     run_job(["-m", "job=upscale", f"input={clips['av']}", f"output={out}/s${{job.scale}}", "job.model=bicubic",
-             "job.scale=2,3", "work.unit=video"])
+             "job.scale=2,3", "work.unit=video"], cwd=tmp_path)
     for s in (2, 3):
         got = probe_streams(out / f"s{s}" / "av.mp4")
         assert (got["width"], got["height"], got["frames"]) == (64 * s, 48 * s, 48)
         assert read_report(out / f"s{s}")["videos"][0]["status"] == "ok"
+    # each sweep point logged on its own, in Hydra's sweep folder
+    assert len(list((tmp_path / "multirun").glob("*/*/[01]/rank0.log"))) == 2
+    assert not list(out.glob("sNone*"))
 
 
 def test_rank_that_finishes_early_outlives_the_collective_timeout(tmp_path):
