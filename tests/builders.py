@@ -455,3 +455,100 @@ def make_corrupt(src: str | Path, dst: str | Path, span: tuple[float, float] = (
     data[a:b] = np.random.default_rng(seed).integers(0, 256, b - a, dtype=np.uint8).tobytes()
     Path(dst).write_bytes(bytes(data))
     return Path(dst)
+
+
+# --- Tiny Stable Diffusion 1.5 + ControlNet (job=sim2real) ---
+# SD 1.5's layout at toy sizes: four UNet levels (CrossAttn x3 + plain down, plain + CrossAttn x3
+# up, so the last two decoder levels where FRESCO works have self-attention), an 8x VAE, a CLIP
+# text encoder and tokenizer, DDPM with SD 1.5's schedule. Saved with save_pretrained and loaded
+# by the job through the same code as the real weights. diffusers/transformers import lazily.
+
+
+def _clip_byte_chars() -> list[str]:
+    """CLIP's byte -> printable unicode table (GPT-2's bytes_to_unicode)."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs, extra = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in cs]
+
+
+def save_tiny_clip_tokenizer(folder: str | Path) -> Path:
+    """A CLIP tokenizer from a vocab.json and merges.txt written here: every byte, every byte at a
+    word end, a few merges, the two special tokens (518 entries)."""
+    import json
+
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = _clip_byte_chars()
+    vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars])}
+    merges = ["c a", "ca r</w>", "r e", "re d</w>"]
+    for m in merges:
+        vocab.setdefault(m.replace(" ", ""), len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    tok = CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"))
+    tok.model_max_length = 77
+    tok.save_pretrained(folder)
+    return folder
+
+
+def tiny_sd15_unet(seed: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16, 16, 16),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4)
+
+
+def save_tiny_sd15(folder: str | Path, seed: int = 0) -> Path:
+    """A diffusers Stable Diffusion 1.5 folder with tiny random components (about 1 MB)."""
+    import json
+
+    import diffusers
+    from diffusers import AutoencoderKL, DDPMScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder = Path(folder)
+    tok = save_tiny_clip_tokenizer(folder / "tokenizer")
+    n_vocab = len(json.loads((tok / "vocab.json").read_text(encoding="utf-8")))
+    tiny_sd15_unet(seed).save_pretrained(folder / "unet")
+    torch.manual_seed(seed + 1)
+    AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+                  up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=4,
+                  layers_per_block=1, sample_size=64).save_pretrained(folder / "vae")
+    torch.manual_seed(seed + 2)
+    text = CLIPTextConfig(vocab_size=n_vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                          num_attention_heads=2, max_position_embeddings=77, bos_token_id=n_vocab - 2,
+                          eos_token_id=n_vocab - 1, pad_token_id=n_vocab - 1)
+    CLIPTextModel(text).save_pretrained(folder / "text_encoder")
+    DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                  steps_offset=1, clip_sample=False).save_pretrained(folder / "scheduler")
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDPMScheduler"], "safety_checker": [None, None],
+        "feature_extractor": [None, None], "requires_safety_checker": False}, indent=2), encoding="utf-8")
+    return folder
+
+
+def save_tiny_controlnet(folder: str | Path, seed: int = 0) -> Path:
+    """A diffusers ControlNet folder made with ControlNetModel.from_unet of the tiny UNet; its
+    condition embedding downsamples 8x like SD 1.5's."""
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed + 3)
+    cn = ControlNetModel.from_unet(tiny_sd15_unet(seed), conditioning_embedding_out_channels=(4, 8, 8, 16))
+    cn.save_pretrained(folder)
+    return Path(folder)

@@ -1,0 +1,322 @@
+"""job=sim2real: FRESCO's keyframe rule and correspondences, its processors and reference latents on
+a tiny random SD 1.5 + ControlNet, skipped videos, missing weights, and a 2-rank command-line run."""
+from __future__ import annotations
+
+import json
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from builders import make_clip, probe_streams, save_tiny_controlnet, save_tiny_sd15, synth_frames
+from conftest import read_report, run_job
+from hydra import compose, initialize_config_dir
+from test_configs import CONF
+
+from vsr_ddp import jobs
+from vsr_ddp.dist import Dist
+from vsr_ddp.models import fresco
+from vsr_ddp.plan import SkipVideo, Unit
+from vsr_ddp.runner import Runner
+
+TINY_JOB = ["job.short_side=64", "job.steps=3", "job.strength=1.0", "job.batch_size=4",
+            "job.keyframes.min_interval=3", "job.keyframes.max_interval=3", "job.fresco.opt_iters=5",
+            "job.ebsynth.search_vote_iters=1", "job.ebsynth.patchmatch_iters=1"]
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models are many small ops: on a busy CPU one thread is several times faster than many."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sd")
+    return {"sd": save_tiny_sd15(d / "sd15"), "cn": save_tiny_controlnet(d / "control_canny")}
+
+
+@pytest.fixture(scope="module")
+def pipe(models):
+    return fresco.FrescoPipeline.from_local(models["sd"], models["cn"])
+
+
+# --- Keyframes -------------------------------------------------------------------------------------
+
+
+def test_keyframes_follow_frescos_rule():
+    assert fresco.select_keyframes(23, 5, 5) == [0, 5, 10, 15, 20]  # equal intervals: fixed, from 0
+    diffs = np.array([0.001 * (i % 7) for i in range(30)])
+    for i, v in {10: 1.0, 11: 0.9, 20: 0.8, 5: 0.5, 25: 0.4, 15: 0.3, 28: 2.0, 1: 2.0}.items():
+        diffs[i] = v
+    # 28 and 1 are within min_interval of the ends; 11 is too close to 10 once 10 is a key;
+    # insertion stops as soon as no two neighbouring keys are more than 8 apart.
+    assert fresco.select_keyframes(30, 3, 8, diffs) == [0, 5, 10, 15, 20, 25, 29]
+    assert fresco.select_keyframes(30, 3, 30, diffs) == [0, 29]
+    assert fresco.select_keyframes(1, 3, 8, np.zeros(1)) == [0]
+    # the cue: blurred MSE to the previous frame, largest at a cut
+    scene = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    frames = np.stack([np.roll(scene if i < 6 else 255 - scene, i, axis=1) for i in range(12)])  # cut at 6
+    d = fresco.frame_differences(frames)
+    assert d[0] == 0 and int(np.argmax(d)) == 6
+    # batches: the first holds batch_size keys, later ones batch_size - 2; a short last one borrows
+    keys = list(range(0, 45, 5))  # 9 keys
+    assert fresco.keyframe_batches(keys, 8) == [[0, 5, 10, 15, 20, 25], [30, 35, 40]]
+    assert fresco.keyframe_batches(keys[:8], 8) == [keys[:8]]
+    assert fresco.keyframe_batches(list(range(10)), 4) == [[0, 1, 2, 3], [4, 5], [6], [7, 8, 9]]
+    assert fresco.work_size(1920, 1080, 512) == (896, 512) and fresco.work_size(64, 48, 64) == (64, 64)
+
+
+def scan_link(bwd_flow, bwd_occ, images, size):
+    """FRESCO's get_single_mapping_ind as published: one token at a time."""
+    h, w = size
+    H, W = bwd_flow.shape[-2:]
+    flow = F.interpolate(bwd_flow[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+    flow = flow * torch.tensor([w / W, h / H]).view(2, 1, 1)
+    occ = F.interpolate(bwd_occ[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+    visible = ~(occ > 0.5)
+    col = F.interpolate(images, size=(h, w), mode="bilinear", align_corners=False).flatten(2)
+    n = h * w
+    mapping, mask = [-1] * n, [False] * n
+    for p in range(n):
+        y, x = divmod(p, w)
+        ty, tx = int(torch.round(y + flow[1, y, x])), int(torch.round(x + flow[0, y, x]))
+        if not (0 <= ty < h and 0 <= tx < w and visible[y, x]):
+            continue
+        q = ty * w + tx
+        mask[p] = True
+        if mapping[q] == -1:
+            mapping[q] = p
+            continue
+        prev = mapping[q]
+        if ((col[1][:, prev] - col[0][:, q]) ** 2).mean() > ((col[1][:, p] - col[0][:, q]) ** 2).mean():
+            mask[prev], mapping[q] = False, p
+        else:
+            mask[p] = False
+    unused = iter([p for p in range(n) if not mask[p]])
+    unlinked = [m == -1 for m in mapping]
+    return torch.tensor([next(unused) if m == -1 else m for m in mapping]), torch.tensor(unlinked)
+
+
+def test_trajectories_are_the_published_scan_vectorized():
+    g = torch.Generator().manual_seed(0)
+    flow = torch.randint(-3, 4, (2, 24, 32), generator=g).float()  # whole pixels: many collisions
+    occ = (torch.rand(24, 32, generator=g) < 0.2).float()
+    images = torch.rand(2, 3, 24, 32, generator=g)
+    images[:, :, :, :8] = 0.5  # equal colours: ties go to the lowest index
+    for size in ((12, 16), (24, 32)):
+        mapping, unlinked = fresco.link_next(flow, occ, images, size)
+        ref_map, ref_unlinked = scan_link(flow, occ, images, size)
+        assert torch.equal(mapping, ref_map) and torch.equal(unlinked, ref_unlinked)
+        assert torch.equal(mapping.sort().values, torch.arange(size[0] * size[1]))  # a permutation
+    # a static clip: trajectories stay put and every frame sees every other
+    still = np.repeat(synth_frames(1, (64, 64)), 4, axis=0)
+    guide = fresco.guidance_for(still, [(8, 8)], torch.device("cpu"))
+    fwd, bwd, mask = guide.paths[64]
+    assert torch.equal(fwd[:, 0], torch.arange(64).expand(4, -1)) and mask.all()
+    assert guide.masks[64][0].all() and not guide.masks[64][1:].any()  # frame 0, nothing newly visible
+
+
+# --- The pipeline on tiny random weights -----------------------------------------------------------
+
+
+def test_processors_are_installed_and_called_and_references_carry_across_batches(pipe, one_thread):
+    procs = pipe.unet.attn_processors
+    fresco_names = sorted(k for k, p in procs.items() if isinstance(p, fresco.FrescoAttnProcessor))
+    assert fresco_names == sorted(pipe.fresco_processors) and len(fresco_names) == 4
+    assert all(k.startswith(("up_blocks.2.", "up_blocks.3.")) and ".attn1." in k for k in fresco_names)
+    assert all(type(p).__name__ == "AttnProcessor2_0" for k, p in procs.items() if k not in fresco_names)
+
+    frames = fresco.resize_frames(synth_frames(10, (64, 48)), (64, 64))  # (10, 64, 64, 3)
+    keys = list(range(10))
+    embeds = pipe.encode_prompt("a red car" + fresco.ADDED_PROMPT, fresco.NEGATIVE_PROMPT)
+    seen = {}
+    settings = fresco.FrescoSettings(steps=3, strength=1.0, batch_size=4, opt_iters=3)
+    out = pipe.translate(frames, keys, embeds, settings,
+                         on_step=lambda b, i, t, lat: seen.__setitem__((b, i), lat.clone()))
+    assert sorted(out) == keys and all(o.shape == (64, 64, 3) and o.dtype == np.uint8 for o in out.values())
+    calls = pipe.control.calls
+    batches = fresco.keyframe_batches(keys, 4)  # [[0, 1, 2, 3], [4, 5], [6], [7, 8, 9]]
+    assert len(batches) == 4
+    # per batch: 4 processors; cross-frame at every step, spatial at the first, temporal while t >= 350
+    assert calls["store"] == 4 * 4 and calls["cross_frame"] == 4 * 4 * 3
+    assert calls["spatial"] == 4 * 4 and calls["temporal"] == 4 * 4 * 1  # t = 667 only; 334 and 1 are < 350
+    assert calls["optimize"] == 4 * 4 * 3  # four decoder blocks, steps 0..2 < 0.75 * 3
+    # Later batches start with key 0 and the previous batch's last key, with their recorded latents.
+    for b in range(1, 4):
+        n_prev = len(batches[b - 1]) + (0 if b == 1 else 2)
+        for i in range(3):
+            assert torch.equal(seen[(b, i)][0], seen[(0, i)][0])
+            assert torch.equal(seen[(b, i)][1], seen[(b - 1, i)][n_prev - 1])
+
+    # every part can be switched off
+    off = fresco.FrescoSettings(steps=3, strength=1.0, batch_size=4, cross_frame_attn=False,
+                                spatial_attn=False, temporal_attn=False, feature_opt=False)
+    pipe.control.calls.clear()
+    plain = pipe.translate(frames, [0, 3], embeds, off)
+    assert not pipe.control.calls and sorted(plain) == [0, 3]
+    assert not np.array_equal(plain[3], out[3])
+
+
+def test_feature_optimization_pulls_frames_together_and_keeps_statistics():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(1, 8, 8, 8, generator=g)
+    noise = 0.5 * torch.randn(1, 8, 8, 8, generator=g)
+    sample = torch.cat([base, base.roll(1, dims=3) + noise])  # (2, 8, 8, 8)
+    flow = torch.zeros(2, 2, 64, 64)  # pairs 0 -> 1 and 1 -> 0, at 8x the token grid
+    flow[0, 0] = 8  # frame 1 is frame 0 moved right by one token
+    flow[1, 0] = -8
+    back = -flow
+    occ = torch.zeros(2, 64, 64)
+    guide = fresco.Guidance(flow, back, occ, occ, {}, {})
+    out = fresco.optimize_feature(sample, 2, guide, None, iters=20)
+    left = torch.zeros(1, 2, 8, 8)
+    left[:, 0] = -1  # frame 1's token p came from frame 0's p - 1
+    err = lambda x: (x[1] - fresco.flow_warp(x[:1], left)[0])[:, :, 1:].abs().mean()  # noqa: E731
+    assert err(out) < err(sample)
+    assert torch.allclose(out.mean((2, 3)), sample.mean((2, 3)), atol=1e-4)  # AdaIN: same channel means
+    assert torch.allclose(out.std((2, 3)), sample.std((2, 3)), atol=1e-3)
+
+
+def test_bench_sim2real_runs_a_batch(models, one_thread):
+    from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
+
+    parts = (UNet2DConditionModel.from_pretrained(models["sd"], subfolder="unet"),
+             ControlNetModel.from_pretrained(models["cn"]),
+             AutoencoderKL.from_pretrained(models["sd"], subfolder="vae"),
+             DDPMScheduler.from_pretrained(models["sd"], subfolder="scheduler"))
+    result = fresco.bench_sim2real(size=64, frames=3, steps=2, device="cpu", components=parts, opt_iters=2)
+    assert result["frames"] == 3 and result["seconds"] > 0 and result["models"] == "given"
+
+
+# --- The job ---------------------------------------------------------------------------------------
+
+
+def sim2real_cfg(tmp_path, models, *extra):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=[
+            "job=sim2real", f"input={tmp_path / 'in'}", f"output={tmp_path / 'out'}",
+            f"job.prompts={tmp_path / 'prompts'}", f"job.base_model={models['sd']}",
+            f"job.controlnet={models['cn']}", f"log.dir={tmp_path / 'logs'}", "log.progress=false", *extra])
+
+
+def test_missing_weights_fail_before_work_naming_what_to_put_where(tmp_path, models):
+    (tmp_path / "prompts").mkdir()
+    single = tmp_path / "realistic.safetensors"
+    single.write_bytes(b"\0" * 16)
+    cases = [
+        (["job.base_model=/nowhere/sd15"], "job.base_model=/nowhere/sd15: not found"),
+        ([f"job.base_model={single}"], "set job.base_model_config to a local diffusers folder"),
+        (["job.controlnet=/nowhere/cn"], "job.controlnet=/nowhere/cn: not found"),
+        (["job.control=hed"], "needs ControlNetHED.pth in job.annotator (not set)"),
+        (["job.control=depth", f"job.annotator={tmp_path}"], "dpt_hybrid-midas-501f0c75.pt"),
+        (["job.prompts=/nowhere/prompts"], "one <video stem>.txt prompt per video"),
+    ]
+    for extra, words in cases:
+        job = jobs.make_job(sim2real_cfg(tmp_path, models, *extra), torch.device("cpu"))
+        with pytest.raises(ValueError) as e:
+            job.setup()
+        assert words in str(e.value) and "\n" not in str(e.value)
+    # through the command line: one line on stderr, exit status 2, before any work
+    proc = run_job(["job=sim2real", f"input={tmp_path}", f"output={tmp_path / 'out'}",
+                    f"job.prompts={tmp_path / 'prompts'}", "job.base_model=/nowhere/sd15",
+                    f"job.controlnet={models['cn']}"], check=False)
+    assert proc.returncode == 2 and "error: job.base_model=/nowhere/sd15: not found" in proc.stderr
+
+
+def test_prompts_and_overrides_by_stem(tmp_path, models):
+    p = tmp_path / "prompts"
+    p.mkdir()
+    (p / "car_01.txt").write_text("a red car on a wet street\n")
+    (p / "car_01.yaml").write_text("strength: 0.5\nseed: 7\nnegative_prompt: blurry\n")
+    (p / "car_02.txt").write_text("a truck")
+    (p / "car_02.json").write_text(json.dumps({"steps": 30, "colour": "red"}))
+    job = jobs.make_job(sim2real_cfg(tmp_path, models), torch.device("cpu"))
+    opts = job.video_options("car_01")
+    assert (opts.prompt, opts.strength, opts.seed, opts.negative_prompt, opts.steps) == \
+        ("a red car on a wet street", 0.5, 7, "blurry", 20)
+    with pytest.raises(SkipVideo, match="no prompt"):
+        job.video_options("car_03")
+    with pytest.raises(ValueError, match="unknown setting"):
+        job.video_options("car_02")
+
+
+class SkippingJob:
+    """Copies frames; leaves out videos whose name starts with 'x'."""
+
+    name, streaming, uses_context = "skipper", False, False
+
+    def __init__(self, cfg, device):
+        pass
+
+    def setup(self):
+        pass
+
+    def tag(self):
+        return "skip"
+
+    def settings(self):
+        return {"job": self.name}
+
+    def output_size(self, w, h):
+        return w, h
+
+    def plan_video(self, info, vi):
+        if info.stem.startswith("x"):
+            raise SkipVideo("no prompt for it")
+        return [Unit(vi, 0, 0, info.frames, 0, info.frames)]
+
+    def begin(self, info):
+        pass
+
+    def process_unit(self, frames, unit, info):
+        return frames
+
+
+def test_a_skipped_video_is_reported_and_is_not_a_failure(tmp_path, monkeypatch):
+    make_clip(tmp_path / "in" / "a.mp4", frames=6, audio=False)
+    make_clip(tmp_path / "in" / "x.mp4", frames=6, audio=False)
+    monkeypatch.setitem(jobs.JOBS, "skipper", SkippingJob)
+    out = tmp_path / "out"
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[f"input={tmp_path / 'in'}", f"output={out}", "job.model=lanczos",
+                                           "job.name=skipper", f"log.dir={out / 'logs'}",
+                                           "log.progress=false", "encode.preset=ultrafast"])
+    assert Runner(cfg, Dist(device=torch.device("cpu"))).run() == 0
+    report = {v["input"].rsplit("/", 1)[1]: v for v in read_report(out)["videos"]}
+    assert report["a.mp4"]["status"] == "ok"
+    assert report["x.mp4"]["status"] == "skipped" and report["x.mp4"]["reason"] == "no prompt for it"
+    assert not (out / "x.mp4").exists()
+
+
+@pytest.mark.slow
+def test_two_ranks_three_videos_through_the_command_line(tmp_path, models):
+    src = tmp_path / "in"
+    make_clip(src / "a.mp4", frames=10, size=(64, 48), fps="30000/1001", audio=True)
+    make_clip(src / "b.mp4", frames=6, size=(64, 48), audio=False)  # no prompt: skipped
+    make_clip(src / "c.mp4", frames=8, size=(96, 64), fps="25", audio=True, seed=3)
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    (prompts / "a.txt").write_text("a real car on a road")
+    (prompts / "c.txt").write_text("a real street at night")
+    (prompts / "c.json").write_text(json.dumps({"seed": 3, "strength": 0.9}))
+    out = tmp_path / "out"
+    proc = run_job(["job=sim2real", f"input={src}", f"output={out}", f"job.prompts={prompts}",
+                    f"job.base_model={models['sd']}", f"job.controlnet={models['cn']}", "job.control=canny",
+                    "encode.preset=ultrafast", "log.progress=false", *TINY_JOB], nproc=2, timeout=240)
+    report = {v["input"].rsplit("/", 1)[1]: v for v in read_report(out)["videos"]}
+    assert report["b.mp4"]["status"] == "skipped" and "no prompt" in report["b.mp4"]["reason"]
+    assert report["a.mp4"]["status"] == report["c.mp4"]["status"] == "ok", proc.stderr[-2000:]
+    for name, frames, fps, size in (("a", 10, Fraction(30000, 1001), (64, 48)),
+                                    ("c", 8, Fraction(25), (96, 64))):
+        got = probe_streams(out / f"{name}.mp4")
+        assert got["frames"] == frames and got["fps"] == fps and (got["width"], got["height"]) == size
+        assert got["audio_codec"] is not None
+    sides = {p.parent.name: json.loads(p.read_text())["rank"]
+             for p in (out / ".vsr_ddp").glob("*/segment_0000.json")}
+    assert sides == {"a_sim2real": 0, "c_sim2real": 1}  # whole videos, rank-strided over the kept ones
+    assert not (out / "b.mp4").exists()

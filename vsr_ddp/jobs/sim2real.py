@@ -1,0 +1,291 @@
+"""job=sim2real: FRESCO keyframe translation (SD 1.5 + ControlNet), then EbSynth-style propagation.
+
+    torchrun --standalone --nproc_per_node=8 -m vsr_ddp job=sim2real input=/data/sim_videos \\
+        output=/data/real job.prompts=/data/prompts job.base_model=/models/sd15 \\
+        job.controlnet=/models/control_canny job.control=canny
+
+Inputs as FRESCO-based Sim2Real batch scripts take them: a folder of videos and a folder of
+prompts matched by file stem (``car_01.mp4`` <-> ``car_01.txt``). A video without a prompt is
+skipped (``skipped`` in run_report.json) and the batch goes on. Beside a prompt, an optional
+``<stem>.yaml`` or ``<stem>.json`` overrides this video's settings (:data:`OVERRIDES`), e.g.
+``{"strength": 0.6, "seed": 3, "negative_prompt": "blurry"}``.
+
+Each rank loads the models once; videos go to the ranks whole (one unit per video, rank-strided).
+Per video: frames resized to the working size (short side ``job.short_side``, multiples of 64),
+keyframes chosen and translated by FRESCO (:mod:`vsr_ddp.models.fresco`), every frame filled in
+from the translated keys by job=propagate's engine at the working size, then resized back to the
+input's size; the runner's merge keeps the input's frame rate and audio.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..models import fresco
+from ..plan import InputError, SkipVideo, Unit, VideoInfo
+
+log = logging.getLogger(__name__)
+
+PROMPT_SUFFIXES = (".txt",)
+OVERRIDE_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+@dataclass(frozen=True)
+class VideoOptions:
+    """What one video is translated with: the job's config, then its override file."""
+
+    prompt: str
+    negative_prompt: str = fresco.NEGATIVE_PROMPT
+    added_prompt: str = fresco.ADDED_PROMPT
+    strength: float = 0.75
+    steps: int = 20
+    seed: int = 0
+    guidance_scale: float = 7.5
+    cond_scale: float = 0.7
+    min_interval: int = 5
+    max_interval: int = 20
+
+
+# keys an override file may set (the prompt itself comes from <stem>.txt)
+OVERRIDES = tuple(f.name for f in fields(VideoOptions) if f.name != "prompt")
+
+
+def _read_overrides(path: Path) -> dict:
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text) if text.strip() else {}
+        else:
+            import yaml  # PyYAML comes with Hydra
+
+            data = yaml.safe_load(text) or {}
+    except Exception as e:  # noqa: BLE001 - any parse error is the same to the user
+        raise InputError(f"{path}: cannot parse ({e.__class__.__name__}: {str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a mapping of settings ({', '.join(OVERRIDES)})")
+    unknown = sorted(set(data) - set(OVERRIDES))
+    if unknown:
+        raise InputError(f"{path}: unknown setting(s) {', '.join(map(str, unknown))} "
+                         f"(known: {', '.join(OVERRIDES)})")
+    return data
+
+
+def _fingerprint(path: Path) -> str:
+    """Path, size and mtime of a model file, or of every file in a model folder."""
+    path = path.expanduser().resolve()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(path) if f != path else f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
+    return f"{path}:{h.hexdigest()[:16]}"
+
+
+class Sim2RealJob:
+    name = "sim2real"
+    streaming = False      # the runner reads the whole video and calls process_unit
+    uses_context = False   # one unit per video: nothing outside it
+
+    def __init__(self, cfg, device: torch.device):
+        self.cfg = cfg
+        self.device = torch.device(device)
+        given = cfg.get("prompts") not in (None, "", "???")
+        self.prompts = Path(str(cfg.prompts)).expanduser() if given else None
+        self.pipe: fresco.FrescoPipeline | None = None
+        self.maps: fresco.ControlMaps | None = None
+        self.propagator = None
+        self.dtype = self._dtype(str(cfg.get("precision", "auto")))
+
+    def _dtype(self, precision: str) -> torch.dtype:
+        table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+        if precision == "auto":
+            return torch.float16 if self.device.type == "cuda" else torch.float32
+        if precision not in table:
+            raise ValueError(f"job.precision must be auto, fp32, fp16 or bf16, not {precision!r}")
+        return table[precision]
+
+    # -- once per rank --------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Check every path first (one-line errors naming what to put where), then load once."""
+        c = self.cfg
+        if self.prompts is None or not self.prompts.is_dir():
+            raise ValueError(f"job.prompts={c.get('prompts')}: give a folder with one <video stem>.txt "
+                             f"prompt per video (car_01.mp4 <-> car_01.txt)")
+        missing = lambda v: v in (None, "", "???")  # noqa: E731
+        if missing(c.get("base_model")) or missing(c.get("controlnet")):
+            raise ValueError(f"job.base_model and job.controlnet are required: {fresco.SD15_HINT}; "
+                             f"{fresco.CONTROLNET_HINT}")
+        fresco.check_model_paths(c.base_model, c.controlnet, c.get("base_model_config"),
+                                 c.get("controlnet_config"), c.get("vae"))
+        self.maps = fresco.ControlMaps(str(c.control), c.get("annotator"), self.device,
+                                       int(c.get("canny_low", 50)), int(c.get("canny_high", 100)))
+        self.settings_for(self.options_from_config(""))  # bad FRESCO settings fail here, not per video
+        self.pipe = fresco.FrescoPipeline.from_local(
+            c.base_model, c.controlnet, base_model_config=c.get("base_model_config"),
+            controlnet_config=c.get("controlnet_config"), vae=c.get("vae"), device=self.device,
+            dtype=self.dtype)
+        self.pipe.set_memory_options(vae_tiling=bool(c.get("vae_tiling")),
+                                     vae_slicing=bool(c.get("vae_slicing")))
+        if c.get("freeu"):
+            self.pipe.unet.enable_freeu(s1=1.0, s2=1.0, b1=1.2, b2=1.5)  # FRESCO's use_freeu values
+        self.propagator = make_propagator(self.device, self.ebsynth_params(), bool(c.get("poisson")))
+
+    def tag(self) -> str:
+        return "sim2real"
+
+    def settings(self) -> dict:
+        c = self.cfg
+        paths = ("base_model", "controlnet", "base_model_config", "controlnet_config", "vae", "annotator")
+        models = {k: _fingerprint(Path(str(c[k]))) for k in paths if c.get(k) not in (None, "")}
+        return {"job": self.name, "models": models, "control": str(c.control), "precision": str(self.dtype),
+                "short_side": int(c.short_side), "canny": [c.get("canny_low"), c.get("canny_high")],
+                "fresco": self.settings_for(self.options_from_config("")).to_dict(),
+                "defaults": {k: v for k, v in vars(self.options_from_config("")).items() if k != "prompt"},
+                "freeu": bool(c.get("freeu")), "propagation": self.propagation_settings(),
+                # An edited prompt or override changes pixels, so it redoes the run's shards.
+                "prompts": hash_prompts(self.prompts)}
+
+    def ebsynth_params(self) -> dict:
+        return {k: v for k, v in dict(self.cfg.get("ebsynth") or {}).items() if v is not None}
+
+    def propagation_settings(self) -> dict:
+        engine = "ebsynth" if self.propagator is not None else "crossfade"
+        return {"engine": engine, "ebsynth": self.ebsynth_params(), "poisson": bool(self.cfg.get("poisson"))}
+
+    def output_size(self, width: int, height: int) -> tuple[int, int]:
+        return width, height
+
+    # -- planning -------------------------------------------------------------------------------
+    def options_from_config(self, prompt: str) -> VideoOptions:
+        c = self.cfg
+        return VideoOptions(
+            prompt=prompt, negative_prompt=str(c.negative_prompt), added_prompt=str(c.added_prompt),
+            strength=float(c.strength), steps=int(c.steps), seed=int(c.seed),
+            guidance_scale=float(c.guidance_scale), cond_scale=float(c.cond_scale),
+            min_interval=int(c.keyframes.min_interval),
+            max_interval=int(c.keyframes.max_interval))
+
+    def video_options(self, stem: str) -> VideoOptions:
+        """The prompt of ``<stem>`` and its overrides; SkipVideo when it has no prompt."""
+        prompt_file = self.prompts / f"{stem}.txt"
+        if not prompt_file.is_file():
+            raise SkipVideo(f"no prompt: {prompt_file} does not exist")
+        prompt = prompt_file.read_text(encoding="utf-8").strip()
+        if not prompt:
+            raise InputError(f"{prompt_file}: the prompt is empty")
+        opts = self.options_from_config(prompt)
+        found = [f for f in (self.prompts / f"{stem}{s}" for s in OVERRIDE_SUFFIXES) if f.is_file()]
+        if len(found) > 1:
+            raise InputError(f"{stem}: more than one override file ({', '.join(f.name for f in found)}); "
+                             f"keep one")
+        if found:
+            data = _read_overrides(found[0])
+            try:
+                opts = replace(opts, **{k: type(getattr(opts, k))(v) for k, v in data.items()})
+            except (TypeError, ValueError) as e:
+                raise InputError(f"{found[0]}: {e}") from None
+        if not 0 < opts.strength <= 1:
+            raise InputError(f"{stem}: strength must be in (0, 1], not {opts.strength}")
+        if opts.steps < 1:
+            raise InputError(f"{stem}: steps must be >= 1, not {opts.steps}")
+        if not 1 <= opts.min_interval <= opts.max_interval:
+            raise InputError(f"{stem}: keyframe intervals need 1 <= min_interval <= max_interval")
+        return opts
+
+    def settings_for(self, opts: VideoOptions) -> fresco.FrescoSettings:
+        f = self.cfg.fresco
+        s = fresco.FrescoSettings(
+            steps=opts.steps, strength=opts.strength, guidance_scale=opts.guidance_scale,
+            cond_scale=opts.cond_scale, seed=opts.seed, batch_size=int(self.cfg.batch_size),
+            shared_noise=bool(f.shared_noise),
+            cross_frame_attn=bool(f.cross_frame_attn), spatial_attn=bool(f.spatial_attn),
+            spatial_attn_steps=int(f.spatial_attn_steps), temporal_attn=bool(f.temporal_attn),
+            temporal_attn_min_t=int(f.temporal_attn_min_t), feature_opt=bool(f.feature_opt),
+            opt_temporal=bool(f.opt_temporal), opt_spatial=bool(f.opt_spatial), opt_until=float(f.opt_until),
+            opt_iters=int(f.opt_iters), opt_lr=float(f.opt_lr),
+            opt_spatial_weight=float(f.opt_spatial_weight),
+            opt_layers=tuple(int(i) for i in f.opt_layers))
+        if s.batch_size < 3:
+            raise ValueError(f"job.batch_size must be >= 3 (two reference keys + one new), "
+                             f"not {s.batch_size}")
+        return s
+
+    def plan_video(self, info: VideoInfo, vi: int) -> list[Unit]:
+        """One unit per video (FRESCO's batches share references across the whole video)."""
+        self.video_options(info.stem)
+        return [Unit(video=vi, seg_idx=0, start=0, end=info.frames, read_start=0, read_end=info.frames)]
+
+    def begin(self, info: VideoInfo) -> None:
+        pass
+
+    # -- one video ------------------------------------------------------------------------------
+    def process_unit(self, frames: np.ndarray, unit: Unit, info: VideoInfo) -> np.ndarray:
+        """# (T, H, W, 3) uint8, the whole video -> (T, H, W, 3) uint8, translated."""
+        opts = self.video_options(info.stem)
+        size = fresco.work_size(info.width, info.height, int(self.cfg.short_side))
+        work = fresco.resize_frames(frames, size)  # (T, h, w, 3) uint8
+        diffs = fresco.frame_differences(work) if opts.min_interval != opts.max_interval else None
+        keys = fresco.select_keyframes(len(work), opts.min_interval, opts.max_interval, diffs)
+        log.info("%s: %d frames at %dx%d, %d keyframes %s", info.stem, len(work), *size, len(keys), keys)
+        embeds = self.pipe.encode_prompt(opts.prompt + opts.added_prompt, opts.negative_prompt)
+        styled = self.pipe.translate(work, keys, embeds, self.settings_for(opts), control_maps=self.maps)
+        full = propagate_keys(work, styled, self.propagator)  # (T, h, w, 3) uint8
+        return fresco.resize_frames(full, (info.width, info.height))
+
+
+def hash_prompts(folder: Path | None) -> str:
+    """SHA-256 over the prompt and override files (names and bytes)."""
+    h = hashlib.sha256()
+    if folder is not None and folder.is_dir():
+        kinds = PROMPT_SUFFIXES + OVERRIDE_SUFFIXES
+        for f in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in kinds):
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+# --- Propagation ---------------------------------------------------------------------------------
+
+
+def make_propagator(device: torch.device, ebsynth: dict, poisson: bool):
+    """job=propagate's engine (EbSynth + Rerender's blender), or None where it is not installed."""
+    try:
+        from ..models.ebsynth import SynthParams
+        from .propagate import Propagator
+    except ImportError:
+        log.warning("job=propagate's engine is not available: frames between keys are a cross-fade "
+                    "of the keys")
+        return None
+    return Propagator(SynthParams(**ebsynth), poisson=poisson, device=device)
+
+
+def propagate_keys(frames: np.ndarray, styled: dict[int, np.ndarray], propagator=None) -> np.ndarray:
+    """Every frame from the translated keys. # (T, H, W, 3) uint8 + {key: (H, W, 3)} -> (T, H, W, 3).
+
+    With the engine: each key interval [a, b] synthesized forward from a and backward from b and
+    blended; frames after the last key carried forward from it. Without it: a linear cross-fade
+    between the two nearest keys (no motion; a stand-in, not a result)."""
+    keys = sorted(styled)
+    t = len(frames)
+    if not keys or keys[0] != 0 or keys[-1] >= t:
+        raise ValueError(f"keyframes {keys} do not start at frame 0 or go beyond {t} frames")
+    out = np.empty_like(frames)
+    bounds = keys + [t]
+    for a, b in zip(bounds, bounds[1:]):  # owned frames [a, b): key a, then up to the next key
+        right = styled[b] if b < t else None
+        if b - a == 1:
+            out[a] = styled[a]
+        elif propagator is not None:
+            out[a:b] = propagator(frames[a:b + 1] if right is not None else frames[a:b], styled[a], right)
+        elif right is None:
+            out[a:b] = styled[a]
+        else:
+            w = (np.arange(a, b) - a)[:, None, None, None] / (b - a)  # (n, 1, 1, 1)
+            out[a:b] = np.round((1 - w) * styled[a] + w * right).astype(np.uint8)
+    return out
