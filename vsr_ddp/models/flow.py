@@ -1,0 +1,175 @@
+"""Optical flow for keyframe propagation: OpenCV DIS (default, no weights) or torchvision's RAFT
+(weights from a local file), the forward-backward occlusion check, backward warping and hole
+filling.
+
+Convention: ``flow(a, b)`` is # (2, H, W) float32 (dx, dy) in pixels, on a's grid: pixel x of
+frame a shows up at x + flow(x) in frame b. ``warp(img_b, flow(a, b))`` brings b onto a's grid.
+"""
+from __future__ import annotations
+
+import logging
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+DIS_PRESETS = ("ultrafast", "fast", "medium")
+RAFT_MIN_SIDE = 128
+
+
+def _raft_help() -> str:
+    try:
+        from torchvision.models.optical_flow import Raft_Large_Weights, Raft_Small_Weights
+
+        urls = f"{Raft_Large_Weights.DEFAULT.url} or {Raft_Small_Weights.DEFAULT.url}"
+    except Exception:  # noqa: BLE001 - only for the message
+        urls = "torchvision's RAFT release files"
+    return (f"job.flow_weights takes a torchvision RAFT state dict (raft_large or raft_small), e.g. {urls}; "
+            f"leave it empty for OpenCV DIS, which needs no weights")
+
+
+class FlowError(ValueError):
+    """Unusable flow settings or weights; raised before any work starts."""
+
+
+class FlowEstimator:
+    """Dense flow between two frames. DIS runs on the host (OpenCV); RAFT runs on ``device``."""
+
+    def __init__(self, weights: str | None = None, device: torch.device = torch.device("cpu"),
+                 dis_preset: str = "medium", raft_iters: int = 12):
+        self.weights = str(weights) if weights else None
+        self.device = torch.device(device)
+        if dis_preset not in DIS_PRESETS:
+            raise FlowError(f"job.flow_preset must be one of {', '.join(DIS_PRESETS)}, not {dis_preset!r}")
+        self.dis_preset = dis_preset
+        self.raft_iters = int(raft_iters)
+        self.raft = None
+        self.dis = None
+        self.kind = "dis"
+
+    def setup(self) -> None:
+        if self.weights:
+            self.raft, self.kind = load_raft(Path(self.weights).expanduser(), self.device)
+        else:
+            import cv2
+
+            preset = {"ultrafast": cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST, "fast": cv2.DISOPTICAL_FLOW_PRESET_FAST,
+                      "medium": cv2.DISOPTICAL_FLOW_PRESET_MEDIUM}[self.dis_preset]
+            self.dis = cv2.DISOpticalFlow_create(preset)
+
+    def pair(self, a: np.ndarray, b: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flows a->b and b->a of two (H, W, 3) uint8 RGB frames: two # (2, H, W) float32 on device."""
+        if self.raft is not None:
+            return self._raft_pair(a, b)
+        import cv2
+
+        if self.dis is None:
+            self.setup()
+        ga = cv2.cvtColor(a, cv2.COLOR_RGB2GRAY)
+        gb = cv2.cvtColor(b, cv2.COLOR_RGB2GRAY)
+        ab = self.dis.calc(ga, gb, None)     # (H, W, 2) float32
+        ba = self.dis.calc(gb, ga, None)
+        to = lambda f: torch.from_numpy(f).permute(2, 0, 1).contiguous().to(self.device)  # noqa: E731
+        return to(ab), to(ba)
+
+    @torch.no_grad()
+    def _raft_pair(self, a: np.ndarray, b: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.from_numpy(np.stack([a, b])).to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1  # (2, 3, H, W)
+        h, w = x.shape[-2:]
+        # RAFT's correlation pyramid needs feature maps of 16 x 16 at 1/8 scale: small frames
+        # are enlarged to a short side of 128 and the flow scaled back.
+        scale = max(1.0, RAFT_MIN_SIDE / min(h, w))
+        if scale > 1:
+            x = F.interpolate(x, size=(round(h * scale), round(w * scale)), mode="bilinear", align_corners=False)
+        sh, sw = x.shape[-2:]
+        ph, pw = (-sh) % 8, (-sw) % 8            # and sides divisible by 8
+        x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+        flows = self.raft(x, x.flip(0), num_flow_updates=self.raft_iters)[-1][..., :sh, :sw]   # (2, 2, sH, sW)
+        if scale > 1:
+            flows = F.interpolate(flows, size=(h, w), mode="bilinear", align_corners=False)
+            flows = flows * torch.tensor([w / sw, h / sh], device=flows.device).view(1, 2, 1, 1)
+        return flows[0].float().contiguous(), flows[1].float().contiguous()
+
+
+def load_raft(path: Path, device: torch.device):
+    """raft_large or raft_small with ``weights=None``, then the local state dict: whichever fits."""
+    from torchvision.models.optical_flow import raft_large, raft_small
+
+    if not path.is_file():
+        raise FlowError(f"job.flow_weights: {path} does not exist. {_raft_help()}")
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise FlowError(f"job.flow_weights: {path} is not a readable state dict ({str(e).splitlines()[0]}). "
+                        f"{_raft_help()}") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    for name, build in (("raft_large", raft_large), ("raft_small", raft_small)):
+        model = build(weights=None, progress=False)
+        try:
+            model.load_state_dict(state)
+        except (RuntimeError, TypeError, AttributeError):
+            continue
+        log.info("flow: %s from %s", name, path)
+        return model.eval().to(device), name
+    raise FlowError(f"job.flow_weights: {path} holds neither raft_large nor raft_small weights. {_raft_help()}")
+
+
+def _grid(flow: torch.Tensor) -> torch.Tensor:
+    """# (2, H, W) pixel flow -> (1, H, W, 2) grid_sample coordinates of x + flow(x)."""
+    _, h, w = flow.shape
+    ys = torch.arange(h, device=flow.device, dtype=flow.dtype)[:, None]
+    xs = torch.arange(w, device=flow.device, dtype=flow.dtype)[None, :]
+    gx = (xs + flow[0]) * (2 / max(w - 1, 1)) - 1
+    gy = (ys + flow[1]) * (2 / max(h - 1, 1)) - 1
+    return torch.stack([gx, gy], dim=-1)[None]
+
+
+def warp(image: torch.Tensor, flow: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    """Backward warp: # (C, H, W) image of frame b, flow(a, b) (2, H, W) -> (C, H, W) on a's grid.
+    Samples outside b take the nearest border pixel."""
+    out = F.grid_sample(image[None].float(), _grid(flow.float()), mode=mode, padding_mode="border",
+                        align_corners=True)
+    return out[0]
+
+
+def occlusion_mask(ab: torch.Tensor, ba: torch.Tensor) -> torch.Tensor:
+    """Where flow(a, b) is trustworthy: # (H, W) bool on a's grid.
+
+    Forward-backward check (Sundaram et al. 2010, as in Rerender and FRESCO): going a->b->a must
+    come back near the start, |ab + ba(x + ab)|^2 < 0.01 (|ab|^2 + |ba(x + ab)|^2) + 0.5;
+    pixels that leave the frame are occluded too.
+    """
+    back = warp(ba, ab)
+    diff = (ab + back).pow(2).sum(0)
+    bound = 0.01 * (ab.pow(2).sum(0) + back.pow(2).sum(0)) + 0.5
+    _, h, w = ab.shape
+    ys = torch.arange(h, device=ab.device)[:, None]
+    xs = torch.arange(w, device=ab.device)[None, :]
+    tx, ty = xs + ab[0], ys + ab[1]
+    inside = (tx >= 0) & (tx <= w - 1) & (ty >= 0) & (ty <= h - 1)
+    return (diff < bound) & inside
+
+
+def fill_holes(image: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Fill the pixels where ``valid`` is False from their valid surroundings (push-pull: a masked
+    mean pyramid, coarse levels fill the fine ones). # (C, H, W), (H, W) bool -> (C, H, W)."""
+    if bool(valid.all()) or not bool(valid.any()):
+        return image
+    w = valid.to(image.dtype)[None]          # (1, H, W)
+    x = image * w
+    stack = [(x, w)]
+    while min(x.shape[-2:]) > 1 and not bool((w > 0).all()):
+        x = F.avg_pool2d(x[None], 2, ceil_mode=True)[0]
+        w = F.avg_pool2d(w[None], 2, ceil_mode=True)[0]
+        stack.append((x, w))
+    x, w = stack[-1]
+    out = x / w.clamp_min(1e-8)
+    for x, w in reversed(stack[:-1]):
+        up = F.interpolate(out[None], size=x.shape[-2:], mode="bilinear", align_corners=False)[0]
+        out = x + up * (1 - w)                # x is premultiplied by w: a soft mix at coarse levels
+    return out
