@@ -1,0 +1,237 @@
+"""job=propagate: carry stylized keyframes through a video, EbSynth-style (Rerender's blender).
+
+    torchrun --standalone --nproc_per_node=8 -m vsr_ddp job=propagate input=shot.mp4 output=out job.keys=keys/
+
+``job.keys`` is a folder of PNG/JPG keyframes named by their 0-based frame index (``12.png``,
+``00012.png``), each the size of the video. For a folder of videos, each video's keys live in
+``job.keys/<video stem>/``. A work unit is one key interval: between keys a < b, frames a+1..b-1
+are synthesized forward from a and backward from b, then blended; frames before the first key
+take the first key only, frames after the last key the last key only; a key frame's output is
+the key itself. Intervals are independent, so one long video spreads over the ranks.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..models.blend import IntervalBlender
+from ..models.ebsynth import GuideWeights, SynthParams, propagate
+from ..models.flow import FlowEstimator, occlusion_mask
+from ..plan import InputError, Unit, VideoInfo
+
+log = logging.getLogger(__name__)
+
+KEY_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+
+# --- Keyframes -----------------------------------------------------------------------------------
+
+def find_keys(folder: Path) -> dict[int, Path]:
+    """Frame index -> keyframe file of one video's key folder. Other files are ignored; an
+    image whose name is not a frame index, or two files for one frame, are errors."""
+    if not folder.is_dir():
+        raise InputError(f"{folder}: no keyframe folder here (job.keys: PNG/JPG named by frame index, "
+                         f"e.g. 00012.png; for a folder of videos, one subfolder per video stem)")
+    keys: dict[int, Path] = {}
+    for f in sorted(folder.iterdir()):
+        if not f.is_file() or f.suffix.lower() not in KEY_EXTENSIONS:
+            continue
+        if not re.fullmatch(r"\d+", f.stem):
+            raise InputError(f"{f}: a keyframe's name must be its 0-based frame index (12.png, 00012.png)")
+        idx = int(f.stem)
+        if idx in keys:
+            raise InputError(f"{f}: frame {idx} has two keyframes ({keys[idx].name} and {f.name})")
+        keys[idx] = f
+    if not keys:
+        raise InputError(f"{folder}: no keyframes (PNG/JPG named by 0-based frame index, e.g. 00012.png)")
+    return dict(sorted(keys.items()))
+
+
+def check_keys(keys: dict[int, Path], info: VideoInfo) -> None:
+    """Every key within the video and of the video's size (image headers only)."""
+    from PIL import Image
+
+    for idx, path in keys.items():
+        if idx >= info.frames:
+            raise InputError(f"{path}: frame {idx} is beyond the video ({info.frames} frames, 0..{info.frames - 1})")
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+        except Exception as e:  # noqa: BLE001 - any decoder complaint means the same to the user
+            raise InputError(f"{path}: not a readable image ({e.__class__.__name__})") from None
+        if (w, h) != (info.width, info.height):
+            raise InputError(f"{path}: keyframe is {w}x{h}, the video is {info.width}x{info.height}")
+
+
+def read_key(path: Path) -> np.ndarray:
+    """# (H, W, 3) uint8 RGB (alpha dropped, grey expanded)."""
+    import cv2
+
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise InputError(f"{path}: not a readable image")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def key_units(keys: list[int], frames: int, video: int) -> list[Unit]:
+    """One unit per key interval. Keys k0 < ... < kn: [0, k0) reading [0, k0 + 1) when k0 > 0;
+    [ki, ki+1) reading [ki, ki+1 + 1) (the right key's source frame too); [kn, N) reading [kn, N)."""
+    bounds = ([0] if keys[0] > 0 else []) + list(keys) + [frames]
+    units = []
+    for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        read_end = b + 1 if b in keys else b
+        units.append(Unit(video=video, seg_idx=i, start=a, end=b, read_start=a, read_end=read_end))
+    return units
+
+
+# --- One interval ----------------------------------------------------------------------------------
+
+class Propagator:
+    """Flow + guides + EbSynth + blending for one key interval; no files, no runner."""
+
+    def __init__(self, params: SynthParams = SynthParams(), weights: GuideWeights = GuideWeights(),
+                 flow: FlowEstimator | None = None, poisson: bool = False,
+                 device: torch.device = torch.device("cpu")):
+        self.params, self.weights, self.poisson = params, weights, poisson
+        self.device = torch.device(device)
+        self.flow = flow or FlowEstimator(device=self.device)
+
+    def _pass(self, key: np.ndarray, frames: np.ndarray, order: list[int]):
+        """Propagate ``key`` (the style of frames[order[0]]) to frames[order[1:]], in that order.
+        Yields (output, error) per target frame."""
+        def flow_to_prev(i: int):
+            cur, prev = order[i + 1], order[i]
+            to_prev, to_cur = self.flow.pair(frames[cur], frames[prev])
+            return to_prev, occlusion_mask(to_prev, to_cur)
+
+        targets = [frames[j] for j in order[1:]]
+        return propagate(key, frames[order[0]], targets, flow_to_prev, self.params, self.weights, self.device)
+
+    def __call__(self, frames: np.ndarray, left: np.ndarray | None, right: np.ndarray | None) -> np.ndarray:
+        """frames: (T, H, W, 3) uint8 RGB. ``left`` is the key of frames[0], ``right`` of frames[-1]
+        (either may be None). Returns the owned frames: (T - 1 if right else T, H, W, 3) uint8 -
+        the left key itself, then the synthesized frames; the right key's frame is not included."""
+        t = len(frames)
+        if left is None and right is None:
+            raise ValueError("an interval needs at least one key")
+        if right is None:                                   # after the last key: forward only
+            outs = [o for o, _ in self._pass(left, frames, list(range(t)))]
+            return np.stack([left, *outs])
+        # backward from the right key first: kept (with errors) for the blend
+        back = list(self._pass(right, frames, list(range(t - 1, -1 if left is None else 0, -1))))[::-1]
+        if left is None:                                    # before the first key: backward only
+            return np.stack([o for o, _ in back])
+        blend = IntervalBlender(t - 2, poisson=self.poisson, patch=self.params.patch_size)
+        out = [left]
+        for (fo, fe), (bo, be) in zip(self._pass(left, frames, list(range(t - 1))), back):
+            out.append(blend(fo, bo, fe, be))
+        return np.stack(out)
+
+
+# --- The job -------------------------------------------------------------------------------------
+
+class PropagateJob:
+    name = "propagate"
+    streaming = False      # the runner reads a unit's whole read range and calls process_unit
+    uses_context = True    # the right key's source frame is read beyond the owned range
+
+    def __init__(self, cfg, device: torch.device):
+        self.cfg = cfg
+        self.device = torch.device(device)
+        c = cfg
+        self.params = SynthParams(
+            patch_size=int(c.patch_size), uniformity=float(c.uniformity), pyramid_levels=int(c.pyramid_levels),
+            search_vote_iters=int(c.search_vote_iters), patchmatch_iters=int(c.patchmatch_iters),
+            max_jump=int(c.max_jump), style_weight=float(c.style_weight), seed=int(c.seed))
+        g = c.guides
+        self.weights = GuideWeights(color=float(g.color), edge=float(g.edge), temporal=float(g.temporal),
+                                    position=float(g.position))
+        keys = c["keys"]  # not c.keys: that is DictConfig's own method
+        if not keys:
+            raise ValueError("job.keys: give the folder of stylized keyframes (PNG/JPG named by frame index)")
+        self.keys_root = Path(str(keys)).expanduser()
+        self.per_video = self._per_video(c)
+        self.flow = FlowEstimator(c.get("flow_weights") or None, device=self.device,
+                                  dis_preset=str(c.flow_preset), raft_iters=int(c.raft_iters))
+        self.propagator: Propagator | None = None
+        self.keys: dict[str, dict[int, Path]] = {}     # video path -> its keys
+
+    @staticmethod
+    def _per_video(c) -> bool:
+        layout = str(c.get("keys_layout", "auto"))
+        if layout not in ("auto", "flat", "per_video"):
+            raise ValueError(f"job.keys_layout must be auto, flat or per_video, not {layout!r}")
+        if layout != "auto":
+            return layout == "per_video"
+        # auto: a folder input keeps each video's keys in <keys>/<stem>/, a single file in <keys>
+        inp = c.get("input")
+        return bool(inp) and Path(str(inp)).expanduser().is_dir()
+
+    def setup(self) -> None:
+        if not self.keys_root.is_dir():
+            raise FileNotFoundError(f"job.keys: {self.keys_root} is not a folder")
+        self.flow.setup()
+        self.propagator = Propagator(self.params, self.weights, self.flow, bool(self.cfg.poisson), self.device)
+
+    def tag(self) -> str:
+        return "prop"
+
+    def settings(self) -> dict:
+        c = self.cfg
+        flow = "dis:" + str(c.flow_preset)
+        if c.get("flow_weights"):
+            p = Path(str(c.flow_weights)).expanduser()
+            flow = f"raft:{p.resolve()}:{p.stat().st_size}:{int(p.stat().st_mtime)}:{c.raft_iters}"
+        return {"job": self.name, "synth": self.params.to_dict(), "guides": vars(self.weights) | {},
+                "poisson": bool(c.poisson), "flow": flow, "per_video": self.per_video,
+                "keys": hash_keys(self.keys_root)}
+
+    def output_size(self, width: int, height: int) -> tuple[int, int]:
+        return width, height
+
+    def video_keys(self, info: VideoInfo) -> dict[int, Path]:
+        if info.path not in self.keys:
+            folder = self.keys_root / info.stem if self.per_video else self.keys_root
+            keys = find_keys(folder)
+            check_keys(keys, info)
+            self.keys[info.path] = keys
+        return self.keys[info.path]
+
+    def plan_video(self, info: VideoInfo, vi: int) -> list[Unit]:
+        """Units = key intervals (independent of work.unit); raises InputError for bad keys."""
+        return key_units(list(self.video_keys(info)), info.frames, vi)
+
+    def begin(self, info: VideoInfo) -> None:
+        self.video_keys(info)
+
+    def process_unit(self, frames: np.ndarray, unit: Unit, info: VideoInfo) -> np.ndarray:
+        """# (T, H, W, 3) uint8 of [read_start, read_end) -> (end - start, H, W, 3) uint8."""
+        keys = self.video_keys(info)
+        expected = unit.read_end - unit.read_start
+        if len(frames) != expected:
+            raise RuntimeError(f"read {len(frames)} frames for [{unit.read_start}, {unit.read_end}), expected {expected}")
+        left = read_key(keys[unit.start]) if unit.start in keys else None
+        right = read_key(keys[unit.end]) if unit.end in keys and unit.end < info.frames else None
+        for key, idx in ((left, unit.start), (right, unit.end)):
+            if key is not None and key.shape != frames.shape[1:]:
+                raise InputError(f"{keys[idx]}: keyframe is {key.shape[1]}x{key.shape[0]}, "
+                                 f"the video is {frames.shape[2]}x{frames.shape[1]}")
+        out = self.propagator(frames, left, right)
+        if len(out) != unit.frames:
+            raise RuntimeError(f"made {len(out)} frames for [{unit.start}, {unit.end})")
+        return out
+
+
+def hash_keys(root: Path) -> str:
+    """SHA-256 over every keyframe file under ``root`` (relative name and bytes)."""
+    h = hashlib.sha256()
+    if root.is_dir():
+        for f in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in KEY_EXTENSIONS):
+            h.update(str(f.relative_to(root)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
