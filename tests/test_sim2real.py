@@ -228,6 +228,18 @@ def test_missing_weights_fail_before_work_naming_what_to_put_where(tmp_path, mod
     assert proc.returncode == 2 and "error: job.base_model=/nowhere/sd15: not found" in proc.stderr
 
 
+def test_hed_annotator_loads_from_a_local_folder(tmp_path, one_thread):
+    from controlnet_aux.hed import ControlNetHED_Apache2
+
+    torch.manual_seed(0)
+    torch.save(ControlNetHED_Apache2().state_dict(), tmp_path / "ControlNetHED.pth")  # random weights
+    maps = fresco.ControlMaps("hed", str(tmp_path))
+    frame = synth_frames(1, (64, 48))[0]
+    edges = maps(frame)
+    assert edges.shape == (48, 64, 3) and edges.dtype == np.uint8
+    assert fresco.ControlMaps("canny")(frame).shape == (48, 64, 3)
+
+
 def test_prompts_and_overrides_by_stem(tmp_path, models):
     p = tmp_path / "prompts"
     p.mkdir()
