@@ -240,6 +240,24 @@ def test_hed_annotator_loads_from_a_local_folder(tmp_path, one_thread):
     assert fresco.ControlMaps("canny")(frame).shape == (48, 64, 3)
 
 
+def test_every_frame_comes_from_the_engine_interval_by_interval():
+    from vsr_ddp.jobs.sim2real import propagate_keys
+
+    calls = []
+
+    def engine(frames, left, right):  # job=propagate's Propagator contract: owned frames of the interval
+        calls.append((len(frames), int(left[0, 0, 0]), None if right is None else int(right[0, 0, 0])))
+        return np.repeat(left[None], len(frames) - (right is not None), axis=0)
+
+    frames = np.zeros((11, 4, 4, 3), np.uint8)
+    styled = {k: np.full((4, 4, 3), k, np.uint8) for k in (0, 4, 8)}
+    out = propagate_keys(frames, styled, engine)
+    assert calls == [(5, 0, 4), (5, 4, 8), (3, 8, None)]  # [0, 4] and [4, 8] with both keys; 8.. forward
+    assert [int(f[0, 0, 0]) for f in out] == [0] * 4 + [4] * 4 + [8] * 3
+    calls.clear()
+    assert len(propagate_keys(frames[:9], styled, engine)) == 9 and calls == [(5, 0, 4), (5, 4, 8)]
+
+
 def test_prompts_and_overrides_by_stem(tmp_path, models):
     p = tmp_path / "prompts"
     p.mkdir()

@@ -28,7 +28,9 @@ import numpy as np
 import torch
 
 from ..models import fresco
+from ..models.ebsynth import SynthParams
 from ..plan import InputError, SkipVideo, Unit, VideoInfo
+from .propagate import Propagator
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +101,7 @@ class Sim2RealJob:
         self.prompts = Path(str(cfg.prompts)).expanduser() if given else None
         self.pipe: fresco.FrescoPipeline | None = None
         self.maps: fresco.ControlMaps | None = None
-        self.propagator = None
+        self.propagator: Propagator | None = None
         self.dtype = self._dtype(str(cfg.get("precision", "auto")))
 
     def _dtype(self, precision: str) -> torch.dtype:
@@ -134,7 +136,8 @@ class Sim2RealJob:
                                      vae_slicing=bool(c.get("vae_slicing")))
         if c.get("freeu"):
             self.pipe.unet.enable_freeu(s1=1.0, s2=1.0, b1=1.2, b2=1.5)  # FRESCO's use_freeu values
-        self.propagator = make_propagator(self.device, self.ebsynth_params(), bool(c.get("poisson")))
+        self.propagator = Propagator(SynthParams(**self.ebsynth_params()), poisson=bool(c.get("poisson")),
+                                     device=self.device)
 
     def tag(self) -> str:
         return "sim2real"
@@ -155,8 +158,8 @@ class Sim2RealJob:
         return {k: v for k, v in dict(self.cfg.get("ebsynth") or {}).items() if v is not None}
 
     def propagation_settings(self) -> dict:
-        engine = "ebsynth" if self.propagator is not None else "crossfade"
-        return {"engine": engine, "ebsynth": self.ebsynth_params(), "poisson": bool(self.cfg.get("poisson"))}
+        return {"ebsynth": SynthParams(**self.ebsynth_params()).to_dict(),
+                "poisson": bool(self.cfg.get("poisson"))}
 
     def output_size(self, width: int, height: int) -> tuple[int, int]:
         return width, height
@@ -253,24 +256,10 @@ def hash_prompts(folder: Path | None) -> str:
 # --- Propagation ---------------------------------------------------------------------------------
 
 
-def make_propagator(device: torch.device, ebsynth: dict, poisson: bool):
-    """job=propagate's engine (EbSynth + Rerender's blender), or None where it is not installed."""
-    try:
-        from ..models.ebsynth import SynthParams
-        from .propagate import Propagator
-    except ImportError:
-        log.warning("job=propagate's engine is not available: frames between keys are a cross-fade "
-                    "of the keys")
-        return None
-    return Propagator(SynthParams(**ebsynth), poisson=poisson, device=device)
-
-
-def propagate_keys(frames: np.ndarray, styled: dict[int, np.ndarray], propagator=None) -> np.ndarray:
-    """Every frame from the translated keys. # (T, H, W, 3) uint8 + {key: (H, W, 3)} -> (T, H, W, 3).
-
-    With the engine: each key interval [a, b] synthesized forward from a and backward from b and
-    blended; frames after the last key carried forward from it. Without it: a linear cross-fade
-    between the two nearest keys (no motion; a stand-in, not a result)."""
+def propagate_keys(frames: np.ndarray, styled: dict[int, np.ndarray], propagator: Propagator) -> np.ndarray:
+    """Every frame from the translated keys with job=propagate's engine: each key interval [a, b]
+    synthesized forward from a and backward from b and blended; the frames after the last key
+    carried forward from it. # (T, H, W, 3) uint8 + {key: (H, W, 3) uint8} -> (T, H, W, 3) uint8."""
     keys = sorted(styled)
     t = len(frames)
     if not keys or keys[0] != 0 or keys[-1] >= t:
@@ -281,11 +270,6 @@ def propagate_keys(frames: np.ndarray, styled: dict[int, np.ndarray], propagator
         right = styled[b] if b < t else None
         if b - a == 1:
             out[a] = styled[a]
-        elif propagator is not None:
-            out[a:b] = propagator(frames[a:b + 1] if right is not None else frames[a:b], styled[a], right)
-        elif right is None:
-            out[a:b] = styled[a]
         else:
-            w = (np.arange(a, b) - a)[:, None, None, None] / (b - a)  # (n, 1, 1, 1)
-            out[a:b] = np.round((1 - w) * styled[a] + w * right).astype(np.uint8)
+            out[a:b] = propagator(frames[a:b + 1] if right is not None else frames[a:b], styled[a], right)
     return out
