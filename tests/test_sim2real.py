@@ -189,7 +189,9 @@ def test_bench_sim2real_runs_a_batch(models, one_thread):
              ControlNetModel.from_pretrained(models["cn"]),
              AutoencoderKL.from_pretrained(models["sd"], subfolder="vae"),
              DDPMScheduler.from_pretrained(models["sd"], subfolder="scheduler"))
-    result = fresco.bench_sim2real(size=64, frames=3, steps=2, device="cpu", components=parts, opt_iters=2)
+    result = fresco.bench_sim2real(size=64, frames=3, steps=2, device="cpu", components=parts, opt_iters=2,
+                                   vae_slicing=True, vae_tiling=True)
+    assert parts[2].use_slicing and parts[2].use_tiling
     assert result["frames"] == 3 and result["seconds"] > 0 and result["models"] == "given"
 
 
