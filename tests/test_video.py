@@ -36,6 +36,14 @@ def test_reads_are_frame_exact(containers, ext, backend):
         assert np.array_equal(got, reference[start:end]), f"{ext} [{start}, {end}) via {reader.backend}"
 
 
+def test_sizes_decord_rejects_are_read_through_pyav(tmp_path):
+    path = make_clip(tmp_path / "portrait.mp4", frames=20, size=(48, 64), audio=False)
+    reference = read_frames(path)
+    reader = FrameReader(probe(path), chunk=4)
+    got = np.concatenate(list(reader.read(3, 17)))
+    assert np.array_equal(got, reference[3:17])
+
+
 @pytest.mark.parametrize("ext,fps", [(".mp4", Fraction(30000, 1001)), (".mkv", Fraction(25)),
                                      (".webm", Fraction(24000, 1001)), (".avi", Fraction(25))])
 def test_probe_finds_exact_rate_count_and_streams(tmp_path, ext, fps):

@@ -92,15 +92,23 @@ class FrameReader:
         """Yield # (n, H, W, 3) uint8 chunks covering exactly frames [start, end)."""
         if not 0 <= start < end <= self.info.frames:
             raise ValueError(f"bad frame range [{start}, {end}) for {self.info.frames} frames")
-        if self.backend == "decord":
-            vr = self._open_decord()
-            reader = self._read_decord(vr, start, end) if vr is not None else self._read_pyav(start, end)
-        else:
-            reader = self._read_pyav(start, end)
         got = start
-        for chunk in reader:
-            got += len(chunk)
-            yield chunk
+        vr = self._open_decord() if self.backend == "decord" else None
+        if vr is not None:
+            try:
+                for chunk in self._read_decord(vr, start, end):
+                    got += len(chunk)
+                    yield chunk
+            except DecodeError as e:
+                # decord also fails on some sound files (it rejects frame sizes whose rows it pads,
+                # e.g. 48x64 portrait: "from_size == to_size"): PyAV goes on from the same frame,
+                # and a really damaged stream fails there too.
+                log.warning("%s: decord failed at frame %d (%s); reading on with PyAV", self.info.path, got, e)
+                self.backend = "pyav"
+        if got < end:
+            for chunk in self._read_pyav(got, end):
+                got += len(chunk)
+                yield chunk
         if got != end:
             raise DecodeError(f"truncated or corrupt: decoded frames [{start}, {got}) of [{start}, {end}); "
                               f"the container declares {self.info.frames} frames")
