@@ -35,5 +35,9 @@ test-slurm: $(VENV)/.installed ## opt-in, root: one-node Slurm from Debian runs 
 bench: $(VENV)/.installed ## benchmarks (not tests): frames/s and stage shares
 	$(PY) -m vsr_ddp.bench
 
+.PHONY: train-default
+train-default: $(VENV)/.installed ## retrain the shipped x2 model (CPU, under 30 min)
+	$(PY) -m vsr_ddp.train_default --out vsr_ddp/weights/compact_x2.safetensors
+
 clean: ## remove demo output and caches (keeps .venv)
 	rm -rf $(DEMO_DIR) .pytest_cache

@@ -124,3 +124,14 @@ def test_rank_that_finishes_early_outlives_the_collective_timeout(tmp_path):
     # Rank 0 merged the videos as they completed, before the end-of-run meeting.
     log0 = (out / ".vsr_ddp" / "logs" / "rank0.log").read_text()
     assert log0.index("a_long.mp4 ->") < log0.index("units done; waiting for the other ranks")
+
+
+def test_default_model_with_preview(clips, tmp_path):
+    """No job.model: the shipped x2 model; job.preview=true writes the side-by-side picture."""
+    out = tmp_path / "out"
+    run_job(["job=upscale", f"input={clips['av']}", f"output={out}", "job.preview=true", "work.unit=video"])
+    got = probe_streams(out / "av.mp4")
+    assert (got["width"], got["height"], got["frames"]) == (128, 96, 48)
+    preview = out / "av.preview.png"
+    assert read_report(out)["videos"][0]["preview"] == str(preview)
+    assert cv2.imread(str(preview)).shape[1] > 3 * 64  # three panels at output scale

@@ -350,7 +350,14 @@ class Runner:
         self.write_checkpoint(plan, vi, output=str(out))
         log.info("%s -> %s: %d frames, merged in %.2f s (work %s)", info.path, out, info.frames, merge_s,
                  human_duration(seconds))
-        return {"output": str(out), "seconds": round(seconds, 3), "merge_seconds": round(merge_s, 3)}
+        result = {"output": str(out), "seconds": round(seconds, 3), "merge_seconds": round(merge_s, 3)}
+        extra = getattr(self.job, "finish_video", None)  # e.g. upscale's side-by-side preview
+        if extra is not None:
+            try:
+                result.update(extra(info, out) or {})
+            except Exception as e:  # noqa: BLE001 - the video itself is done and fine
+                log.warning("%s: %s after the merge failed: %s", info.path, self.job.name, e)
+        return result
 
 
 def resource_peaks(device) -> dict:

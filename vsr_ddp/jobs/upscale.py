@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..models.sr import CLASSICAL, Upscaler
+from ..models.sr import CLASSICAL, Upscaler, model_path
 from ..plan import VideoInfo
 
 log = logging.getLogger(__name__)
@@ -77,8 +77,9 @@ class UpscaleJob:
         c, up = self.cfg, self.upscaler
         model = str(c.model)
         if model not in CLASSICAL:
-            st = os.stat(Path(model).expanduser())
-            model = f"{Path(model).expanduser().resolve()}:{st.st_size}:{int(st.st_mtime)}"
+            path = model_path(model).resolve()
+            st = os.stat(path)
+            model = f"{path}:{st.st_size}:{int(st.st_mtime)}"
         return {"job": self.name, "model": model, "scale": up.scale, "outscale": up.outscale,
                 # tiling and precision change pixels only at noise level, but they do change them
                 "tile": c.tile, "tile_pad": c.tile_pad, "dtype": str(up.dtype),
@@ -86,6 +87,19 @@ class UpscaleJob:
 
     def output_size(self, width: int, height: int) -> tuple[int, int]:
         return self.upscaler.output_size(width, height)
+
+    def finish_video(self, info: VideoInfo, output: Path) -> dict:
+        """With ``job.preview=true``: ``<stem>.preview.png`` beside the video, the middle frame's
+        input crop, its bicubic upscale and the model's output side by side."""
+        if not self.cfg.get("preview"):
+            return {}
+        from ..preview import write_preview
+        from ..video import FrameReader
+
+        mid = info.frames // 2
+        lr = next(iter(FrameReader(info).read(mid, mid + 1)))[0]  # (H, W, 3) uint8
+        path = write_preview(lr, self.upscaler(lr[None])[0], output.with_name(output.stem + ".preview.png"))
+        return {"preview": str(path)}
 
     def begin(self, info: VideoInfo) -> None:
         """Called before each unit of ``info``."""

@@ -17,6 +17,13 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 CLASSICAL = ("lanczos", "bicubic")
+# job.model=default: the small x2 model shipped in the package (vsr_ddp/train_default.py made it).
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "weights" / "compact_x2.safetensors"
+
+
+def model_path(model: str) -> Path:
+    """The checkpoint file ``job.model`` names (``default`` is the shipped model)."""
+    return DEFAULT_MODEL if model == "default" else Path(model).expanduser()
 WEIGHTS_HELP = ("Real-ESRGAN's weights (RealESRGAN_x4plus.pth, RealESRGAN_x2plus.pth, realesr-animevideov3.pth, "
                 "realesr-general-x4v3.pth, ...) are published at https://github.com/xinntao/Real-ESRGAN/releases; "
                 "any other checkpoint spandrel supports works too")
@@ -101,7 +108,7 @@ class Upscaler:
             self.scale = float(scale)
             self.dtype = None
         else:
-            desc = load_descriptor(Path(model).expanduser())
+            desc = load_descriptor(model_path(model))
             if scale and float(scale) != desc.scale:
                 raise ModelError(f"job.scale={scale} but {model} is a x{desc.scale} model; "
                                  f"use job.outscale={scale} to resize its output")
