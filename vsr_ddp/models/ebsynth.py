@@ -226,51 +226,56 @@ class _Level:
             radii.append(rad)
             rad //= 2
 
-        def attempt(cand: torch.Tensor) -> None:
+        def step(cands: list[torch.Tensor]) -> None:
+            """Every pixel keeps the best of its match and its candidates, all drawn from the NNF
+            as it was before this step; the coverage (uniformity) is that of the same NNF."""
             nonlocal nnf, err
-            # Only pixels whose candidate differs from their match need a cost: in coherent
-            # regions a propagated candidate is the current match itself.
-            rows = (cand != nnf).nonzero().squeeze(1)
-            if rows.numel() == 0:
-                return
-            if rows.numel() > 0.7 * cand.numel():    # gathering the target rows costs more than it saves
-                rows = torch.arange(cand.numel(), device=dev)
-                c, cur = cand, nnf
-                new = self.ssd(c)
-            else:
-                c, cur = cand.index_select(0, rows), nnf.index_select(0, rows)
-                new = self.ssd(c, rows)
-            old = err.index_select(0, rows)
-            if lam:
-                occ = self.patch_omega(nnf)
-                better = new + lam * occ.index_select(0, c) < old + lam * occ.index_select(0, cur)
-            else:
-                better = new < old
-            rows = rows[better]
-            nnf = nnf.index_copy(0, rows, c[better])
-            err = err.index_copy(0, rows, new[better])
+            occ = self.patch_omega(nnf) if lam else None
+            best, best_err = nnf, err
+            best_cost = err + lam * occ.index_select(0, nnf) if lam else err
+            for cand in cands:
+                # Only pixels whose candidate differs from their best need a cost: in coherent
+                # regions a propagated candidate is the current match itself.
+                rows = (cand != best).nonzero().squeeze(1)
+                if rows.numel() == 0:
+                    continue
+                if rows.numel() > 0.7 * cand.numel():   # gathering target rows would cost more than it saves
+                    rows, c, new = torch.arange(cand.numel(), device=dev), cand, self.ssd(cand)
+                else:
+                    c = cand.index_select(0, rows)
+                    new = self.ssd(c, rows)
+                cost = new + lam * occ.index_select(0, c) if lam else new
+                better = cost < best_cost.index_select(0, rows)
+                rows = rows[better]
+                best = best.index_copy(0, rows, c[better])
+                best_err = best_err.index_copy(0, rows, new[better])
+                best_cost = best_cost.index_copy(0, rows, cost[better])
+            nnf, err = best, best_err
 
         for _ in range(iters):
-            # 1. Propagation, jump-flood style: the neighbour at offset o suggests its own match,
-            #    shifted back by o (the patch next to my neighbour's match).
+            # 1. Propagation, jump-flood style: the neighbours at offsets k along both axes each
+            #    suggest their own match shifted back by the offset (the patch next to theirs).
             for k in jumps:
+                cands = []
                 for oy, ox in ((0, -k), (0, k), (-k, 0), (k, 0)):
                     ny = (ty + oy).clamp(0, self.ht - 1)
                     nx = (tx + ox).clamp(0, self.wt - 1)
-                    n = ny * self.wt + nx
-                    m = nnf.index_select(0, n)
+                    m = nnf.index_select(0, ny * self.wt + nx)
                     sy = (m // self.wv - (ny - ty)).clamp(0, self.hv - 1)
                     sx = (m % self.wv - (nx - tx)).clamp(0, self.wv - 1)
-                    attempt(sy * self.wv + sx)
+                    cands.append(sy * self.wv + sx)
+                step(cands)
             # 2. Random search in windows of halving radius around the current match.
+            cy, cx = nnf // self.wv, nnf % self.wv
+            cands = []
             for rad in radii:
-                cy, cx = nnf // self.wv, nnf % self.wv
                 y0, y1 = (cy - rad).clamp(min=0), (cy + rad).clamp(max=self.hv - 1)
                 x0, x1 = (cx - rad).clamp(min=0), (cx + rad).clamp(max=self.wv - 1)
                 u = torch.rand(2, nnf.shape[0], device=dev, generator=gen)
                 sy = torch.minimum(y0 + (u[0] * (y1 - y0 + 1)).long(), y1)
                 sx = torch.minimum(x0 + (u[1] * (x1 - x0 + 1)).long(), x1)
-                attempt(sy * self.wv + sx)
+                cands.append(sy * self.wv + sx)
+            step(cands)
         return nnf, err
 
     # -- voting ---------------------------------------------------------------------------------
