@@ -113,7 +113,10 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--long", type=int, default=10, help="the long clip is this many times the short one")
+    ap.add_argument("--jobs", default="upscale,propagate,sim2real",
+                    help="which to measure; sim2real runs only on CUDA (SD 1.5-sized random weights)")
     args = ap.parse_args(argv)
+    jobs = set(args.jobs.split(","))
     root = Path(args.dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
@@ -130,6 +133,27 @@ def main(argv=None) -> int:
                "input": f"{args.size}, {n_short} frames", "batch": args.batch}
     print(f"vsr_ddp bench on {dev_name}: {results['model']}, input {results['input']}", flush=True)
 
+    if "upscale" in jobs:
+        bench_upscale(args, root, model, short, n_short, seg, device, results)
+    if "propagate" in jobs:
+        from .models.ebsynth import bench_propagation
+
+        r = results["propagate"] = bench_propagation(size=512, frames=2, device=device)
+        print(table("propagate (EbSynth) at 512x512", [(k, v) for k, v in r.items()]), flush=True)
+    if "sim2real" in jobs and device.type == "cuda":
+        from .models.fresco import bench_sim2real
+
+        r = results["sim2real"] = bench_sim2real(size=512, frames=8, steps=20, device=device)
+        print(table("sim2real (FRESCO keyframes, SD 1.5-sized random weights) at 512x512, batch 8",
+                    [(k, v) for k, v in r.items()]), flush=True)
+    (root / "bench.json").write_text(json.dumps(results, indent=2))
+    print(f"wrote {root / 'bench.json'}")
+    return 0
+
+
+def bench_upscale(args, root: Path, model: str, short: Path, n_short: int, seg: int, device: torch.device,
+                  results: dict) -> None:
+    fps = "30000/1001"
     results["model_only"] = model_only(model, short, args.batch, device, args.precision)
     dev_arg = "cuda" if device.type == "cuda" else "cpu"
     one = run_job(model, short, root / "out1", 1, args.batch, seg, dev_arg, args.precision)
@@ -159,9 +183,6 @@ def main(argv=None) -> int:
     results["summary"] = {"e2e_over_model": round(one["fps_steady"] / m, 3),
                           "scaling_efficiency": round(many["fps_steady"] / (args.nproc * one["fps_steady"]), 3),
                           "rss_growth_long": round(growth, 4), "merge_share": one["merge_share"]}
-    (root / "bench.json").write_text(json.dumps(results, indent=2))
-    print(f"wrote {root / 'bench.json'}")
-    return 0
 
 
 if __name__ == "__main__":
