@@ -160,7 +160,8 @@ def bench_upscale(args, root: Path, model: str, short: Path, n_short: int, seg: 
     many = run_job(model, short, root / f"out{args.nproc}", args.nproc, args.batch, seg, dev_arg, args.precision)
     longclip = make_sample(root / "long.mp4", seconds=args.long * args.frames * 1001 / 30000 + 0.001,
                            size=args.size, fps=fps)
-    long1 = run_job(model, longclip, root / "out_long", 1, args.batch, 10 * seg, dev_arg, args.precision)
+    # same segment size: only the video length differs
+    long1 = run_job(model, longclip, root / "out_long", 1, args.batch, seg, dev_arg, args.precision)
     results.update({"one_rank": one, "n_ranks": many, "long_one_rank": long1})
 
     m = results["model_only"]["fps"]
