@@ -48,7 +48,8 @@ def shapes_clip(n: int, seed: int = 0) -> np.ndarray:
     """(n, H, W, 3) uint8: a textured background panning 2 px/frame, a textured disc moving
     right-down and a textured box moving left-up over it (occlusions and disocclusions)."""
     rng = np.random.default_rng(seed)
-    bg = (smooth_noise(rng, H + 4 * n, W + 4 * n, 8) * 0.6 + smooth_noise(rng, H + 4 * n, W + 4 * n, 2) * 0.4) * 255
+    bh, bw = H + 4 * n, W + 4 * n
+    bg = (smooth_noise(rng, bh, bw, 8) * 0.6 + smooth_noise(rng, bh, bw, 2) * 0.4) * 255
     disc = (smooth_noise(rng, H, W, 4) * 0.5 + 0.5 * np.array([1.0, 0.3, 0.2])) * 255
     box = (smooth_noise(rng, H, W, 3) * 0.5 + 0.5 * np.array([0.2, 0.4, 1.0])) * 255
     yy, xx = np.mgrid[0:H, 0:W]
@@ -98,11 +99,11 @@ def test_patchmatch_finds_a_known_shift():
     big = smooth_noise(rng, 90, 110, 2) * 255
     src = chw(big[:64, :80])
     dy, dx = 9, -6
-    tgt = chw(big[10 + dy:10 + dy + 64, 10 + dx:10 + dx + 80])   # target (y, x) = source (y + 10 + dy, x + 10 + dx)
+    tgt = chw(big[10 + dy:10 + dy + 64, 10 + dx:10 + dx + 80])   # target (y, x) = source (y+10+dy, x+10+dx)
     style = 255 - src
     with one_thread():
-        res = synthesize(style, [Guide(src, tgt, 1.0)], SynthParams(uniformity=0, search_vote_iters=2,
-                                                                     patchmatch_iters=2))
+        res = synthesize(style, [Guide(src, tgt, 1.0)],
+                         SynthParams(uniformity=0, search_vote_iters=2, patchmatch_iters=2))
     yy, xx = torch.meshgrid(torch.arange(64), torch.arange(80), indexing="ij")
     ty, tx = yy + 10 + dy, xx + 10 + dx
     # source and target patches fully inside their images (EbSynth clamps reads at the edges)
@@ -196,7 +197,8 @@ def flow_warp(frames: np.ndarray, key: int, target: int, flow: FlowEstimator) ->
     for cur in range(target, key, step):
         f, _ = flow.pair(frames[cur], frames[cur + step])
         disp = disp + warp(f, disp)
-    return np.clip(warp(chw(stylize(frames[key])), disp).permute(1, 2, 0).numpy() + 0.5, 0, 255).astype(np.uint8)
+    out = warp(chw(stylize(frames[key])), disp).permute(1, 2, 0).numpy()
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
 @pytest.mark.parametrize("content", ["shapes", "pan"])
@@ -237,11 +239,13 @@ def test_single_sided_units_and_poisson():
 # --- Keyframes ------------------------------------------------------------------------------------
 
 def make_job(keys, tmp_path: Path, **over) -> PropagateJob:
-    cfg = OmegaConf.create({"name": "propagate", "keys": str(keys), "keys_layout": "auto", "input": str(tmp_path / "v.mp4"),
+    cfg = OmegaConf.create({"name": "propagate", "keys": str(keys), "keys_layout": "auto",
+                            "input": str(tmp_path / "v.mp4"),
                             "patch_size": 5, "uniformity": 3500, "pyramid_levels": -1, "search_vote_iters": 1,
                             "patchmatch_iters": 1, "max_jump": 2, "style_weight": 1.0, "seed": 0,
                             "guides": {"color": 6.0, "edge": 0.5, "temporal": 0.5, "position": 2.0},
-                            "flow_weights": None, "flow_preset": "medium", "raft_iters": 12, "poisson": False, **over})
+                            "flow_weights": None, "flow_preset": "medium", "raft_iters": 12, "poisson": False,
+                            **over})
     return PropagateJob(cfg, torch.device("cpu"))
 
 
@@ -252,9 +256,11 @@ def write_key(path: Path, w: int = 64, h: int = 48) -> None:
 
 def test_key_units_cover_the_video():
     units = key_units([3, 9], 16, video=0)
-    assert [(u.start, u.end, u.read_start, u.read_end) for u in units] == [(0, 3, 0, 4), (3, 9, 3, 10), (9, 16, 9, 16)]
+    ranges = [(u.start, u.end, u.read_start, u.read_end) for u in units]
+    assert ranges == [(0, 3, 0, 4), (3, 9, 3, 10), (9, 16, 9, 16)]
     units = key_units([0, 15], 16, video=2)
-    assert [(u.start, u.end, u.read_end) for u in units] == [(0, 15, 16), (15, 16, 16)] and units[0].video == 2
+    assert [(u.start, u.end, u.read_end) for u in units] == [(0, 15, 16), (15, 16, 16)]
+    assert units[0].video == 2
 
 
 @pytest.mark.parametrize("case, message", [
@@ -285,7 +291,8 @@ def test_bad_keys_are_input_errors_naming_the_file(tmp_path, case, message):
     elif case == "empty":
         (keys / "00000.png").unlink()
     job = make_job(keys if case != "missing" else tmp_path / "nokeys", tmp_path)
-    info = VideoInfo(path=str(tmp_path / "v.mp4"), frames=20, fps=Fraction(25), width=64, height=48, codec="h264")
+    info = VideoInfo(path=str(tmp_path / "v.mp4"), frames=20, fps=Fraction(25), width=64, height=48,
+                     codec="h264")
     with pytest.raises(InputError, match=message) as err:
         job.plan_video(info, 0)
     assert "\n" not in str(err.value)
@@ -294,8 +301,8 @@ def test_bad_keys_are_input_errors_naming_the_file(tmp_path, case, message):
 def test_keys_layout_follows_the_input(tmp_path):
     write_key(tmp_path / "keys" / "clip" / "00002.png")
     (tmp_path / "videos").mkdir()
-    info = VideoInfo(path=str(tmp_path / "videos" / "clip.mp4"), frames=8, fps=Fraction(25), width=64, height=48,
-                     codec="h264")
+    info = VideoInfo(path=str(tmp_path / "videos" / "clip.mp4"), frames=8, fps=Fraction(25), width=64,
+                     height=48, codec="h264")
     folder_job = make_job(tmp_path / "keys", tmp_path, input=str(tmp_path / "videos"))
     assert folder_job.per_video and [u.start for u in folder_job.plan_video(info, 0)] == [0, 2]
     file_job = make_job(tmp_path / "keys" / "clip", tmp_path, input=str(tmp_path / "videos" / "clip.mp4"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +59,8 @@ def check_keys(keys: dict[int, Path], info: VideoInfo) -> None:
 
     for idx, path in keys.items():
         if idx >= info.frames:
-            raise InputError(f"{path}: frame {idx} is beyond the video ({info.frames} frames, 0..{info.frames - 1})")
+            raise InputError(f"{path}: frame {idx} is beyond the video "
+                             f"({info.frames} frames, 0..{info.frames - 1})")
         try:
             with Image.open(path) as im:
                 w, h = im.size
@@ -145,7 +147,8 @@ class PropagateJob:
         self.device = torch.device(device)
         c = cfg
         self.params = SynthParams(
-            patch_size=int(c.patch_size), uniformity=float(c.uniformity), pyramid_levels=int(c.pyramid_levels),
+            patch_size=int(c.patch_size), uniformity=float(c.uniformity),
+            pyramid_levels=int(c.pyramid_levels),
             search_vote_iters=int(c.search_vote_iters), patchmatch_iters=int(c.patchmatch_iters),
             max_jump=int(c.max_jump), style_weight=float(c.style_weight), seed=int(c.seed))
         g = c.guides
@@ -176,7 +179,8 @@ class PropagateJob:
         if not self.keys_root.is_dir():
             raise FileNotFoundError(f"job.keys: {self.keys_root} is not a folder")
         self.flow.setup()
-        self.propagator = Propagator(self.params, self.weights, self.flow, bool(self.cfg.poisson), self.device)
+        self.propagator = Propagator(self.params, self.weights, self.flow, bool(self.cfg.poisson),
+                                     self.device)
 
     def tag(self) -> str:
         return "prop"
@@ -187,7 +191,7 @@ class PropagateJob:
         if c.get("flow_weights"):
             p = Path(str(c.flow_weights)).expanduser()
             flow = f"raft:{p.resolve()}:{p.stat().st_size}:{int(p.stat().st_mtime)}:{c.raft_iters}"
-        return {"job": self.name, "synth": self.params.to_dict(), "guides": vars(self.weights) | {},
+        return {"job": self.name, "synth": self.params.to_dict(), "guides": asdict(self.weights),
                 "poisson": bool(c.poisson), "flow": flow, "per_video": self.per_video,
                 "keys": hash_keys(self.keys_root)}
 
@@ -214,7 +218,8 @@ class PropagateJob:
         keys = self.video_keys(info)
         expected = unit.read_end - unit.read_start
         if len(frames) != expected:
-            raise RuntimeError(f"read {len(frames)} frames for [{unit.read_start}, {unit.read_end}), expected {expected}")
+            raise RuntimeError(f"read {len(frames)} frames for [{unit.read_start}, {unit.read_end}), "
+                               f"expected {expected}")
         left = read_key(keys[unit.start]) if unit.start in keys else None
         right = read_key(keys[unit.end]) if unit.end in keys and unit.end < info.frames else None
         for key, idx in ((left, unit.start), (right, unit.end)):

@@ -88,7 +88,8 @@ class IntervalBlender:
         self.i = 0
         self.mask = None  # (H, W) bool: pixels switched to the right key so far
 
-    def __call__(self, fwd: np.ndarray, bwd: np.ndarray, err_fwd: np.ndarray, err_bwd: np.ndarray) -> np.ndarray:
+    def __call__(self, fwd: np.ndarray, bwd: np.ndarray, err_fwd: np.ndarray,
+                 err_bwd: np.ndarray) -> np.ndarray:
         """fwd, bwd: (H, W, 3) uint8 RGB from the left and the right key; err_*: (H, W) float.
         Returns the frame, (H, W, 3) uint8 RGB."""
         ef = cv2.blur(err_fwd.astype(np.float32), (self.patch, self.patch))

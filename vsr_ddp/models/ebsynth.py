@@ -161,7 +161,8 @@ class _Level:
         self.work = ws
         nv, d = self.hv * self.wv, p * p * src.shape[0]
         self.src_patches = unfold_patches(src, p, False, ws.get("src", (nv, d), src))
-        self.src_style_patches = unfold_patches(style, p, False, ws.get("src_style", (nv, p * p * style.shape[0]), src))
+        self.src_style_patches = unfold_patches(style, p, False,
+                                                ws.get("src_style", (nv, p * p * style.shape[0]), src))
         self.n_style, self.n_feat = style.shape[0], src.shape[0]
         self.cover = F.fold(torch.ones(1, p * p, self.ht * self.wt, device=style.device, dtype=style.dtype),
                             (self.ht, self.wt), p, padding=self.r)[0]          # (1, Ht, Wt)
@@ -180,7 +181,8 @@ class _Level:
         self.tgt_patches = unfold_patches(feat, self.p, True, self.work.get("tgt", shape, feat))
 
     # -- costs ----------------------------------------------------------------------------------
-    def ssd(self, cand: torch.Tensor, rows: torch.Tensor | None = None, guide_only: bool = False) -> torch.Tensor:
+    def ssd(self, cand: torch.Tensor, rows: torch.Tensor | None = None,
+            guide_only: bool = False) -> torch.Tensor:
         """Weighted patch SSD of target pixels against their candidates. cand: # (Nt,) source
         centres of every target pixel, or of the target pixels ``rows`` only -> same shape."""
         out = torch.empty(cand.shape[0], device=cand.device, dtype=self.tgt_patches.dtype)
@@ -208,7 +210,8 @@ class _Level:
         return _box_sum(omega, self.p, full=False).reshape(-1) / self.omega_norm
 
     # -- search ---------------------------------------------------------------------------------
-    def patchmatch(self, nnf: torch.Tensor, iters: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def patchmatch(self, nnf: torch.Tensor, iters: int,
+                   gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """``iters`` PatchMatch iterations on # (Nt,) int64 linear source-centre indices."""
         lam = self.params.uniformity
         err = self.ssd(nnf)
@@ -291,7 +294,8 @@ class _Level:
 
     # -- NNF initialisation -----------------------------------------------------------------------
     def random_nnf(self, gen: torch.Generator) -> torch.Tensor:
-        return torch.randint(0, self.hv * self.wv, (self.ht * self.wt,), device=self.style.device, generator=gen)
+        return torch.randint(0, self.hv * self.wv, (self.ht * self.wt,), device=self.style.device,
+                             generator=gen)
 
     def upsample_nnf(self, coarse: torch.Tensor, coarse_level: "_Level") -> torch.Tensor:
         """EbSynth's nnfUpscale for arbitrary size ratios: the coarse match, scaled, plus the
@@ -464,7 +468,9 @@ def bench_propagation(size: int = 512, frames: int = 2, device: str | torch.devi
 
     from ..jobs.propagate import Propagator
 
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
     if params is None:
         params = SynthParams() if dev.type == "cuda" else SynthParams(search_vote_iters=2, patchmatch_iters=2)
     n = frames + 2

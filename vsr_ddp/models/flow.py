@@ -57,7 +57,8 @@ class FlowEstimator:
         else:
             import cv2
 
-            preset = {"ultrafast": cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST, "fast": cv2.DISOPTICAL_FLOW_PRESET_FAST,
+            preset = {"ultrafast": cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST,
+                      "fast": cv2.DISOPTICAL_FLOW_PRESET_FAST,
                       "medium": cv2.DISOPTICAL_FLOW_PRESET_MEDIUM}[self.dis_preset]
             self.dis = cv2.DISOpticalFlow_create(preset)
 
@@ -78,17 +79,20 @@ class FlowEstimator:
 
     @torch.no_grad()
     def _raft_pair(self, a: np.ndarray, b: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.from_numpy(np.stack([a, b])).to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1  # (2, 3, H, W)
+        x = torch.from_numpy(np.stack([a, b])).to(self.device).permute(0, 3, 1, 2)  # (2, 3, H, W) uint8
+        x = x.float() / 127.5 - 1                                                   # RAFT takes -1..1
         h, w = x.shape[-2:]
         # RAFT's correlation pyramid needs feature maps of 16 x 16 at 1/8 scale: small frames
         # are enlarged to a short side of 128 and the flow scaled back.
         scale = max(1.0, RAFT_MIN_SIDE / min(h, w))
         if scale > 1:
-            x = F.interpolate(x, size=(round(h * scale), round(w * scale)), mode="bilinear", align_corners=False)
+            x = F.interpolate(x, size=(round(h * scale), round(w * scale)), mode="bilinear",
+                              align_corners=False)
         sh, sw = x.shape[-2:]
         ph, pw = (-sh) % 8, (-sw) % 8            # and sides divisible by 8
         x = F.pad(x, (0, pw, 0, ph), mode="replicate")
-        flows = self.raft(x, x.flip(0), num_flow_updates=self.raft_iters)[-1][..., :sh, :sw]   # (2, 2, sH, sW)
+        # (a, b) and (b, a) as one batch of two: (2, 2, sH, sW)
+        flows = self.raft(x, x.flip(0), num_flow_updates=self.raft_iters)[-1][..., :sh, :sw]
         if scale > 1:
             flows = F.interpolate(flows, size=(h, w), mode="bilinear", align_corners=False)
             flows = flows * torch.tensor([w / sw, h / sh], device=flows.device).view(1, 2, 1, 1)
@@ -116,7 +120,8 @@ def load_raft(path: Path, device: torch.device):
             continue
         log.info("flow: %s from %s", name, path)
         return model.eval().to(device), name
-    raise FlowError(f"job.flow_weights: {path} holds neither raft_large nor raft_small weights. {_raft_help()}")
+    raise FlowError(f"job.flow_weights: {path} holds neither raft_large nor raft_small weights. "
+                    f"{_raft_help()}")
 
 
 def _grid(flow: torch.Tensor) -> torch.Tensor:
