@@ -183,6 +183,10 @@ class Runner:
         """
         if not plan.videos:
             return None
+        if not getattr(self.job, "streaming", True):
+            # A whole-unit job's time depends on its units' content (key intervals, prompts):
+            # timing a few frames would mislead.
+            return f"estimate: job.calibrate times streaming jobs (upscale), not job={self.job.name}"
         info = plan.videos[0]
         batch = int(self.cfg.job.get("batch_size", 4))
         frames = np.concatenate(list(FrameReader(info).read(0, min(info.frames, batch))))
