@@ -109,14 +109,20 @@ def test_hydra_sweep_runs_each_scale_into_its_own_output(clips, tmp_path):
 
 
 def test_rank_that_finishes_early_outlives_the_collective_timeout(tmp_path):
-    """One rank gets ~10x the work; with a 6-second collective timeout the idle rank must wait."""
+    """One rank gets ~10x the work; with a 6-second collective timeout the idle rank must wait.
+
+    The long video goes through a compact model heavy enough to take well over 6 s even on an
+    idle machine (about 25 s, one thread per rank on 2 idle cores; load only makes it longer)."""
+    from builders import save_srvgg
+
     inputs = tmp_path / "in"
     inputs.mkdir()
     make_clip(inputs / "a_long.mp4", frames=240, size=(160, 120), audio=False)
     make_clip(inputs / "b_short.mp4", frames=24, size=(160, 120), audio=False)
+    model = save_srvgg(tmp_path / "m.pth", scale=2, seed=11, num_feat=32, num_conv=16)
     out = tmp_path / "out"
-    run_job(["job=upscale", f"input={inputs}", f"output={out}", "job.model=lanczos", "job.scale=4",
-             "work.unit=video", "encode.preset=slow", "dist.timeout_min=0.1"], nproc=2)
+    run_job(["job=upscale", f"input={inputs}", f"output={out}", f"job.model={model}",
+             "work.unit=video", "dist.timeout_min=0.1"], nproc=2)
     report = read_report(out)
     assert [v["status"] for v in report["videos"]] == ["ok", "ok"]
     long_s = [v["seconds"] for v in report["videos"]][0]
