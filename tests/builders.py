@@ -552,3 +552,141 @@ def save_tiny_controlnet(folder: str | Path, seed: int = 0) -> Path:
     cn = ControlNetModel.from_unet(tiny_sd15_unet(seed), conditioning_embedding_out_channels=(4, 8, 8, 16))
     cn.save_pretrained(folder)
     return Path(folder)
+
+
+# --- Original (LDM / CompVis) single-file checkpoints ---
+# Written from the diffusers folders above by renaming keys the way the original training code names
+# them (model.diffusion_model.*, first_stage_model.*, cond_stage_model.transformer.*, control_model.*),
+# so that diffusers' from_single_file has a real original-format file to convert back.
+
+_LDM_RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
+               ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection"))
+_LDM_UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+                 "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+
+
+def _rename_parts(name: str, table) -> str:
+    import re
+
+    for new, old in table:
+        name = re.sub(rf"(^|\.){re.escape(new)}\.", rf"\g<1>{old}.", name)
+    return name
+
+
+def unet_to_ldm(state: dict, config: dict, controlnet: bool = False) -> dict:
+    """A diffusers UNet2DConditionModel (or ControlNetModel) state dict in LDM's names: input_blocks,
+    middle_block, output_blocks; for a ControlNet also zero_convs, middle_block_out, input_hint_block."""
+    import re
+
+    per = config["layers_per_block"] + 1  # LDM entries per level: the resnets, then the resampler
+    up_attn = [t.startswith("CrossAttn") for t in config.get("up_block_types", ())]
+    out = {}
+    for key, value in state.items():
+        block = re.match(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\."
+                         r"(.*)", key)
+        mid = re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.*)", key)
+        top = next((t for t in _LDM_UNET_TOP if key.startswith(t + ".")), None)
+        if top:
+            new = _LDM_UNET_TOP[top] + key[len(top):]
+        elif block:
+            side, b, part, j, rest = block[1], int(block[2]), block[3], int(block[4]), block[5]
+            if side == "down" and part == "downsamplers":
+                new = f"input_blocks.{1 + b * per + per - 1}.0.op.{rest.removeprefix('conv.')}"
+            elif side == "down":
+                new = f"input_blocks.{1 + b * per + j}.{0 if part == 'resnets' else 1}.{rest}"
+            elif part == "upsamplers":  # after the level's attention, if it has one
+                new = f"output_blocks.{b * per + per - 1}.{2 if up_attn[b] else 1}.{rest}"
+            else:
+                new = f"output_blocks.{b * per + j}.{0 if part == 'resnets' else 1}.{rest}"
+            new = _rename_parts(new, _LDM_RESNET) if part == "resnets" else new
+        elif mid:
+            new = f"middle_block.{2 * int(mid[2]) if mid[1] == 'resnets' else 1}.{mid[3]}"
+            new = _rename_parts(new, _LDM_RESNET) if mid[1] == "resnets" else new
+        elif controlnet and key.startswith("controlnet_down_blocks."):
+            new = re.sub(r"^controlnet_down_blocks\.(\d+)\.", r"zero_convs.\1.0.", key)
+        elif controlnet and key.startswith("controlnet_mid_block."):
+            new = key.replace("controlnet_mid_block.", "middle_block_out.0.")
+        elif controlnet and key.startswith("controlnet_cond_embedding."):
+            rest = key.removeprefix("controlnet_cond_embedding.")
+            hint = re.match(r"blocks\.(\d+)\.(.*)", rest)
+            if rest.startswith("conv_in."):
+                new = "input_hint_block.0." + rest.removeprefix("conv_in.")
+            elif rest.startswith("conv_out."):
+                new = "input_hint_block.14." + rest.removeprefix("conv_out.")
+            else:
+                new = f"input_hint_block.{2 * (int(hint[1]) + 1)}.{hint[2]}"
+        else:
+            raise KeyError(f"no LDM name for {key}")
+        out[new] = value
+    return out
+
+
+def vae_to_ldm(state: dict, config: dict) -> dict:
+    """A diffusers AutoencoderKL state dict in LDM's names (decoder levels counted from the bottom,
+    mid-block attention as 1x1 convolutions)."""
+    import re
+
+    n = len(config["up_block_types"])
+    out = {}
+    for key, value in state.items():
+        new = key.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
+        new = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", new)
+        new = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", new)
+        new = re.sub(r"decoder\.up_blocks\.(\d+)\.(resnets|upsamplers\.0)\.", lambda m: (
+            f"decoder.up.{n - 1 - int(m[1])}.{'block' if m[2] == 'resnets' else 'upsample'}."), new)
+        new = re.sub(r"mid_block\.resnets\.(\d+)\.", lambda m: f"mid.block_{int(m[1]) + 1}.", new)
+        if "mid_block.attentions.0." in new:
+            new = _rename_parts(new.replace("mid_block.attentions.0.", "mid.attn_1."), (
+                ("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"),
+                ("to_out.0", "proj_out")))
+            value = value[:, :, None, None] if value.ndim == 2 else value
+        out[new] = value
+    return out
+
+
+def _folder_weights(folder: Path) -> tuple[dict, dict]:
+    import json
+
+    from safetensors.torch import load_file
+
+    return (load_file(str(next(folder.glob("*.safetensors")))),
+            json.loads((folder / "config.json").read_text(encoding="utf-8")))
+
+
+def save_sd15_single_file(sd_folder: str | Path, path: str | Path) -> Path:
+    """One original-format SD 1.5 checkpoint (like v1-5-pruned-emaonly.safetensors) from a diffusers
+    folder."""
+    from safetensors.torch import save_file
+
+    sd_folder = Path(sd_folder)
+    unet, unet_cfg = _folder_weights(sd_folder / "unet")
+    vae, vae_cfg = _folder_weights(sd_folder / "vae")
+    text, _ = _folder_weights(sd_folder / "text_encoder")
+    state = {"model.diffusion_model." + k: v for k, v in unet_to_ldm(unet, unet_cfg).items()}
+    state.update({"first_stage_model." + k: v for k, v in vae_to_ldm(vae, vae_cfg).items()})
+    clip = "cond_stage_model.transformer."  # + the HF names; transformers >= 5.6 drops "text_model."
+    state.update({clip + ("" if k.startswith("text_model.") else "text_model.") + k: v
+                  for k, v in text.items()})
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return Path(path)
+
+
+def save_controlnet_single_file(cn_folder: str | Path, path: str | Path,
+                                prefix: str = "control_model.") -> Path:
+    """An original-format ControlNet checkpoint (control_sd15_canny style keys; ``prefix=""`` for the
+    files that hold the control model alone)."""
+    from safetensors.torch import save_file
+
+    state, cfg = _folder_weights(Path(cn_folder))
+    ldm = unet_to_ldm(state, cfg, controlnet=True)
+    save_file({prefix + k: v.contiguous() for k, v in ldm.items()}, str(path))
+    return Path(path)
+
+
+def copy_configs_only(folder: str | Path, dest: str | Path) -> Path:
+    """A copy of a diffusers folder without its weights: what job.base_model_config and
+    job.controlnet_config need."""
+    import shutil
+
+    shutil.copytree(folder, dest, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    return Path(dest)

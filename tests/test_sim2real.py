@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from builders import make_clip, probe_streams, save_tiny_controlnet, save_tiny_sd15, synth_frames
+from builders import (copy_configs_only, make_clip, probe_streams, save_controlnet_single_file,
+                      save_sd15_single_file, save_tiny_controlnet, save_tiny_sd15, synth_frames)
 from conftest import read_report, run_job
 from hydra import compose, initialize_config_dir
 from test_configs import CONF
@@ -38,6 +39,20 @@ def one_thread():
 def models(tmp_path_factory):
     d = tmp_path_factory.mktemp("sd")
     return {"sd": save_tiny_sd15(d / "sd15"), "cn": save_tiny_controlnet(d / "control_canny")}
+
+
+@pytest.fixture(scope="module")
+def single_files(models, tmp_path_factory):
+    """The tiny models as original-format single files, and their configs in weightless folders."""
+    d = tmp_path_factory.mktemp("single")
+    files = {"sd": save_sd15_single_file(models["sd"], d / "realistic.safetensors"),
+             "sd_config": copy_configs_only(models["sd"], d / "sd15_configs"),
+             "cn_config": copy_configs_only(models["cn"], d / "control_configs")}
+    for prefix in ("control_model.", ""):
+        name = d / f"cn{prefix or '_bare'}.safetensors"
+        files[f"cn{prefix}"] = save_controlnet_single_file(models["cn"], name, prefix=prefix)
+    assert not [*files["sd_config"].rglob("*.safetensors"), *files["cn_config"].rglob("*.safetensors")]
+    return files
 
 
 @pytest.fixture(scope="module")
@@ -206,13 +221,30 @@ def sim2real_cfg(tmp_path, models, *extra):
             f"job.controlnet={models['cn']}", f"log.dir={tmp_path / 'logs'}", "log.progress=false", *extra])
 
 
-def test_missing_weights_fail_before_work_naming_what_to_put_where(tmp_path, models):
+def test_missing_weights_fail_before_work_naming_what_to_put_where(tmp_path, models, single_files):
+    from safetensors.torch import load_file, save_file
+
     (tmp_path / "prompts").mkdir()
     single = tmp_path / "realistic.safetensors"
     single.write_bytes(b"\0" * 16)
+    sd = load_file(str(single_files["sd"]))
+    save_file({k: v for k, v in sd.items() if not k.startswith("first_stage_model.")},
+              tmp_path / "novae.safetensors")
+    save_file({"conditioner.embedders.0.transformer.x": torch.zeros(1), **sd}, tmp_path / "sdxl.safetensors")
+    del sd["first_stage_model.decoder.up.0.block.0.conv1.weight"]
+    save_file(sd, tmp_path / "hole.safetensors")
+    configs = [f"job.base_model_config={single_files['sd_config']}"]
     cases = [
         (["job.base_model=/nowhere/sd15"], "job.base_model=/nowhere/sd15: not found"),
         ([f"job.base_model={single}"], "set job.base_model_config to a local diffusers folder"),
+        ([f"job.base_model={single}", *configs], "realistic.safetensors: not a readable .safetensors file"),
+        ([f"job.base_model={tmp_path / 'novae.safetensors'}", *configs],
+         "lacks the VAE (first_stage_model.*); set job.vae to a diffusers AutoencoderKL folder"),
+        ([f"job.base_model={tmp_path / 'sdxl.safetensors'}", *configs], "is an SDXL checkpoint"),
+        ([f"job.base_model={tmp_path / 'hole.safetensors'}", *configs],
+         "hole.safetensors: could not load it as an original-format SD 1.5 checkpoint"),
+        ([f"job.controlnet={single_files['sd']}", f"job.controlnet_config={single_files['cn_config']}"],
+         "realistic.safetensors: not a ControlNet checkpoint (no input_hint_block.* weights)"),
         (["job.controlnet=/nowhere/cn"], "job.controlnet=/nowhere/cn: not found"),
         (["job.control=hed"], "needs ControlNetHED.pth in job.annotator (not set)"),
         (["job.control=depth", f"job.annotator={tmp_path}"], "dpt_hybrid-midas-501f0c75.pt"),
@@ -228,6 +260,47 @@ def test_missing_weights_fail_before_work_naming_what_to_put_where(tmp_path, mod
                     f"job.prompts={tmp_path / 'prompts'}", "job.base_model=/nowhere/sd15",
                     f"job.controlnet={models['cn']}"], check=False)
     assert proc.returncode == 2 and "error: job.base_model=/nowhere/sd15: not found" in proc.stderr
+
+
+def settings_of(model) -> dict:
+    c = model.config
+    items = c.to_dict() if hasattr(c, "to_dict") else dict(c)  # transformers or diffusers config
+    return {k: v for k, v in items.items() if k != "_name_or_path"}
+
+
+@pytest.mark.parametrize("cn_prefix", ["control_model.", ""])
+def test_single_file_checkpoints_load_the_weights_of_the_folders(tmp_path, models, single_files, pipe,
+                                                                 cn_prefix, one_thread):
+    """An original-format SD 1.5 file and ControlNet file (configs from weightless local folders) give the
+    job the very weights and configs of the diffusers folders they were written from."""
+    (tmp_path / "prompts").mkdir()
+    f = single_files
+    job = jobs.make_job(sim2real_cfg(tmp_path, models, f"job.base_model={f['sd']}",
+                                     f"job.controlnet={f['cn' + cn_prefix]}",
+                                     f"job.base_model_config={f['sd_config']}",
+                                     f"job.controlnet_config={f['cn_config']}"), torch.device("cpu"))
+    job.setup()
+    for part in ("unet", "vae", "text_encoder", "controlnet"):
+        want, got = getattr(pipe, part).state_dict(), getattr(job.pipe, part).state_dict()
+        assert got.keys() == want.keys(), part
+        assert all(torch.equal(got[k], want[k]) for k in want), part
+        assert settings_of(getattr(job.pipe, part)) == settings_of(getattr(pipe, part)), part
+    assert dict(job.pipe.scheduler.config) == dict(pipe.scheduler.config)
+    # and the same network: one ControlNet + UNet step agrees to float precision (tensors at other
+    # addresses take other SIMD paths, so not bit for bit)
+    torch.manual_seed(0)
+    latents, hint = torch.randn(2, 4, 8, 8), torch.rand(2, 3, 64, 64)
+    embeds = pipe.encode_prompt("a red car")
+    assert torch.equal(job.pipe.encode_prompt("a red car"), embeds)
+
+    def step(p):
+        down, mid = p.controlnet(latents, 500, encoder_hidden_states=embeds, controlnet_cond=hint,
+                                 return_dict=False)
+        return p.unet(latents, 500, encoder_hidden_states=embeds, down_block_additional_residuals=down,
+                      mid_block_additional_residual=mid).sample
+
+    with torch.no_grad():
+        assert torch.allclose(step(job.pipe), step(pipe), atol=1e-5)
 
 
 def test_hed_annotator_loads_from_a_local_folder(tmp_path, one_thread):

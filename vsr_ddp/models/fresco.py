@@ -40,6 +40,7 @@ the decode peak, ``job.batch_size`` scales the rest. :func:`bench_sim2real` meas
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -676,6 +677,42 @@ CONTROLNET_HINT = ("a diffusers ControlNet folder (config.json + diffusion_pytor
                    "https://huggingface.co/lllyasviel/sd-controlnet-canny, -hed or -depth)")
 
 
+def single_file_keys(path: Path) -> list[str] | None:
+    """Tensor names of a .safetensors file, read from its header alone; None for other formats."""
+    if path.suffix != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except Exception as e:  # a truncated or foreign file: safetensors' own words
+        raise ValueError(f"{path}: not a readable .safetensors file ({e})") from None
+
+
+# What an original-format (CompVis/LDM) SD 1.5 checkpoint holds, by key prefix.
+SD15_FILE_PARTS = {"model.diffusion_model.": "the UNet", "cond_stage_model.transformer.": "the CLIP text "
+                   "encoder", "first_stage_model.": "the VAE"}
+
+
+def _check_sd15_file(path: Path, has_vae: bool) -> None:
+    keys = single_file_keys(path)
+    if keys is None:
+        return
+    if any(k.startswith("conditioner.embedders.") for k in keys):
+        raise ValueError(f"job.base_model={path} is an SDXL checkpoint; job=sim2real runs SD 1.5 (FRESCO)")
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        raise ValueError(f"job.base_model={path} is an SD 2.x checkpoint (OpenCLIP text encoder); "
+                         f"job=sim2real runs SD 1.5 (FRESCO)")
+    missing = [f"{what} ({prefix}*)" for prefix, what in SD15_FILE_PARTS.items()
+               if not any(k.startswith(prefix) for k in keys)
+               and not (has_vae and prefix == "first_stage_model.")]
+    if missing:
+        hint = "; set job.vae to a diffusers AutoencoderKL folder" if missing == [
+            "the VAE (first_stage_model.*)"] else f"; give a full SD 1.5 checkpoint or {SD15_HINT}"
+        raise ValueError(f"job.base_model={path} lacks {', '.join(missing)}{hint}")
+
+
 def check_model_paths(base_model, controlnet, base_model_config=None, controlnet_config=None,
                       vae=None) -> None:
     """Everything the pipeline will load is on disk, or a one-line ValueError saying what to put where."""
@@ -694,6 +731,7 @@ def check_model_paths(base_model, controlnet, base_model_config=None, controlnet
                              f"diffusers folder of SD 1.5 (its configs and tokenizer are enough: "
                              f"model_index.json, unet/ vae/ text_encoder/ scheduler/ configs, tokenizer/)")
         _check_dir(cfg, "job.base_model_config", ("model_index.json", *SD15_PARTS), SD15_HINT)
+        _check_sd15_file(base, has_vae=bool(vae))
     cn = Path(str(controlnet)).expanduser()
     if not controlnet or not cn.exists():
         raise ValueError(f"job.controlnet={controlnet}: not found; give {CONTROLNET_HINT}, or a single "
@@ -705,10 +743,28 @@ def check_model_paths(base_model, controlnet, base_model_config=None, controlnet
         if not controlnet_config or not (cfg / "config.json").is_file():
             raise ValueError(f"job.controlnet={cn} is a single file: set job.controlnet_config to a local "
                              f"folder holding the ControlNet's config.json (from {CONTROLNET_HINT})")
+        keys = single_file_keys(cn)
+        if keys is not None and not any(".input_hint_block." in f".{k}" for k in keys):
+            raise ValueError(f"job.controlnet={cn}: not a ControlNet checkpoint (no input_hint_block.* "
+                             f"weights); give {CONTROLNET_HINT}, or its original .pth/.safetensors file")
     if vae:
         _check_dir(Path(str(vae)).expanduser(), "job.vae", ("config.json",),
                    "a diffusers AutoencoderKL folder, e.g. https://huggingface.co/stabilityai/sd-vae-ft-mse",
                    weights=(".",))
+
+
+@contextlib.contextmanager
+def _single_file(key: str, path: Path, what: str):
+    """diffusers' conversion of a file whose tensors do not fit the configs fails deep inside (a key, a
+    shape, a meta tensor never filled): say which file, in one line, as a configuration error."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise
+    except (KeyError, ValueError, RuntimeError, NotImplementedError, OSError) as e:
+        cause = " ".join(str(e).split())[:300]
+        raise ValueError(f"{key}={path}: could not load it as an original-format {what} "
+                         f"checkpoint with the given configs ({type(e).__name__}: {cause})") from e
 
 
 class FrescoPipeline:
@@ -737,7 +793,10 @@ class FrescoPipeline:
         from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
 
         check_model_paths(base_model, controlnet, base_model_config, controlnet_config, vae)
-        try:  # one progress bar per component and rank is noise in a batch job's log
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()  # a bar per component and rank is noise in a batch log
+        try:
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()
@@ -756,19 +815,23 @@ class FrescoPipeline:
         else:
             from diffusers import StableDiffusionPipeline
 
-            pipe = StableDiffusionPipeline.from_single_file(
-                str(base), config=str(Path(str(base_model_config)).expanduser()), local_files_only=True,
-                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+            given = {"vae": AutoencoderKL.from_pretrained(Path(str(vae)).expanduser(), local_files_only=True)
+                     } if vae else {}
+            with _single_file("job.base_model", base, "SD 1.5"):
+                pipe = StableDiffusionPipeline.from_single_file(
+                    str(base), config=str(Path(str(base_model_config)).expanduser()), local_files_only=True,
+                    safety_checker=None, feature_extractor=None, requires_safety_checker=False, **given)
             unet, vae_model, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
             scheduler_config = pipe.scheduler.config
-        if vae:
+        if vae and base.is_dir():
             vae_model = AutoencoderKL.from_pretrained(Path(str(vae)).expanduser(), local_files_only=True)
         cn = Path(str(controlnet)).expanduser()
         if cn.is_dir():
             control = ControlNetModel.from_pretrained(cn, local_files_only=True)
         else:
             cn_config = str(Path(str(controlnet_config)).expanduser())
-            control = ControlNetModel.from_single_file(str(cn), config=cn_config, local_files_only=True)
+            with _single_file("job.controlnet", cn, "ControlNet"):
+                control = ControlNetModel.from_single_file(str(cn), config=cn_config, local_files_only=True)
         # FRESCO samples with DDPM whatever the checkpoint's own scheduler (PNDM for SD 1.5).
         scheduler = DDPMScheduler.from_config(scheduler_config)
         return cls(unet, control, vae_model, text_encoder, tokenizer, scheduler, device=device, dtype=dtype)
