@@ -303,6 +303,21 @@ def test_single_file_checkpoints_load_the_weights_of_the_folders(tmp_path, model
         assert torch.allclose(step(job.pipe), step(pipe), atol=1e-5)
 
 
+def test_a_single_file_without_a_vae_takes_job_vae(tmp_path, models, single_files, pipe):
+    from safetensors.torch import load_file, save_file
+
+    (tmp_path / "prompts").mkdir()
+    sd = load_file(str(single_files["sd"]))
+    novae = tmp_path / "novae.safetensors"
+    save_file({k: v for k, v in sd.items() if not k.startswith("first_stage_model.")}, novae)
+    job = jobs.make_job(sim2real_cfg(tmp_path, models, f"job.base_model={novae}",
+                                     f"job.base_model_config={single_files['sd_config']}",
+                                     f"job.vae={models['sd'] / 'vae'}"), torch.device("cpu"))
+    job.setup()
+    want, got = pipe.vae.state_dict(), job.pipe.vae.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_hed_annotator_loads_from_a_local_folder(tmp_path, one_thread):
     from controlnet_aux.hed import ControlNetHED_Apache2
 
