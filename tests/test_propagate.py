@@ -339,3 +339,16 @@ def test_two_ranks_from_the_command_line(tmp_path):
         assert psnr(result[k], img) > 30
     sidecars = sorted((out / ".vsr_ddp").glob("good_*/segment_*.json"))
     assert len(sidecars) == 3
+
+    # Restyle key 9 and run again: the two intervals that use it are redone, [0, 3) is kept.
+    before = {p.name: p.read_text() for p in sidecars}
+    restyled = 255 - styled[9]
+    cv2.imwrite(str(tmp_path / "keys" / "good" / "00009.png"), cv2.cvtColor(restyled, cv2.COLOR_RGB2BGR))
+    run_job(["job=propagate", f"input={videos / 'good.mp4'}", f"output={out}", f"job.keys={tmp_path / 'keys'}",
+             "job.keys_layout=per_video", "job.search_vote_iters=1", "job.patchmatch_iters=1", "job.max_jump=2",
+             "device=cpu", "log.progress=false"])
+    after = {p.name: p.read_text() for p in sidecars}
+    kept = [n for n in before if before[n] == after[n]]
+    assert kept == [sidecars[0].name], kept  # segment_0000 is [0, 3)
+    result = read_frames(out / "good.mp4")
+    assert psnr(result[9], restyled) > 30 and psnr(result[3], styled[3]) > 30

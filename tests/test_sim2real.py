@@ -440,3 +440,13 @@ def test_two_ranks_three_videos_through_the_command_line(tmp_path, models):
              for p in (out / ".vsr_ddp").glob("*/segment_0000.json")}
     assert sides == {"a_sim2real": 0, "c_sim2real": 1}  # whole videos, rank-strided over the kept ones
     assert not (out / "b.mp4").exists()
+
+    # A new prompt for c and a run again: c is redone, a is kept as it was.
+    before = {p.parent.name: p.read_text() for p in (out / ".vsr_ddp").glob("*/segment_0000.json")}
+    (prompts / "c.txt").write_text("a real street in the rain")
+    run_job(["job=sim2real", f"input={src}", f"output={out}", f"job.prompts={prompts}",
+             f"job.base_model={models['sd']}", f"job.controlnet={models['cn']}", "job.control=canny",
+             "encode.preset=ultrafast", "log.progress=false", *TINY_JOB], timeout=240)
+    after = {p.parent.name: p.read_text() for p in (out / ".vsr_ddp").glob("*/segment_0000.json")}
+    assert after["a_sim2real"] == before["a_sim2real"] and after["c_sim2real"] != before["c_sim2real"]
+    assert probe_streams(out / "c.mp4")["frames"] == 8

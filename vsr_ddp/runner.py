@@ -33,6 +33,7 @@ class Runner:
         self.merged: dict[int, dict] = {}  # rank 0: video index -> merge result, as videos complete
         self._units_by_video: dict | None = None
         self._last_merge_scan = float("-inf")
+        self._unit_sigs: dict[tuple, str] = {}
 
     def run(self) -> int:
         """Returns the process exit status: 0 when every input is ok, 1 when any failed."""
@@ -58,7 +59,8 @@ class Runner:
 
         # 3. Work: this rank's units, decode/model/encode overlapped.
         mine = plan.units_for_rank(self.ctx.rank, self.ctx.world)
-        todo = [u for u in mine if not shards.shard_done(self.wdir(plan.videos[u.video]), u, self.sig)]
+        todo = [u for u in mine if not shards.shard_done(self.wdir(plan.videos[u.video]), u,
+                                                         self.sig_of(plan.videos[u.video], u))]
         log.info("%d unit(s) for this rank, %d already done", len(mine), len(mine) - len(todo))
         progress = Progress(self.ctx, show_bar=self.ctx.is_main and self.cfg.log.progress)
         progress.add_total(sum(u.frames for u in todo))
@@ -219,14 +221,26 @@ class Runner:
     def wdir(self, info: VideoInfo) -> Path:
         return shards.work_dir(self.output, info, self.tag)
 
+    def sig_of(self, info: VideoInfo, unit: Unit) -> str:
+        """The signature a unit's sidecar must carry: the run's settings, plus what the job says
+        this unit alone depends on (``unit_settings``: a prompt, two keyframes)."""
+        own = getattr(self.job, "unit_settings", None)
+        if own is None:
+            return self.sig
+        key = (info.path, unit.key, unit.start, unit.end)  # keys are hashed once per run, not per poll
+        if key not in self._unit_sigs:
+            self._unit_sigs[key] = signature({"run": self.sig, "unit": own(info, unit)})
+        return self._unit_sigs[key]
+
     def write_checkpoint(self, plan: Plan, vi: int, output: str | None = None) -> None:
         info = plan.videos[vi]
         wdir = self.wdir(info)
         wdir.mkdir(parents=True, exist_ok=True)
         units = plan.units_of(vi)
-        status = {u.key: "done" if shards.shard_done(wdir, u, self.sig, verify_checksum=False) else "pending"
+        sigs = {u.key: self.sig_of(info, u) for u in units}
+        status = {u.key: "done" if shards.shard_done(wdir, u, sigs[u.key], verify_checksum=False) else "pending"
                   for u in units}
-        shards.write_checkpoint(wdir, info, units, self.sig, status, output=output)
+        shards.write_checkpoint(wdir, info, units, sigs, status, output=output)
 
     # -- one unit -------------------------------------------------------------------------------
     def process_unit(self, info: VideoInfo, unit: Unit, progress: Progress) -> None:
@@ -277,8 +291,8 @@ class Runner:
             shards.discard_partial(wdir, unit)
             raise
         seconds = time.monotonic() - t0
-        shards.write_sidecar(wdir, unit, signature=self.sig, encode=self.encode, rank=self.ctx.rank,
-                             host=self.ctx.host, seconds=seconds,
+        shards.write_sidecar(wdir, unit, signature=self.sig_of(info, unit), encode=self.encode,
+                             rank=self.ctx.rank, host=self.ctx.host, seconds=seconds,
                              extra={"read_start": start, "read_end": end, "width": out_w, "height": out_h,
                                     "reader": reader.backend, "stages": stages, **resource_peaks(self.ctx.device)})
         log.info("%s %s: frames [%d, %d) in %.1f s (%.2f frames/s)", info.stem, unit.key, unit.start,
@@ -337,7 +351,7 @@ class Runner:
         info = plan.videos[vi]
         wdir = self.wdir(info)
         units = plan.units_of(vi)
-        missing = [u for u in units if not shards.shard_done(wdir, u, self.sig)]
+        missing = [u for u in units if not shards.shard_done(wdir, u, self.sig_of(info, u))]
         if missing:
             raise RuntimeError("shards missing or inconsistent: " + ", ".join(
                 f"{u.key} [{u.start}, {u.end})" for u in missing[:5]))

@@ -163,18 +163,19 @@ def check_coverage(units: list[Unit], frames: int) -> None:
         raise ValueError(f"frames [{pos}, {frames}) are covered by no shard")
 
 
-def write_checkpoint(wdir: Path, info: VideoInfo, units: list[Unit], signature: str, status: dict,
+def write_checkpoint(wdir: Path, info: VideoInfo, units: list[Unit], signatures: dict[str, str], status: dict,
                      output: str | None = None) -> None:
-    """Rank 0's manifest of one video: segment key -> absolute range, shard, status."""
+    """Rank 0's manifest of one video: segment key -> absolute range, shard, signature its sidecar
+    must carry, status."""
     atomic_write_json(wdir / "checkpoint.json", {
         "version": SIDECAR_VERSION,
         "input": info.path,
         "video": info.to_json(),
-        "signature": signature,
         "output": output,
         "segments": {
             u.key: {"start": u.start, "end": u.end, "read_start": u.read_start, "read_end": u.read_end,
-                    "shard": shard_path(wdir, u).name, "status": status.get(u.key, "pending")}
+                    "shard": shard_path(wdir, u).name, "signature": signatures[u.key],
+                    "status": status.get(u.key, "pending")}
             for u in units
         },
     })

@@ -7,8 +7,8 @@ Reads only the files a run leaves under ``<output>/.vsr_ddp/<work dir>/`` (check
 sidecars, ``segment_XXXX.failed.json`` records) and ``<output>/run_report*.json``; it imports no
 torch, so it answers at once, on a login node, while the job runs or after it died.
 
-A shard counts as done when its sidecar names the segment's owned range, the job signature of
-checkpoint.json, and a shard file of the recorded size (the run itself also checks the
+A shard counts as done when its sidecar names the segment's owned range, the signature that
+checkpoint.json records for the segment, and a shard file of the recorded size (the run itself also checks the
 checksum). frames/s is the frames of finished shards over the wall time during which shards
 were being made (the union of each sidecar's [finished_at - seconds, finished_at]), so the
 hours a job waited in the queue between a preemption and its requeue do not count.
@@ -78,7 +78,7 @@ def video_status(wdir: Path) -> dict | None:
     done, frames_done, partial, failures, intervals, seconds = 0, 0, 0, [], [], 0.0
     for key, seg in sorted(segments.items(), key=lambda kv: kv[1]["start"]):
         side = _load(wdir / f"{key}.json")
-        if side and _shard_done(wdir, seg, side, ck.get("signature")):
+        if side and _shard_done(wdir, seg, side, seg.get("signature", ck.get("signature"))):
             done += 1
             frames_done += int(side.get("frames_written", seg["end"] - seg["start"]))
             sec = float(side.get("seconds") or 0.0)

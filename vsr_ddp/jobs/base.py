@@ -13,6 +13,9 @@ class Job(Protocol):
     order, decode and encode overlapped; a whole-unit job gets the unit's entire read range
     through ``process_unit(frames, unit, info) -> owned frames`` and may cut its own units with
     ``plan_video(info, video_index) -> list[Unit]`` (raising plan.InputError to reject a video).
+    A job whose units depend on per-video inputs (a prompt file, keyframe images) may give
+    ``unit_settings(info, unit) -> dict``: they join that unit's signature only, so editing one
+    video's inputs redoes that video's shards (for keyframes: the intervals that use the key), not all.
     """
 
     name: str
@@ -26,7 +29,8 @@ class Job(Protocol):
         """Work-folder tag: ``<stem>_<tag>`` (e.g. ``4x``)."""
 
     def settings(self) -> dict:
-        """Everything that changes the pixels; shards made with other settings are redone."""
+        """Everything that changes the pixels of every video; shards made with other settings are
+        redone."""
 
     def output_size(self, width: int, height: int) -> tuple[int, int]:
         """Frame size this job makes from frames of ``width`` x ``height``."""

@@ -192,8 +192,14 @@ class PropagateJob:
             p = Path(str(c.flow_weights)).expanduser()
             flow = f"raft:{p.resolve()}:{p.stat().st_size}:{int(p.stat().st_mtime)}:{c.raft_iters}"
         return {"job": self.name, "synth": self.params.to_dict(), "guides": asdict(self.weights),
-                "poisson": bool(c.poisson), "flow": flow, "per_video": self.per_video,
-                "keys": hash_keys(self.keys_root)}
+                "poisson": bool(c.poisson), "flow": flow, "per_video": self.per_video}
+
+    def unit_settings(self, info: VideoInfo, unit: Unit) -> dict:
+        """The bytes of the keys this interval starts and ends at (what process_unit reads):
+        editing one key redoes the two intervals that use it, adding one splits its interval."""
+        keys = self.video_keys(info)
+        used = [i for i in (unit.start, unit.end) if i in keys and i < info.frames]
+        return {"keys": {i: hashlib.sha256(keys[i].read_bytes()).hexdigest()[:16] for i in used}}
 
     def output_size(self, width: int, height: int) -> tuple[int, int]:
         return width, height
@@ -230,13 +236,3 @@ class PropagateJob:
         if len(out) != unit.frames:
             raise RuntimeError(f"made {len(out)} frames for [{unit.start}, {unit.end})")
         return out
-
-
-def hash_keys(root: Path) -> str:
-    """SHA-256 over every keyframe file under ``root`` (relative name and bytes)."""
-    h = hashlib.sha256()
-    if root.is_dir():
-        for f in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in KEY_EXTENSIONS):
-            h.update(str(f.relative_to(root)).encode())
-            h.update(f.read_bytes())
-    return h.hexdigest()[:16]

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,6 @@ from .propagate import Propagator
 
 log = logging.getLogger(__name__)
 
-PROMPT_SUFFIXES = (".txt",)
 OVERRIDE_SUFFIXES = (".yaml", ".yml", ".json")
 
 
@@ -150,9 +149,11 @@ class Sim2RealJob:
                 "short_side": int(c.short_side), "canny": [c.get("canny_low"), c.get("canny_high")],
                 "fresco": self.settings_for(self.options_from_config("")).to_dict(),
                 "defaults": {k: v for k, v in vars(self.options_from_config("")).items() if k != "prompt"},
-                "freeu": bool(c.get("freeu")), "propagation": self.propagation_settings(),
-                # An edited prompt or override changes pixels, so it redoes the run's shards.
-                "prompts": hash_prompts(self.prompts)}
+                "freeu": bool(c.get("freeu")), "propagation": self.propagation_settings()}
+
+    def unit_settings(self, info: VideoInfo, unit: Unit) -> dict:
+        """This video's prompt and overrides: editing them redoes this video alone."""
+        return asdict(self.video_options(info.stem))
 
     def ebsynth_params(self) -> dict:
         return {k: v for k, v in dict(self.cfg.get("ebsynth") or {}).items() if v is not None}
@@ -240,17 +241,6 @@ class Sim2RealJob:
         styled = self.pipe.translate(work, keys, embeds, self.settings_for(opts), control_maps=self.maps)
         full = propagate_keys(work, styled, self.propagator)  # (T, h, w, 3) uint8
         return fresco.resize_frames(full, (info.width, info.height))
-
-
-def hash_prompts(folder: Path | None) -> str:
-    """SHA-256 over the prompt and override files (names and bytes)."""
-    h = hashlib.sha256()
-    if folder is not None and folder.is_dir():
-        kinds = PROMPT_SUFFIXES + OVERRIDE_SUFFIXES
-        for f in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in kinds):
-            h.update(f.name.encode())
-            h.update(f.read_bytes())
-    return h.hexdigest()[:16]
 
 
 # --- Propagation ---------------------------------------------------------------------------------
