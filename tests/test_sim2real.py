@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from builders import (copy_configs_only, make_clip, probe_streams, save_controlnet_single_file,
+from builders import (copy_configs_only, make_clip, probe_streams, read_frames, save_controlnet_single_file,
                       save_sd15_single_file, save_tiny_controlnet, save_tiny_sd15, synth_frames)
 from conftest import read_report, run_job
 from hydra import compose, initialize_config_dir
@@ -346,6 +346,43 @@ def test_every_frame_comes_from_the_engine_interval_by_interval():
     assert [int(f[0, 0, 0]) for f in out] == [0] * 4 + [4] * 4 + [8] * 3
     calls.clear()
     assert len(propagate_keys(frames[:9], styled, engine)) == 9 and calls == [(5, 0, 4), (5, 4, 8)]
+
+
+def test_a_video_is_read_in_pieces_and_comes_out_as_if_held_whole(tmp_path, models, one_thread):
+    """The job never holds the video: pieces are the keyframes, then one key interval each; the
+    frames it makes are those of the whole-video computation (keys by frame difference here)."""
+    from vsr_ddp.jobs.sim2real import propagate_keys
+    from vsr_ddp.plan import probe
+    from vsr_ddp.video import FrameReader
+
+    clip = make_clip(tmp_path / "in" / "v.mp4", frames=15, size=(80, 48), audio=False, seed=5)
+    (tmp_path / "prompts").mkdir()
+    (tmp_path / "prompts" / "v.txt").write_text("a red car")
+    job = jobs.make_job(sim2real_cfg(tmp_path, models, *TINY_JOB[:-4], "job.keyframes.min_interval=2",
+                                     "job.keyframes.max_interval=5", *TINY_JOB[-2:]), torch.device("cpu"))
+    job.setup()
+    info = probe(clip)
+    unit = Unit(0, 0, 0, info.frames, 0, info.frames)
+    pieces = list(job.unit_pieces(FrameReader(info).read, unit, info))
+    kinds = [p[0] for p in pieces]
+    assert kinds[0] == "keys" and set(kinds[1:]) == {"interval"}
+    keys = pieces[0][2]
+    assert keys[0] == 0 and keys[-1] == 14 and len(keys) > 2 and sorted(pieces[0][3]) == keys
+    assert all(b - a <= 5 for a, b in zip(keys, keys[1:]))
+    assert [(p[1], p[2]) for p in pieces[1:]] == list(zip(keys, keys[1:])) + [(14, 15)]
+    assert all(len(p[3]) == p[2] - p[1] + (p[2] < 15) for p in pieces[1:])  # an interval and its right key
+    out = np.concatenate([job.process_piece(p, unit, info) for p in pieces])
+
+    frames = read_frames(clip)  # decoded independently (PyAV), the whole video at once
+    work = fresco.resize_frames(frames, fresco.work_size(80, 48, 64))  # (15, 64, 128, 3)
+    assert fresco.select_keyframes(15, 2, 5, fresco.frame_differences(work)) == keys
+    opts = job.video_options("v")
+    styled = job.pipe.translate(work, keys, job.pipe.encode_prompt(opts.prompt + opts.added_prompt,
+                                                                   opts.negative_prompt),
+                                job.settings_for(opts), control_maps=job.maps)
+    want = fresco.resize_frames(propagate_keys(work, styled, job.propagator), (80, 48))
+    assert out.shape == want.shape == (15, 48, 80, 3)
+    assert np.array_equal(out, want)
 
 
 def test_prompts_and_overrides_by_stem(tmp_path, models):

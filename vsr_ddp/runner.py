@@ -262,9 +262,17 @@ class Runner:
                 out = self.job.process(frames, position[0])
                 position[0] += len(frames)
                 return pad_even(out)
+        elif hasattr(self.job, "unit_pieces"):
+            # Whole-unit jobs that read their unit themselves, in pieces (sim2real: passes over a
+            # video, then one key interval at a time), so memory does not grow with its length.
+            source = self.job.unit_pieces(reader.read, unit, info)
+
+            def model(piece):  # a piece -> the next owned frames, in order (maybe none)
+                out = self.job.process_piece(piece, unit, info)
+                return pad_even(out) if len(out) else out
         else:
-            # Whole-unit jobs (propagation, diffusion) need every frame of the read range at once;
-            # their units are bounded (a key interval, one video) by their own planning.
+            # Whole-unit jobs (propagation) need every frame of the read range at once; their
+            # units are bounded (a key interval) by their own planning.
             def whole():
                 yield np.concatenate(list(reader.read(start, end)))  # (T, H, W, 3) uint8
 
@@ -277,8 +285,9 @@ class Runner:
                 return pad_even(out)
 
         def sink(frames):
-            writer.write(frames)
-            progress.advance(len(frames))
+            if len(frames):
+                writer.write(frames)
+                progress.advance(len(frames))
 
         try:
             stages = run_stages(source, model, sink,

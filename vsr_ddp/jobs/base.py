@@ -11,7 +11,10 @@ import numpy as np
 class Job(Protocol):
     """A streaming job (``streaming = True``) gets chunks of frames through :meth:`process`, in
     order, decode and encode overlapped; a whole-unit job gets the unit's entire read range
-    through ``process_unit(frames, unit, info) -> owned frames`` and may cut its own units with
+    through ``process_unit(frames, unit, info) -> owned frames`` (or, to hold less than a unit,
+    reads it itself: ``unit_pieces(read, unit, info)`` yields pieces in the decode stage and
+    ``process_piece(piece, unit, info)`` turns each into the next owned frames in the model stage)
+    and may cut its own units with
     ``plan_video(info, video_index) -> list[Unit]`` (raising plan.InputError to reject a video).
     A job whose units depend on per-video inputs (a prompt file, keyframe images) may give
     ``unit_settings(info, unit) -> dict``: they join that unit's signature only, so editing one

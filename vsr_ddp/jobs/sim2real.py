@@ -14,7 +14,9 @@ Each rank loads the models once; videos go to the ranks whole (one unit per vide
 Per video: frames resized to the working size (short side ``job.short_side``, multiples of 64),
 keyframes chosen and translated by FRESCO (:mod:`vsr_ddp.models.fresco`), every frame filled in
 from the translated keys by job=propagate's engine at the working size, then resized back to the
-input's size; the runner's merge keeps the input's frame rate and audio.
+input's size; the runner's merge keeps the input's frame rate and audio. A video is read in passes
+(frame differences, keyframes, then one key interval at a time), so memory holds the keyframes and
+one interval, not the video.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -90,7 +93,7 @@ def _fingerprint(path: Path) -> str:
 
 class Sim2RealJob:
     name = "sim2real"
-    streaming = False      # the runner reads the whole video and calls process_unit
+    streaming = False      # whole videos, read in pieces by unit_pieces, made by process_piece
     uses_context = False   # one unit per video: nothing outside it
 
     def __init__(self, cfg, device: torch.device):
@@ -229,37 +232,85 @@ class Sim2RealJob:
         pass
 
     # -- one video ------------------------------------------------------------------------------
-    def process_unit(self, frames: np.ndarray, unit: Unit, info: VideoInfo) -> np.ndarray:
-        """# (T, H, W, 3) uint8, the whole video -> (T, H, W, 3) uint8, translated."""
+    def unit_pieces(self, read: Callable[[int, int], Iterator[np.ndarray]], unit: Unit,
+                    info: VideoInfo) -> Iterator[tuple]:
+        """The video's inputs, in the runner's decode thread: ("keys", options, keys, keyframes),
+        then ("interval", a, b, frames a..b) for every key interval. ``read(start, end)`` yields
+        (n, H, W, 3) uint8 chunks; the video is read three times (FRESCO's frame differences, the
+        keyframes, the intervals) and never held whole: at most the keyframes and the intervals
+        queued for the model stage, at the working size."""
+        if (unit.start, unit.end) != (0, info.frames):
+            raise RuntimeError(f"sim2real units are whole videos, not [{unit.start}, {unit.end})")
         opts = self.video_options(info.stem)
         size = fresco.work_size(info.width, info.height, int(self.cfg.short_side))
-        work = fresco.resize_frames(frames, size)  # (T, h, w, 3) uint8
-        diffs = fresco.frame_differences(work) if opts.min_interval != opts.max_interval else None
-        keys = fresco.select_keyframes(len(work), opts.min_interval, opts.max_interval, diffs)
-        log.info("%s: %d frames at %dx%d, %d keyframes %s", info.stem, len(work), *size, len(keys), keys)
-        embeds = self.pipe.encode_prompt(opts.prompt + opts.added_prompt, opts.negative_prompt)
-        styled = self.pipe.translate(work, keys, embeds, self.settings_for(opts), control_maps=self.maps)
-        full = propagate_keys(work, styled, self.propagator)  # (T, h, w, 3) uint8
-        return fresco.resize_frames(full, (info.width, info.height))
+
+        def frames(end: int, only: set | None = None) -> Iterator[tuple[int, np.ndarray]]:
+            i = 0  # (index, (h, w, 3) uint8 at the working size), frames [0, end) or those in ``only``
+            for chunk in read(0, end):
+                for f in chunk:
+                    if only is None or i in only:
+                        yield i, fresco.resize_frames(f[None], size)[0]
+                    i += 1
+
+        total = info.frames
+        diffs = (fresco.frame_differences(f for _, f in frames(total))
+                 if opts.min_interval != opts.max_interval else None)
+        keys = fresco.select_keyframes(total, opts.min_interval, opts.max_interval, diffs)
+        log.info("%s: %d frames at %dx%d, %d keyframes %s", info.stem, total, *size, len(keys), keys)
+        yield "keys", opts, keys, dict(frames(keys[-1] + 1, set(keys)))
+        for a, b, interval in key_intervals((f for _, f in frames(total)), keys, total):
+            yield "interval", a, b, interval
+
+    def process_piece(self, piece: tuple, unit: Unit, info: VideoInfo) -> np.ndarray:
+        """The model stage: translate the keyframes (no frames out yet), then each interval's owned
+        frames, propagated from its keys and resized back: # (b - a, H, W, 3) uint8."""
+        if piece[0] == "keys":
+            _, opts, keys, keyframes = piece
+            embeds = self.pipe.encode_prompt(opts.prompt + opts.added_prompt, opts.negative_prompt)
+            self.styled = self.pipe.translate(keyframes, keys, embeds, self.settings_for(opts),
+                                              control_maps=self.maps)
+            return np.empty((0, info.height, info.width, 3), np.uint8)
+        _, a, b, interval = piece
+        owned = propagate_interval(interval, a, b, self.styled, info.frames, self.propagator)
+        return fresco.resize_frames(owned, (info.width, info.height))
 
 
 # --- Propagation ---------------------------------------------------------------------------------
 
 
+def key_intervals(frames: Iterable[np.ndarray], keys: list[int], total: int
+                  ) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Cut a stream of ``total`` frames at the keys: (a, b, frames a..b) for neighbouring keys a < b
+    (frame b included: the right key's own frame), then (a, total, frames a..total-1) after the
+    last key. Holds one interval at a time."""
+    if not keys or keys[0] != 0 or keys[-1] >= total:
+        raise ValueError(f"keyframes {keys} do not start at frame 0 or go beyond {total} frames")
+    bounds = keys + [total]
+    j, buf, n = 0, [], 0
+    for i, f in enumerate(frames):
+        buf.append(f)
+        n = i + 1
+        if i == bounds[j + 1]:
+            yield bounds[j], i, np.stack(buf)
+            buf, j = [f], j + 1
+    if n != total:
+        raise RuntimeError(f"read {n} frames, the video has {total}")
+    yield bounds[j], total, np.stack(buf)
+
+
+def propagate_interval(frames: np.ndarray, a: int, b: int, styled: dict[int, np.ndarray], total: int,
+                       propagator: Propagator) -> np.ndarray:
+    """Owned frames [a, b) from the translated keys with job=propagate's engine: synthesized forward
+    from key a and backward from key b and blended; after the last key (b == total) carried forward
+    from it. frames: a..b, or a..total-1 -> # (b - a, H, W, 3) uint8."""
+    if b - a == 1:
+        return styled[a][None]
+    return propagator(frames, styled[a], styled[b] if b < total else None)
+
+
 def propagate_keys(frames: np.ndarray, styled: dict[int, np.ndarray], propagator: Propagator) -> np.ndarray:
-    """Every frame from the translated keys with job=propagate's engine: each key interval [a, b]
-    synthesized forward from a and backward from b and blended; the frames after the last key
-    carried forward from it. # (T, H, W, 3) uint8 + {key: (H, W, 3) uint8} -> (T, H, W, 3) uint8."""
-    keys = sorted(styled)
+    """Every frame of an in-memory clip from its translated keys, interval by interval as the job
+    does. # (T, H, W, 3) uint8 + {key: (H, W, 3) uint8} -> (T, H, W, 3) uint8."""
     t = len(frames)
-    if not keys or keys[0] != 0 or keys[-1] >= t:
-        raise ValueError(f"keyframes {keys} do not start at frame 0 or go beyond {t} frames")
-    out = np.empty_like(frames)
-    bounds = keys + [t]
-    for a, b in zip(bounds, bounds[1:]):  # owned frames [a, b): key a, then up to the next key
-        right = styled[b] if b < t else None
-        if b - a == 1:
-            out[a] = styled[a]
-        else:
-            out[a:b] = propagator(frames[a:b + 1] if right is not None else frames[a:b], styled[a], right)
-    return out
+    return np.concatenate([propagate_interval(part, a, b, styled, t, propagator)
+                           for a, b, part in key_intervals(frames, sorted(styled), t)])

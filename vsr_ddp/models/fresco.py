@@ -47,7 +47,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -80,19 +80,19 @@ def resize_frames(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.stack([cv2.resize(f, (w, h), interpolation=interp) for f in frames])
 
 
-def frame_differences(frames: np.ndarray) -> np.ndarray:
+def frame_differences(frames: Iterable[np.ndarray]) -> np.ndarray:
     """FRESCO's keyframe cue: MSE between consecutive frames after a 9x9 Gaussian blur, on a
-    [-1, 1] scale. # (T, H, W, 3) uint8 -> (T,) float64, d[i] between frames i-1 and i, d[0] = 0."""
+    [-1, 1] scale. T frames (H, W, 3) uint8, an array or a stream holding one frame at a time
+    -> (T,) float64, d[i] between frames i-1 and i, d[0] = 0."""
     import cv2
 
-    out = np.zeros(len(frames))
+    out: list[float] = []
     prev = None
-    for i, f in enumerate(frames):
+    for f in frames:
         cur = cv2.GaussianBlur(f, (9, 9), 0).astype(np.float32) / 127.5 - 1
-        if prev is not None:
-            out[i] = float(np.mean((cur - prev) ** 2))
+        out.append(0.0 if prev is None else float(np.mean((cur - prev) ** 2)))
         prev = cur
-    return out
+    return np.array(out, dtype=np.float64)
 
 
 def select_keyframes(frames: int, min_interval: int = 5, max_interval: int = 20,
@@ -855,19 +855,21 @@ class FrescoPipeline:
         return [(h >> (n - 1 - i), w >> (n - 1 - i)) for i in fresco_levels(self.unet)]
 
     @torch.no_grad()
-    def translate(self, frames: np.ndarray, keys: list[int], prompt_embeds: torch.Tensor,
-                  settings: FrescoSettings = FrescoSettings(), control_maps: Callable | None = None,
+    def translate(self, frames: np.ndarray | Mapping[int, np.ndarray], keys: list[int],
+                  prompt_embeds: torch.Tensor, settings: FrescoSettings = FrescoSettings(),
+                  control_maps: Callable | None = None,
                   on_step: Callable | None = None) -> dict[int, np.ndarray]:
         """Translate the keyframes of one video.
 
-        frames: # (T, H, W, 3) uint8 at the working size (H, W multiples of 64); keys: frame
-        indices; prompt_embeds: (2, 77, D) from :meth:`encode_prompt`; control_maps: frame ->
-        (H, W, 3) uint8 condition image (:class:`ControlMaps`). ``on_step(batch, step, t,
-        latents)`` is called before every UNet call. Returns {key: (H, W, 3) uint8}.
+        frames: # (T, H, W, 3) uint8 at the working size (H, W multiples of 64), or just the
+        keyframes as {index: (H, W, 3) uint8}; keys: frame indices; prompt_embeds: (2, 77, D)
+        from :meth:`encode_prompt`; control_maps: frame -> (H, W, 3) uint8 condition image
+        (:class:`ControlMaps`). ``on_step(batch, step, t, latents)`` is called before every UNet
+        call. Returns {key: (H, W, 3) uint8}.
         """
         # 1. Check inputs
         s = settings
-        height, width = frames.shape[1:3]
+        height, width = frames[keys[0]].shape[:2]
         if height % 64 or width % 64:
             raise ValueError(f"frames must be multiples of 64 on each side, not {width}x{height}")
         control_maps = control_maps or ControlMaps("canny")
@@ -899,7 +901,7 @@ class FrescoPipeline:
             c.frames = n
 
             # 4. Inputs: images, condition maps, prompt embeddings for CFG (negatives first)
-            imgs = frames[idx]  # (N, H, W, 3) uint8
+            imgs = np.stack([frames[k] for k in idx])  # (N, H, W, 3) uint8
             for k in idx:
                 if k not in maps:
                     maps[k] = control_maps(frames[k])
