@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from builders import make_clip, read_frames
 from conftest import read_report
@@ -74,3 +75,11 @@ def test_whole_unit_job_gets_its_units_with_context(tmp_path, monkeypatch):
     got = read_frames(out / "v.mp4").astype(np.float32)
     assert got.shape == want.shape
     assert np.abs(got - want).mean() < 2  # yuv420p noise only; a unit off by one frame is far worse
+
+
+def test_two_ranks_on_one_gpu_is_a_launch_error():
+    from vsr_ddp.dist import DistError, check_gpus
+
+    check_gpus([("n1", "GPU-a"), ("n1", "GPU-b"), ("n2", "GPU-a")])  # same model of GPU on two nodes: fine
+    with pytest.raises(DistError, match="ranks 0 and 2 on n1 both use GPU GPU-a"):
+        check_gpus([("n1", "GPU-a"), ("n1", "GPU-b"), ("n1", "GPU-a")])

@@ -114,7 +114,7 @@ def test_encoder_death_is_an_error_not_a_short_shard(tmp_path):
 
 
 def test_encoder_choice_and_quality_mapping():
-    from vsr_ddp.video import encoder_args, encoder_works, resolve_codec
+    from vsr_ddp.video import encoder_args, encoder_for_size, encoder_works, resolve_codec
 
     assert resolve_codec("libx265") == "libx265"
     assert resolve_codec("auto", "h264", cuda=False) == "libx264"
@@ -130,6 +130,17 @@ def test_encoder_choice_and_quality_mapping():
     assert x264[-1] == "90000"  # the timescale in which a 30000/1001 frame lasts 3003 ticks
     with pytest.raises(ValueError, match="resolved"):
         encoder_args({"codec": "auto", "crf": 20, "preset": "slow"}, fps)
+    # each rank's NVENC is its own GPU's; software encoders take no -gpu
+    on_gpu3 = encoder_args({"codec": "hevc_nvenc", "crf": 20, "preset": "slow"}, fps, gpu=3)
+    assert on_gpu3[on_gpu3.index("-gpu") + 1] == "3"
+    assert "-gpu" not in encoder_args({"codec": "libx264", "crf": 20, "preset": "slow"}, fps, gpu=3)
+    # NVENC's frame size limit: larger videos get the software encoder of the same format
+    h264 = {"codec": "h264_nvenc", "crf": 18, "preset": "medium"}
+    assert encoder_for_size(h264, 3840, 2160) is h264
+    assert encoder_for_size(h264, 7680, 4320) == {**h264, "codec": "libx264"}
+    assert encoder_for_size({**h264, "codec": "hevc_nvenc"}, 7680, 4320)["codec"] == "hevc_nvenc"
+    assert encoder_for_size({**h264, "codec": "hevc_nvenc"}, 8192, 8194)["codec"] == "libx265"
+    assert encoder_for_size({**h264, "codec": "libx264"}, 9000, 9000)["codec"] == "libx264"
 
 
 def test_hevc_shards_merge_too(tmp_path):

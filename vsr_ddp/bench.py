@@ -157,7 +157,12 @@ def bench_upscale(args, root: Path, model: str, short: Path, n_short: int, seg: 
     results["model_only"] = model_only(model, short, args.batch, device, args.precision)
     dev_arg = "cuda" if device.type == "cuda" else "cpu"
     one = run_job(model, short, root / "out1", 1, args.batch, seg, dev_arg, args.precision)
-    many = run_job(model, short, root / f"out{args.nproc}", args.nproc, args.batch, seg, dev_arg, args.precision)
+    # one rank per GPU: on a 1-GPU machine there is no N-rank run to measure
+    nproc = min(args.nproc, torch.cuda.device_count()) if device.type == "cuda" else args.nproc
+    many = (run_job(model, short, root / f"out{nproc}", nproc, args.batch, seg, dev_arg, args.precision)
+            if nproc > 1 else None)
+    if many is None:
+        print(f"N-rank run skipped: {torch.cuda.device_count()} GPU here", flush=True)
     longclip = make_sample(root / "long.mp4", seconds=args.long * args.frames * 1001 / 30000 + 0.001,
                            size=args.size, fps=fps)
     # same segment size: only the video length differs
@@ -165,7 +170,9 @@ def bench_upscale(args, root: Path, model: str, short: Path, n_short: int, seg: 
     results.update({"one_rank": one, "n_ranks": many, "long_one_rank": long1})
 
     m = results["model_only"]["fps"]
-    for name, r in (("1 rank", one), (f"{args.nproc} ranks", many), (f"1 rank, {args.long}x longer clip", long1)):
+    for name, r in (("1 rank", one), (f"{nproc} ranks", many), (f"1 rank, {args.long}x longer clip", long1)):
+        if r is None:
+            continue
         rows = [("frames", r["frames"]), ("end-to-end frames/s (steady, from sidecars)", r["fps_steady"]),
                 ("end-to-end frames/s (wall, incl. start-up + merge)", r["fps_wall"]),
                 ("stage share of unit wall time", ", ".join(f"{k[:-2]} {v:.0%}" for k, v in r["stage_share"].items())),
@@ -182,7 +189,8 @@ def bench_upscale(args, root: Path, model: str, short: Path, n_short: int, seg: 
     print(table("memory over video length", [("peak RSS short / long", f"{one['peak_rss_mb']:.0f} / "
                                               f"{long1['peak_rss_mb']:.0f} MB ({growth:+.1%})")]))
     results["summary"] = {"e2e_over_model": round(one["fps_steady"] / m, 3),
-                          "scaling_efficiency": round(many["fps_steady"] / (args.nproc * one["fps_steady"]), 3),
+                          "scaling_efficiency": None if many is None else
+                          round(many["fps_steady"] / (nproc * one["fps_steady"]), 3),
                           "rss_growth_long": round(growth, 4), "merge_share": one["merge_share"]}
 
 

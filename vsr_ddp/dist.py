@@ -237,12 +237,15 @@ def init(device: str = "auto", backend: str = "auto", timeout_min: float = 30.0)
         if not torch.cuda.is_available():
             raise DistError("device=cuda but torch sees no CUDA device on " + socket.gethostname())
         n_gpu = torch.cuda.device_count()
-        if local_world > n_gpu:
+        if 1 < n_gpu < local_world:
             raise DistError(
                 f"{local_world} ranks per node but only {n_gpu} GPU(s) on {socket.gethostname()}: "
                 f"use --nproc_per_node={n_gpu} (or fewer)")
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
+        # One visible GPU per rank (srun --gpus-per-task=1, --gpu-bind) is device 0 of each; that
+        # they are really different GPUs is checked once the ranks can talk (check_gpus).
+        index = local_rank if n_gpu >= local_world else 0
+        torch.cuda.set_device(index)
+        dev = torch.device("cuda", index)
     else:
         dev = torch.device("cpu")
         # Ranks on one node share its cores; without this each rank starts one thread per core
@@ -270,7 +273,25 @@ def init(device: str = "auto", backend: str = "auto", timeout_min: float = 30.0)
     ctx._store = dist.PrefixStore(f"vsr_ddp/{attempt}/", store)
     ctx._group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
     log.info("rank %d/%d on %s: backend %s, device %s", rank, world, ctx.host, backend, dev)
+    if dev.type == "cuda":
+        check_gpus(ctx.all_gather_object((ctx.host, gpu_id(dev))))
     return ctx
+
+
+def gpu_id(dev: torch.device) -> str:
+    """The physical GPU behind ``dev`` (its UUID), whatever CUDA_VISIBLE_DEVICES renumbered."""
+    props = torch.cuda.get_device_properties(dev)
+    return str(getattr(props, "uuid", "") or f"{props.name}@{getattr(props, 'pci_bus_id', dev.index)}")
+
+
+def check_gpus(ranks: list[tuple[str, str]]) -> None:
+    """(host, GPU id) of every rank: two ranks on one GPU is a launch mistake, said at once."""
+    seen: dict[tuple[str, str], int] = {}
+    for rank, key in enumerate(ranks):
+        if key in seen:
+            raise DistError(f"ranks {seen[key]} and {rank} on {key[0]} both use GPU {key[1]}: one GPU per "
+                            f"rank (--nproc_per_node <= GPUs, or srun --gpus-per-task=1)")
+        seen[key] = rank
 
 
 def teardown(ctx: Dist | None) -> None:

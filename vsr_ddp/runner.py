@@ -17,7 +17,8 @@ from .logs import Progress, human_duration
 from .pipeline import run_stages
 from .plan import (InputError, Plan, SkipVideo, Unit, VideoInfo, format_plan, list_inputs, plan_units, probe,
                    report_name)
-from .video import FrameReader, ShardWriter, even_size, merge, pad_even, resolve_codec
+from .video import (NVENC_MAX_SIDE, FrameReader, ShardWriter, encoder_for_size, even_size, merge, pad_even,
+                    resolve_codec)
 
 log = logging.getLogger(__name__)
 
@@ -245,13 +246,22 @@ class Runner:
     # -- one unit -------------------------------------------------------------------------------
     def process_unit(self, info: VideoInfo, unit: Unit, progress: Progress) -> None:
         t0 = time.monotonic()
+        if self.ctx.device.type == "cuda":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats(self.ctx.device)  # the sidecar's GPU peak is this unit's
         wdir = self.wdir(info)
         wdir.mkdir(parents=True, exist_ok=True)
         shards.discard_partial(wdir, unit)
         start, end = (unit.read_start, unit.read_end) if self.job.uses_context else (unit.start, unit.end)
         out_w, out_h = even_size(*self.job.output_size(info.width, info.height))
         reader = FrameReader(info, backend=self.cfg.work.reader, chunk=self.cfg.work.read_chunk)
-        writer = ShardWriter(shards.shard_path(wdir, unit), out_w, out_h, info.fps, self.encode, info.color)
+        encode = encoder_for_size(self.encode, out_w, out_h)
+        if encode is not self.encode:
+            log.info("%s: %dx%d is beyond %s's %d pixels a side: encoding with %s", info.stem, out_w, out_h,
+                     self.encode["codec"], NVENC_MAX_SIDE[self.encode["codec"]], encode["codec"])
+        gpu = self.ctx.device.index if self.ctx.device.type == "cuda" else None
+        writer = ShardWriter(shards.shard_path(wdir, unit), out_w, out_h, info.fps, encode, info.color, gpu=gpu)
 
         self.job.begin(info)
         if getattr(self.job, "streaming", True):
@@ -300,7 +310,7 @@ class Runner:
             shards.discard_partial(wdir, unit)
             raise
         seconds = time.monotonic() - t0
-        shards.write_sidecar(wdir, unit, signature=self.sig_of(info, unit), encode=self.encode,
+        shards.write_sidecar(wdir, unit, signature=self.sig_of(info, unit), encode=encode,
                              rank=self.ctx.rank, host=self.ctx.host, seconds=seconds,
                              extra={"read_start": start, "read_end": end, "width": out_w, "height": out_h,
                                     "reader": reader.backend, "stages": stages, **resource_peaks(self.ctx.device)})
@@ -388,7 +398,8 @@ class Runner:
 
 
 def resource_peaks(device) -> dict:
-    """Peak host RSS of this process so far, and peak GPU memory on CUDA (for benchmarks)."""
+    """Peak host RSS of this process so far, and on CUDA the peak GPU memory of this unit:
+    allocated by tensors, and reserved by torch's caching allocator (for benchmarks)."""
     import resource
 
     import torch
@@ -396,4 +407,5 @@ def resource_peaks(device) -> dict:
     peaks = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     if device.type == "cuda":
         peaks["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        peaks["peak_gpu_reserved_mb"] = round(torch.cuda.max_memory_reserved(device) / 2**20, 1)
     return peaks

@@ -200,6 +200,9 @@ NVENC_PRESETS = {"ultrafast": "p1", "superfast": "p1", "veryfast": "p2", "faster
 # encode.crf is on x264's scale; x265 reaches the same quality about 5 higher (its default 28
 # matches x264's 23), NVENC's constant-quality -cq about where x264's crf is.
 CRF_OFFSET = {"libx264": 0, "libx265": 5, "h264_nvenc": 0, "hevc_nvenc": 0}
+# NVENC's largest frame side (NV_ENC_CAPS_WIDTH_MAX), and the software encoder of the same format.
+NVENC_MAX_SIDE = {"h264_nvenc": 4096, "hevc_nvenc": 8192}
+SOFTWARE_CODEC = {"h264_nvenc": "libx264", "hevc_nvenc": "libx265"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -226,9 +229,20 @@ def resolve_codec(codec: str, fmt: str = "h264", cuda: bool = False) -> str:
     return "libx264" if fmt == "h264" else "libx265"
 
 
-def encoder_args(encode, fps: Fraction) -> list[str]:
+def encoder_for_size(encode: dict, width: int, height: int) -> dict:
+    """``encode`` for frames of width x height: NVENC takes at most 4096 (H.264) or 8192 (HEVC)
+    pixels a side, so a larger video (x4 of 1080p) goes to libx264 / libx265. It depends on the
+    size alone, so every shard of a video, on any rank, gets the same encoder."""
+    limit = NVENC_MAX_SIDE.get(encode["codec"])
+    if limit and max(width, height) > limit:
+        return {**encode, "codec": SOFTWARE_CODEC[encode["codec"]]}
+    return encode
+
+
+def encoder_args(encode, fps: Fraction, gpu: int | None = None) -> list[str]:
     """ffmpeg output options for a shard; every shard of a video gets the same ones, which is
-    what lets the merge concatenate them without re-encoding."""
+    what lets the merge concatenate them without re-encoding. ``gpu``: the CUDA device whose
+    NVENC encodes (each rank its own; ffmpeg would put every rank's encoder on GPU 0)."""
     codec = encode["codec"]
     if codec == "auto":
         raise ValueError("encode.codec=auto must be resolved (resolve_codec) before encoding")
@@ -242,6 +256,8 @@ def encoder_args(encode, fps: Fraction) -> list[str]:
     elif codec.endswith("_nvenc"):
         args += ["-preset", NVENC_PRESETS.get(preset, preset), "-tune", "hq", "-rc", "vbr", "-cq", str(crf),
                  "-b:v", "0"]
+        if gpu is not None:
+            args += ["-gpu", str(gpu)]
         if codec == "hevc_nvenc":
             args += ["-tag:v", "hvc1"]
     else:
@@ -256,7 +272,8 @@ class ShardWriter:
     :meth:`close` has checked ffmpeg's exit status.
     """
 
-    def __init__(self, path: Path, width: int, height: int, fps: Fraction, encode, color: dict | None = None):
+    def __init__(self, path: Path, width: int, height: int, fps: Fraction, encode, color: dict | None = None,
+                 gpu: int | None = None):
         self.path = Path(path)
         self.tmp = tmp_path(self.path)
         self.size = (width, height)
@@ -264,7 +281,7 @@ class ShardWriter:
         cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
                "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}",
                "-framerate", f"{fps.numerator}/{fps.denominator}", "-i", "pipe:0", "-an"]
-        cmd += encoder_args(encode, fps)
+        cmd += encoder_args(encode, fps, gpu)
         # Tag the input's colour description: pixels go out in the matrix they were decoded
         # with, so the same tags keep them meaning the same colours.
         for key, value in (color or {}).items():

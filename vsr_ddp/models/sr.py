@@ -116,6 +116,9 @@ class Upscaler:
             self.dtype = pick_dtype(precision, device, desc.supports_half, desc.supports_bfloat16)
             self.size_req = desc.size_requirements
             self.net = desc.model.eval().to(device=device, dtype=self.dtype)
+            # spandrel's own call for the architecture (IPT scales its input, MMRealSR returns a
+            # tuple); works on the compiled module too
+            self.call = getattr(desc, "_call_fn", None) or (lambda net, x: net(x))
             if device.type == "cuda":
                 self.net = self.net.to(memory_format=torch.channels_last)
             if compile:
@@ -152,7 +155,8 @@ class Upscaler:
         try:
             return self._infer(frames, self.tile)
         except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
+            pass  # the failed attempt's tensors live until the handler ends: free the cache after it
+        torch.cuda.empty_cache()
         if len(frames) > 1:
             half = len(frames) // 2
             self.batch_size = max(1, half)
@@ -165,6 +169,8 @@ class Upscaler:
             try:
                 out = self._infer(frames, tile)
             except torch.cuda.OutOfMemoryError:
+                out = None
+            if out is None:
                 torch.cuda.empty_cache()
                 tile //= 2
                 continue
@@ -187,7 +193,9 @@ class Upscaler:
             h, w = frames.shape[1:3]
             ow, oh = self.output_size(w, h)
             y = F.interpolate(y.float(), size=(oh, ow), mode="bicubic", align_corners=False, antialias=True)
-        y = y.clamp_(0, 1).mul_(255).round_().to(torch.uint8)  # uint8 on the device: 1/4 the copy back
+        # uint8 on the device (1/4 of the copy back), rounded once, in float32: fp16/bf16 would
+        # round x255 to their own grid first and leave some pixels a level off
+        y = y.float().clamp_(0, 1).mul_(255).round_().to(torch.uint8)
         return y.permute(0, 2, 3, 1).contiguous().cpu().numpy()  # (B, H', W', 3) uint8
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -198,7 +206,7 @@ class Upscaler:
         pw = max(req.minimum, math.ceil(w / req.multiple_of) * req.multiple_of) - w if req else 0
         if ph or pw:
             x = F.pad(x, (0, pw, 0, ph), mode="reflect" if ph < h and pw < w else "replicate")
-        y = self.net(x)
+        y = self.call(self.net, x)
         s = int(self.scale)
         return y[..., : h * s, : w * s]
 
