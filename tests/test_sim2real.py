@@ -177,6 +177,27 @@ def test_processors_are_installed_and_called_and_references_carry_across_batches
     assert not np.array_equal(plain[3], out[3])
 
 
+def test_a_half_precision_vae_that_overflows_is_redone_in_float32(models, one_thread, caplog):
+    """inf/NaN from an fp16 VAE would be black frames with no error: the pipeline notices, says so
+    and decodes in float32 from then on (A1111's --no-half-vae, automatically)."""
+    half = fresco.FrescoPipeline.from_local(models["sd"], models["cn"], dtype=torch.float16)
+    with torch.no_grad():  # push the decoder's output beyond float16's 65504
+        half.vae.decoder.conv_out.weight.mul_(60000)
+        half.vae.decoder.conv_out.bias.mul_(60000)
+    frames = fresco.resize_frames(synth_frames(3, (64, 48)), (64, 64))
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2).half() / 127.5 - 1
+    z = half.vae_encode(x, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert not torch.isfinite(half.vae.decode(z / half.vae.config.scaling_factor).sample).all()
+    settings = fresco.FrescoSettings(steps=2, strength=1.0, batch_size=3, opt_iters=1)
+    out = half.translate(frames, [0, 1, 2], half.encode_prompt("a red car"), settings)
+    assert half.vae.dtype == torch.float32 and half.unet.dtype == torch.float16
+    assert "the VAE overflowed in float16 while it decoded" in caplog.text
+    assert sorted(out) == [0, 1, 2]
+    assert all(o.shape == (64, 64, 3) and o.dtype == np.uint8 for o in out.values())
+    assert torch.isfinite(half.vae_decode(z)).all()
+
+
 def test_feature_optimization_pulls_frames_together_and_keeps_statistics():
     g = torch.Generator().manual_seed(0)
     base = torch.randn(1, 8, 8, 8, generator=g)

@@ -31,12 +31,13 @@ a saliency mask from EGNet, a model this project does not ship) and GMFlow (DIS 
 Per-step state lives on one :class:`FrescoControl` that the processors and hooks hold as an
 attribute; nothing replaces a module's ``forward``.
 
-GPU memory, 512x512, batch 8 (10 frames with the two references, 20 with CFG), fp16, SDPA: an
-estimate, not measured (no GPU was at hand): weights ~2.9 GB (UNet 1.7, ControlNet 0.7, CLIP
-0.25, VAE 0.17); UNet + ControlNet activations ~4-6 GB; the largest Gram matrix (decoder input
-at 64x64 latents: 20 x 4096 x 4096 fp32) 1.3 GB, three times that while it is optimized; VAE
-decode of 10 frames ~3 GB without slicing. About 14-18 GB in all; ``job.vae_slicing`` trims
-the decode peak, ``job.batch_size`` scales the rest. :func:`bench_sim2real` measures it.
+GPU memory, 512x512, batch 8 (8 frames, the two references of later batches included; 16 with
+CFG), fp16, SDPA: an estimate, not measured (no GPU was at hand): weights ~2.9 GB (UNet 1.7,
+ControlNet 0.7, CLIP 0.25, VAE 0.17); UNet + ControlNet activations ~4-6 GB; feature optimization
+~0.3 GB (one 4096 x 4096 float32 Gram matrix at a time, with its gradient); VAE decode of 8 frames
+~2-3 GB without slicing. About 10-13 GB in all; activations grow with the working size's tokens
+(896x512 for 16:9 is 1.75x of 512x512); ``job.vae_slicing`` trims the decode peak,
+``job.batch_size`` scales the rest. :func:`bench_sim2real` measures it.
 """
 from __future__ import annotations
 
@@ -582,15 +583,18 @@ def optimize_feature(sample: torch.Tensor, frames: int, guide: Guidance | None,
             nxt = list(range(1, frames)) + [0]
         for _ in range(iters):
             optimizer.zero_grad()
-            loss = sample.new_zeros((), dtype=torch.float32)
+            # One loss, its terms backpropagated one by one (gradients add up): a Gram matrix is
+            # (h*w)^2 floats per sample, 64 MB at 512x512 and 200 MB at 896x512, so the spatial
+            # term goes sample by sample instead of holding B of them and their gradients at once.
             if use_temporal:
                 c1 = cs.flatten(0, 1)
                 c2 = cs[:, nxt].flatten(0, 1)
-                loss = loss + 2 * ((c2 - flow_warp(c1, bwd_flow)).abs() * (1 - bwd_occ)
-                                   + (c1 - flow_warp(c2, fwd_flow)).abs() * (1 - fwd_occ)).mean()
-            if use_spatial:
-                loss = loss + F.l1_loss(gram(cs.flatten(0, 1)), correlation) * spatial_weight
-            loss.backward()
+                (2 * ((c2 - flow_warp(c1, bwd_flow)).abs() * (1 - bwd_occ)
+                      + (c1 - flow_warp(c2, fwd_flow)).abs() * (1 - fwd_occ)).mean()).backward()
+            if use_spatial:  # F.l1_loss over the batch = the mean of the per-sample means
+                for i in range(b):
+                    x = cs.flatten(0, 1)[i:i + 1]
+                    (F.l1_loss(gram(x), correlation[i:i + 1]) * (spatial_weight / b)).backward()
             optimizer.step()
     return adain(cs.detach().flatten(0, 1), sample.float()).to(sample.dtype)
 
@@ -774,10 +778,8 @@ class FrescoPipeline:
                  device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32):
         self.device, self.dtype = torch.device(device), dtype
         for m in (unet, controlnet, vae, text_encoder):  # no text encoder: prompt embeddings come given
-            if m is not None:
-                m.to(self.device).eval().requires_grad_(False)
-                if m.dtype != dtype:
-                    m.to(dtype)
+            if m is not None:  # one move: no float32 copy of the weights on the GPU on the way
+                m.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
         self.unet, self.controlnet, self.vae = unet, controlnet, vae
         self.text_encoder, self.tokenizer, self.scheduler = text_encoder, tokenizer, scheduler
         self.vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -835,6 +837,31 @@ class FrescoPipeline:
         # FRESCO samples with DDPM whatever the checkpoint's own scheduler (PNDM for SD 1.5).
         scheduler = DDPMScheduler.from_config(scheduler_config)
         return cls(unet, control, vae_model, text_encoder, tokenizer, scheduler, device=device, dtype=dtype)
+
+    def _vae_in_float32(self, what: str) -> None:
+        log.warning("the VAE overflowed in %s while it %s (inf/NaN, which would be black pixels): "
+                    "it runs in float32 from now on", str(self.vae.dtype).replace("torch.", ""), what)
+        self.vae.to(torch.float32)
+
+    def vae_encode(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """# (N, 3, H, W) in [-1, 1] -> scaled latents in the model dtype. A half-precision VAE
+        that overflows (known for SD 1.5's at large sizes and some fine-tunes) is redone in float32."""
+        state = gen.get_state()
+        z = self.vae.encode(x.to(self.vae.dtype)).latent_dist.sample(gen)
+        if self.vae.dtype != torch.float32 and not torch.isfinite(z).all():
+            self._vae_in_float32("encoded")
+            gen.set_state(state)
+            z = self.vae.encode(x.float()).latent_dist.sample(gen)
+        return (z * self.vae.config.scaling_factor).to(self.dtype)
+
+    def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> # (N, 3, H, W) images in about [-1, 1], as :meth:`vae_encode` guards."""
+        z = latents / self.vae.config.scaling_factor
+        images = self.vae.decode(z.to(self.vae.dtype)).sample
+        if self.vae.dtype != torch.float32 and not torch.isfinite(images).all():
+            self._vae_in_float32("decoded")
+            images = self.vae.decode(z.float()).sample
+        return images
 
     def set_memory_options(self, vae_tiling: bool = False, vae_slicing: bool = False) -> None:
         (self.vae.enable_tiling if vae_tiling else self.vae.disable_tiling)()
@@ -919,7 +946,7 @@ class FrescoPipeline:
             shape = (1 if s.shared_noise else n, self.unet.config.in_channels, height // self.vae_factor,
                      width // self.vae_factor)
             noise = torch.randn(shape, generator=gen).expand(n, -1, -1, -1).to(self.device, self.dtype)
-            x0 = self.vae.encode(x).latent_dist.sample(gen) * self.vae.config.scaling_factor
+            x0 = self.vae_encode(x, gen)
             latents = self.scheduler.add_noise(x0, noise, timesteps[start:start + 1])
 
             # 7. Reference pass at the last timestep: attention inputs and decoder-input Gram matrices
@@ -959,7 +986,7 @@ class FrescoPipeline:
                 latents = self.scheduler.step(noise_pred, t, latents, generator=gen).prev_sample
 
             # 9. Decode the batch's own keys (not the references)
-            images = self.vae.decode(latents[len(refs):] / self.vae.config.scaling_factor).sample
+            images = self.vae_decode(latents[len(refs):])
             images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
             images = images.permute(0, 2, 3, 1).cpu().numpy()
             for k, img in zip(batch, images):
