@@ -2,8 +2,9 @@
 
 Everything is generated locally and deterministically: models come from seeded
 random weights, clips are encoded by the ffmpeg binary bundled with imageio-ffmpeg
-(never a system ffmpeg, so every machine encodes alike). PyAV is the reference
-decoder, so the decord-based production reader is never checked against itself.
+(never a system ffmpeg, so every machine encodes alike). A plain sequential PyAV decode
+is the reference; the production reader (seeks, frames counted by timestamp; or decord) is
+checked against it.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Three overlapping stages for one unit: decode -> model -> encode.
 
-The decoder and the encoder run in threads (decord and the ffmpeg pipe release the GIL), the
-model runs in the calling thread, and bounded queues between them keep memory flat however
+The decoder and the encoder run in threads (decoding and the ffmpeg pipe release the GIL),
+the model runs in the calling thread, and bounded queues between them keep memory flat however
 long the video is. An error in any stage stops the others and is raised to the caller: a
 failed unit never hangs and never yields a short shard.
 """
