@@ -169,6 +169,16 @@ def test_raft_weights_load_and_bad_weights(tmp_path):
     with one_thread():                               # enlarged to 128 px inside: RAFT's minimum
         ab, ba = flow.pair(frames[0], frames[1])
     assert ab.shape == ba.shape == (2, 36, 44) and torch.isfinite(ab).all()
+    # large frames are reduced for RAFT (its correlation volume grows with pixels squared), the
+    # flow comes back at the frame's size
+    seen, raft = [], flow.raft
+    flow.raft = lambda x, y, **kw: seen.append(tuple(x.shape[-2:])) or raft(x, y, **kw)
+    big = (np.random.default_rng(1).random((2, 144, 256, 3)) * 255).astype(np.uint8)
+    with one_thread(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr("vsr_ddp.models.flow.RAFT_MAX_SIDE", 200)
+        ab, ba = flow.pair(big[0], big[1])
+    assert seen == [(128, 232)]  # 144x256 x 8/9: the short side stays at RAFT's 128, sides divisible by 8
+    assert ab.shape == ba.shape == (2, 144, 256) and torch.isfinite(ab).all()
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(FlowError, match="junk.pth"):
         FlowEstimator(weights=str(tmp_path / "junk.pth")).setup()

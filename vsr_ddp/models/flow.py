@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 DIS_PRESETS = ("ultrafast", "fast", "medium")
 RAFT_MIN_SIDE = 128
+RAFT_MAX_SIDE = 1024  # long side RAFT runs at; the flow of larger frames is upsampled (1080p: x1.9)
 
 
 def _raft_help() -> str:
@@ -83,17 +84,21 @@ class FlowEstimator:
         x = x.float() / 127.5 - 1                                                   # RAFT takes -1..1
         h, w = x.shape[-2:]
         # RAFT's correlation pyramid needs feature maps of 16 x 16 at 1/8 scale: small frames
-        # are enlarged to a short side of 128 and the flow scaled back.
+        # are enlarged to a short side of 128. Its all-pairs correlation volume grows with the
+        # pixel count squared (about 130 GB for a 4K pair): large frames are reduced to a long side
+        # of RAFT_MAX_SIDE. Either way the flow is scaled back to the frame.
         scale = max(1.0, RAFT_MIN_SIDE / min(h, w))
-        if scale > 1:
+        if scale == 1 and max(h, w) > RAFT_MAX_SIDE:
+            scale = max(RAFT_MAX_SIDE / max(h, w), RAFT_MIN_SIDE / min(h, w))
+        if scale != 1:
             x = F.interpolate(x, size=(round(h * scale), round(w * scale)), mode="bilinear",
-                              align_corners=False)
+                              align_corners=False, antialias=scale < 1)
         sh, sw = x.shape[-2:]
         ph, pw = (-sh) % 8, (-sw) % 8            # and sides divisible by 8
         x = F.pad(x, (0, pw, 0, ph), mode="replicate")
         # (a, b) and (b, a) as one batch of two: (2, 2, sH, sW)
         flows = self.raft(x, x.flip(0), num_flow_updates=self.raft_iters)[-1][..., :sh, :sw]
-        if scale > 1:
+        if scale != 1:
             flows = F.interpolate(flows, size=(h, w), mode="bilinear", align_corners=False)
             flows = flows * torch.tensor([w / sw, h / sh], device=flows.device).view(1, 2, 1, 1)
         return flows[0].float().contiguous(), flows[1].float().contiguous()
