@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--long", type=int, default=10, help="the long clip is this many times the short one")
-    ap.add_argument("--jobs", default="upscale,propagate,sim2real",
+    ap.add_argument("--jobs", default="upscale,reader,propagate,sim2real",
                     help="which to measure; sim2real runs only on CUDA (SD 1.5-sized random weights)")
     args = ap.parse_args(argv)
     jobs = set(args.jobs.split(","))
@@ -135,6 +135,11 @@ def main(argv=None) -> int:
 
     if "upscale" in jobs:
         bench_upscale(args, root, model, short, n_short, seg, device, results)
+    if "reader" in jobs:
+        r = results["reader"] = bench_reader(root)
+        print(table("reading 600 frames of 1280x720 at 80 frames/s (a consumer slower than decoding)",
+                    [(k, f"peak RSS {v['peak_rss_mb']:.0f} MB, {v['seconds']:.1f} s") for k, v in r.items()]),
+              flush=True)
     if "propagate" in jobs:
         from .models.ebsynth import bench_propagation
 
@@ -149,6 +154,36 @@ def main(argv=None) -> int:
     (root / "bench.json").write_text(json.dumps(results, indent=2))
     print(f"wrote {root / 'bench.json'}")
     return 0
+
+
+# Peak RSS sampled from /proc/self/statm: a child's ru_maxrss starts from its parent's at fork.
+READER_PROBE = """
+import os, sys, time
+from vsr_ddp.plan import probe
+from vsr_ddp.video import FrameReader
+def rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+reader = FrameReader(probe(sys.argv[1]), backend=sys.argv[2], chunk=8)
+t, peak = time.perf_counter(), rss_mb()
+for chunk in reader.read(0, 600):
+    time.sleep(0.1)  # 80 frames/s: a model stage slower than the decoder
+    peak = max(peak, rss_mb())
+print(peak, time.perf_counter() - t)
+"""
+
+
+def bench_reader(root: Path) -> dict:
+    """Peak host RSS of each reader over 600 frames of 720p taken more slowly than they decode:
+    decord's decoder runs ahead and keeps its frames, PyAV decodes as frames are taken."""
+    clip = make_sample(root / "hd.mp4", seconds=1500 * 1001 / 30000, size="1280x720")
+    out = {}
+    for backend in ("decord", "pyav"):  # each in a fresh process: its peak RSS is its own
+        proc = subprocess.run([sys.executable, "-c", READER_PROBE, str(clip), backend], capture_output=True,
+                              text=True, check=True)
+        rss, seconds = proc.stdout.split()[-2:]
+        out[backend] = {"peak_rss_mb": round(float(rss), 1), "seconds": round(float(seconds), 2)}
+    return out
 
 
 def bench_upscale(args, root: Path, model: str, short: Path, n_short: int, seg: int, device: torch.device,
