@@ -351,6 +351,22 @@ def test_hed_annotator_loads_from_a_local_folder(tmp_path, one_thread):
     assert fresco.ControlMaps("canny")(frame).shape == (48, 64, 3)
 
 
+@pytest.mark.slow
+def test_depth_annotator_loads_from_a_local_folder(tmp_path, one_thread):
+    """controlnet-aux's MiDaS (DPT-Hybrid, about 490 MB of random weights here) from
+    job.annotator, by the file name ControlNet's Annotators repository gives it."""
+    from controlnet_aux.midas.midas.dpt_depth import DPTDepthModel
+
+    torch.manual_seed(0)
+    net = DPTDepthModel(path=None, backbone="vitb_rn50_384", non_negative=True)  # no download: random
+    torch.save(net.state_dict(), tmp_path / fresco.ANNOTATOR_FILES["depth"])
+    del net
+    maps = fresco.ControlMaps("depth", str(tmp_path))
+    depth = maps(synth_frames(1, (64, 48))[0])
+    assert depth.shape == (48, 64, 3) and depth.dtype == np.uint8
+    (tmp_path / fresco.ANNOTATOR_FILES["depth"]).unlink()  # 490 MB: not left in pytest's tmp
+
+
 def test_every_frame_comes_from_the_engine_interval_by_interval():
     from vsr_ddp.jobs.sim2real import propagate_keys
 
