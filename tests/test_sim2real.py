@@ -252,6 +252,8 @@ def test_missing_weights_fail_before_work_naming_what_to_put_where(tmp_path, mod
     save_file({k: v for k, v in sd.items() if not k.startswith("first_stage_model.")},
               tmp_path / "novae.safetensors")
     save_file({"conditioner.embedders.0.transformer.x": torch.zeros(1), **sd}, tmp_path / "sdxl.safetensors")
+    norm = "cond_stage_model.transformer.text_model.final_layer_norm.weight"
+    save_file({k: v for k, v in sd.items() if k != norm}, tmp_path / "no_norm.safetensors")
     del sd["first_stage_model.decoder.up.0.block.0.conv1.weight"]
     save_file(sd, tmp_path / "hole.safetensors")
     configs = [f"job.base_model_config={single_files['sd_config']}"]
@@ -263,7 +265,10 @@ def test_missing_weights_fail_before_work_naming_what_to_put_where(tmp_path, mod
          "lacks the VAE (first_stage_model.*); set job.vae to a diffusers AutoencoderKL folder"),
         ([f"job.base_model={tmp_path / 'sdxl.safetensors'}", *configs], "is an SDXL checkpoint"),
         ([f"job.base_model={tmp_path / 'hole.safetensors'}", *configs],
-         "hole.safetensors: could not load it as an original-format SD 1.5 checkpoint"),
+         "hole.safetensors: could not load it as an original-format SD 1.5 checkpoint with the given "
+         "configs (NotImplementedError: tensors its configs call for are missing from the file)"),
+        ([f"job.base_model={tmp_path / 'no_norm.safetensors'}", *configs],
+         "no_norm.safetensors lacks 1 tensor(s) its configs call for (text_encoder.final_layer_norm.weight)"),
         ([f"job.controlnet={single_files['sd']}", f"job.controlnet_config={single_files['cn_config']}"],
          "realistic.safetensors: not a ControlNet checkpoint (no input_hint_block.* weights)"),
         (["job.controlnet=/nowhere/cn"], "job.controlnet=/nowhere/cn: not found"),

@@ -767,8 +767,21 @@ def _single_file(key: str, path: Path, what: str):
         raise
     except (KeyError, ValueError, RuntimeError, NotImplementedError, OSError) as e:
         cause = " ".join(str(e).split())[:300]
+        if "meta tensor" in cause:  # accelerate left a parameter the file did not fill
+            cause = "tensors its configs call for are missing from the file"
         raise ValueError(f"{key}={path}: could not load it as an original-format {what} "
                          f"checkpoint with the given configs ({type(e).__name__}: {cause})") from e
+
+
+def _check_filled(key: str, path: Path, **models) -> None:
+    """Every parameter came from the file: diffusers builds single-file models on the meta device
+    (with accelerate) and fills what the file has, so a tensor it lacks stays meta."""
+    missing = [f"{part}.{name}" for part, m in models.items()
+               for name, p in m.named_parameters() if p.is_meta]
+    if missing:
+        raise ValueError(f"{key}={path} lacks {len(missing)} tensor(s) its configs call for "
+                         f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): a damaged file, "
+                         f"or configs of another model")
 
 
 class FrescoPipeline:
@@ -825,6 +838,7 @@ class FrescoPipeline:
                     safety_checker=None, feature_extractor=None, requires_safety_checker=False, **given)
             unet, vae_model, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
             scheduler_config = pipe.scheduler.config
+            _check_filled("job.base_model", base, unet=unet, vae=vae_model, text_encoder=text_encoder)
         if vae and base.is_dir():
             vae_model = AutoencoderKL.from_pretrained(Path(str(vae)).expanduser(), local_files_only=True)
         cn = Path(str(controlnet)).expanduser()
@@ -834,6 +848,7 @@ class FrescoPipeline:
             cn_config = str(Path(str(controlnet_config)).expanduser())
             with _single_file("job.controlnet", cn, "ControlNet"):
                 control = ControlNetModel.from_single_file(str(cn), config=cn_config, local_files_only=True)
+            _check_filled("job.controlnet", cn, controlnet=control)
         # FRESCO samples with DDPM whatever the checkpoint's own scheduler (PNDM for SD 1.5).
         scheduler = DDPMScheduler.from_config(scheduler_config)
         return cls(unet, control, vae_model, text_encoder, tokenizer, scheduler, device=device, dtype=dtype)
