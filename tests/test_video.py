@@ -111,10 +111,11 @@ def test_encoder_death_is_an_error_not_a_short_shard(tmp_path):
     w = ShardWriter(tmp_path / "segment_0000.mp4", 64, 48, Fraction(25), enc)
     w.write(np.zeros((4, 48, 64, 3), np.uint8))
     w._proc.kill()
-    with pytest.raises(EncodeError, match="encoder exited"):
+    with pytest.raises(EncodeError, match="encoder exited") as e:
         for _ in range(50):
             w.write(np.zeros((8, 48, 64, 3), np.uint8))
         w.close()
+    assert e.value.signal == 9  # what lets the runner tell a stop signal from a broken input
     w.abort()
     assert not (tmp_path / "segment_0000.mp4").exists()
     assert not list(tmp_path.iterdir())

@@ -104,9 +104,12 @@ class Runner:
             except preempt.Preempted:
                 return
             except Exception as e:  # noqa: BLE001 - one broken input never stops the batch
-                if preempt.requested.is_set():
-                    # The stop signal reached the unit's ffmpeg too (same process group): not
-                    # a broken input; process_unit has already removed the partial shard.
+                # The stop signal reaches the unit's ffmpeg too (same process group), and may kill
+                # it before this process has run its own handler: an encoder killed by a signal
+                # waits a moment for the stop to show. Not a broken input; process_unit has
+                # already removed the partial shard.
+                killed = getattr(e, "signal", None) is not None
+                if preempt.requested.wait(timeout=5.0 if killed else 0.0):
                     return
                 reason = str(e) or e.__class__.__name__
                 log.error("%s: %s failed: %s", info.path, unit.key, reason)
@@ -239,8 +242,8 @@ class Runner:
         wdir.mkdir(parents=True, exist_ok=True)
         units = plan.units_of(vi)
         sigs = {u.key: self.sig_of(info, u) for u in units}
-        status = {u.key: "done" if shards.shard_done(wdir, u, sigs[u.key], verify_checksum=False) else "pending"
-                  for u in units}
+        status = {u.key: "done" if shards.shard_done(wdir, u, sigs[u.key], verify_checksum=False)
+                  else "pending" for u in units}
         shards.write_checkpoint(wdir, info, units, sigs, status, output=output)
 
     # -- one unit -------------------------------------------------------------------------------
@@ -261,7 +264,8 @@ class Runner:
             log.info("%s: %dx%d is beyond %s's %d pixels a side: encoding with %s", info.stem, out_w, out_h,
                      self.encode["codec"], NVENC_MAX_SIDE[self.encode["codec"]], encode["codec"])
         gpu = self.ctx.device.index if self.ctx.device.type == "cuda" else None
-        writer = ShardWriter(shards.shard_path(wdir, unit), out_w, out_h, info.fps, encode, info.color, gpu=gpu)
+        writer = ShardWriter(shards.shard_path(wdir, unit), out_w, out_h, info.fps, encode, info.color,
+                             gpu=gpu)
 
         self.job.begin(info)
         if getattr(self.job, "streaming", True):

@@ -8,10 +8,10 @@ sidecars, ``segment_XXXX.failed.json`` records) and ``<output>/run_report*.json`
 torch, so it answers at once, on a login node, while the job runs or after it died.
 
 A shard counts as done when its sidecar names the segment's owned range, the signature that
-checkpoint.json records for the segment, and a shard file of the recorded size (the run itself also checks the
-checksum). frames/s is the frames of finished shards over the wall time during which shards
-were being made (the union of each sidecar's [finished_at - seconds, finished_at]), so the
-hours a job waited in the queue between a preemption and its requeue do not count.
+checkpoint.json records for the segment, and a shard file of the recorded size (the run itself
+also checks the checksum). frames/s is the frames of finished shards over the wall time during
+which shards were being made (the union of each sidecar's [finished_at - seconds, finished_at]),
+so the hours a job waited in the queue between a preemption and its requeue do not count.
 """
 from __future__ import annotations
 
