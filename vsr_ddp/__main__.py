@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -45,7 +46,17 @@ def run(cfg: DictConfig) -> int:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     status = run(cfg)
-    if status and not _multirun():
+    if _multirun():
+        return  # the sweep goes on to its next job in this process
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        # A torchrun worker whose work, logs and report are done leaves now: the C++ destructors
+        # of interpreter shutdown could still abort it ("terminate called without an active
+        # exception", seen after gloo runs), and torchrun would then fail a finished job.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    if status:
         sys.exit(status)
 
 
