@@ -250,8 +250,6 @@ class Runner:
     def process_unit(self, info: VideoInfo, unit: Unit, progress: Progress) -> None:
         t0 = time.monotonic()
         if self.ctx.device.type == "cuda":
-            import torch
-
             torch.cuda.reset_peak_memory_stats(self.ctx.device)  # the sidecar's GPU peak is this unit's
         wdir = self.wdir(info)
         wdir.mkdir(parents=True, exist_ok=True)

@@ -818,11 +818,14 @@ class FrescoPipeline:
         except ImportError:
             pass
         base = Path(str(base_model)).expanduser()
+        # job.vae replaces the base model's VAE, which is then never loaded
+        own_vae = (AutoencoderKL.from_pretrained(Path(str(vae)).expanduser(), local_files_only=True)
+                   if vae else None)
         if base.is_dir():
             from transformers import CLIPTextModel, CLIPTokenizer
 
             unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", local_files_only=True)
-            vae_model = AutoencoderKL.from_pretrained(base, subfolder="vae", local_files_only=True)
+            vae_model = own_vae or AutoencoderKL.from_pretrained(base, subfolder="vae", local_files_only=True)
             text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder",
                                                          local_files_only=True)
             tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", local_files_only=True)
@@ -830,8 +833,7 @@ class FrescoPipeline:
         else:
             from diffusers import StableDiffusionPipeline
 
-            given = {"vae": AutoencoderKL.from_pretrained(Path(str(vae)).expanduser(), local_files_only=True)
-                     } if vae else {}
+            given = {"vae": own_vae} if own_vae is not None else {}
             with _single_file("job.base_model", base, "SD 1.5"):
                 pipe = StableDiffusionPipeline.from_single_file(
                     str(base), config=str(Path(str(base_model_config)).expanduser()), local_files_only=True,
@@ -839,8 +841,6 @@ class FrescoPipeline:
             unet, vae_model, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
             scheduler_config = pipe.scheduler.config
             _check_filled("job.base_model", base, unet=unet, vae=vae_model, text_encoder=text_encoder)
-        if vae and base.is_dir():
-            vae_model = AutoencoderKL.from_pretrained(Path(str(vae)).expanduser(), local_files_only=True)
         cn = Path(str(controlnet)).expanduser()
         if cn.is_dir():
             control = ControlNetModel.from_pretrained(cn, local_files_only=True)

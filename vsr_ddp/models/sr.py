@@ -24,6 +24,8 @@ DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "weights" / "compact_x2.sa
 def model_path(model: str) -> Path:
     """The checkpoint file ``job.model`` names (``default`` is the shipped model)."""
     return DEFAULT_MODEL if model == "default" else Path(model).expanduser()
+
+
 WEIGHTS_HELP = ("Real-ESRGAN's weights (RealESRGAN_x4plus.pth, RealESRGAN_x2plus.pth, realesr-animevideov3.pth, "
                 "realesr-general-x4v3.pth, ...) are published at https://github.com/xinntao/Real-ESRGAN/releases; "
                 "any other checkpoint spandrel supports works too")
@@ -169,13 +171,12 @@ class Upscaler:
             try:
                 out = self._infer(frames, tile)
             except torch.cuda.OutOfMemoryError:
-                out = None
-            if out is None:
-                torch.cuda.empty_cache()
-                tile //= 2
-                continue
-            self.tile = tile
-            return out
+                pass  # as above: free the cache once the handler has let go of the failed attempt
+            else:
+                self.tile = tile
+                return out
+            torch.cuda.empty_cache()
+            tile //= 2
         raise RuntimeError("CUDA out of memory even with batch 1 and 32-px tiles")
 
     @torch.inference_mode()
