@@ -303,14 +303,16 @@ def make_clip(path: str | Path, frames: int = 48, size: tuple[int, int] = (64, 4
               fps: str | int | Fraction = "30000/1001", audio: bool = True,
               subtitles: bool = False, codec: str | None = None,
               audio_codec: str | None = None, *, crf: int = 20, gop: int = 12,
-              seed: int = 0, faststart: bool = False) -> Path:
+              seed: int = 0, faststart: bool = False, pix_fmt: str = "yuv420p",
+              video_opts: tuple = ()) -> Path:
     """Encode synth_frames(frames, size, seed) into a real file; container from the suffix.
 
     codec / audio_codec None pick the container's default (_CONTAINERS); size is
     (width, height), even for yuv420p. gop=12 gives several keyframes and libx264's
     default B-frames stay on, so seeking is non-trivial. Audio is a 440 Hz sine of
     exactly round(frames / fps * 48000) samples; subtitles are two cues carrying
-    SUBTITLE_TEXTS (not possible in .avi).
+    SUBTITLE_TEXTS (not possible in .avi). ``video_opts`` go after the codec options
+    (``("-vf", "setsar=64/45")``, interlacing flags, ...).
     """
     path, fps = Path(path), Fraction(str(fps))
     ext, (w, h) = path.suffix.lower(), size
@@ -323,8 +325,8 @@ def make_clip(path: str | Path, frames: int = 48, size: tuple[int, int] = (64, 4
 
     inputs = ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-framerate", str(fps), "-i", "-"]
     maps = ["-map", "0:v"]
-    opts = ["-c:v", vcodec, "-pix_fmt", "yuv420p", "-g", str(gop),
-            *_VIDEO_OPTS.get(vcodec, ["-crf", str(crf), "-preset", "veryfast"])]
+    opts = ["-c:v", vcodec, "-pix_fmt", pix_fmt, "-g", str(gop),
+            *_VIDEO_OPTS.get(vcodec, ["-crf", str(crf), "-preset", "veryfast"]), *video_opts]
     if audio:  # atrim by sample count: exact length, independent of lavfi frame size
         inputs += ["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000"]
         maps += ["-map", "1:a"]
@@ -382,6 +384,101 @@ def probe_streams(path: str | Path) -> dict:
             if a.duration is not None:
                 info["audio_declared_duration"] = float(a.duration * a.time_base)
     return info
+
+
+def make_rotated(src: str | Path, dst: str | Path, degrees: int) -> Path:
+    """``src`` with a display matrix that turns it ``degrees`` counter-clockwise, stream copied, as
+    phones record (a portrait phone clip: stored landscape, rotation 270 = 90 clockwise)."""
+    _run_ffmpeg(["-display_rotation:v:0", str(degrees), "-i", str(src), "-c", "copy", str(dst)])
+    return Path(dst)
+
+
+def make_vfr(path: str | Path, parts=((30, "30"), (15, "10")), size: tuple[int, int] = (64, 48),
+             audio: bool = True) -> tuple[Path, list[Fraction]]:
+    """A variable-frame-rate clip as phones and screen recorders write: ``parts`` of (frames, fps)
+    one after the other (default: 30 frames at 30 fps, then 15 at 10 fps), index-coded frames,
+    and a sine of the whole duration. Returns (path, every frame's intended time in seconds)."""
+    times, t = [], Fraction(0)
+    for n, fps in parts:
+        for _ in range(n):
+            times.append(t)
+            t += 1 / Fraction(fps)
+    total = sum(n for n, _ in parts)
+    # frame N is shown at times[N]: setpts from a piecewise expression, kept as is (fps_mode passthrough)
+    expr, offset, first = [], Fraction(0), 0
+    for n, fps in parts:
+        expr.append((first, first + n, offset, Fraction(fps)))
+        offset += n / Fraction(fps)
+        first += n
+    setpts = "0"
+    for a, b, off, fps in reversed(expr):
+        setpts = f"if(lt(N,{b}),({off.numerator}/{off.denominator}+(N-{a})*{fps.denominator}/{fps.numerator}),{setpts})"
+    args = ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{size[0]}x{size[1]}", "-framerate", "30", "-i", "-"]
+    maps, opts = ["-map", "0:v"], []
+    if audio:
+        args += ["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000"]
+        maps += ["-map", "1:a"]
+        opts += ["-c:a", "aac", "-af", f"atrim=end_sample={round(t * 48000)}"]
+    opts += ["-vf", f"setpts='({setpts})/TB'", "-fps_mode", "passthrough", "-enc_time_base", "1/90000",
+             "-c:v", "libx264", "-pix_fmt", "yuv420p", "-g", "12", "-crf", "20", "-preset", "veryfast",
+             "-video_track_timescale", "90000"]
+    _run_ffmpeg([*args, *maps, *opts, str(path)], iter_frames(total, size))
+    return Path(path), times
+
+
+def make_interlaced(path: str | Path, frames: int = 24, size: tuple[int, int] = (64, 48), fps: str = "25") -> Path:
+    """A top-field-first interlaced clip (DVD, broadcast): each frame's two fields are taken 1/50 s
+    apart from a moving picture, so a progressive read shows combing on every moving edge; coded
+    as interlaced H.264 (field order flagged in the stream)."""
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+
+    def picture(t: float) -> np.ndarray:  # a bright bar sweeping right: (H, W, 3) uint8
+        x0 = (t * 40) % w
+        bar = ((xx - x0) % w < w // 4).astype(np.uint8) * 200 + 30
+        return np.repeat(bar[..., None], 3, axis=2).astype(np.uint8)
+
+    def woven():
+        for n in range(frames):
+            top, bottom = picture(n / float(Fraction(fps))), picture((n + 0.5) / float(Fraction(fps)))
+            frame = top.copy()
+            frame[1::2] = bottom[1::2]
+            yield frame
+
+    _run_ffmpeg(["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-framerate", fps, "-i", "-",
+                 "-vf", "setfield=tff", "-c:v", "libx264", "-flags", "+ilme+ildct", "-x264-params", "tff=1",
+                 "-pix_fmt", "yuv420p", "-crf", "12", "-preset", "veryfast", str(path)], woven())
+    return Path(path)
+
+
+def ffmpeg_decode(path: str | Path, *vf: str) -> np.ndarray:
+    """What a user's ffmpeg makes of a file: its default decode (autorotate on, constant-rate
+    output at the stream's rate, so mistimed frames come out repeated or dropped) to raw rgb24.
+    ``vf``: filters to add (``bwdif``, ...). (N, H, W, 3) uint8."""
+    with av.open(str(path)) as c:
+        vs = c.streams.video[0]
+        w, h, rot = vs.codec_context.width, vs.codec_context.height, 0
+        for frame in c.decode(vs):
+            rot = round(frame.rotation or 0) % 180
+            break
+    if rot == 90:
+        w, h = h, w
+    cmd = [FFMPEG, "-hide_banner", "-loglevel", "error", "-nostdin", "-i", str(path)]
+    if vf:
+        cmd += ["-vf", ",".join(vf)]
+    raw = subprocess.run(cmd + ["-f", "rawvideo", "-pix_fmt", "rgb24", "-"], capture_output=True, check=True).stdout
+    return np.frombuffer(raw, np.uint8).reshape(-1, h, w, 3)
+
+
+def frame_times(path: str | Path) -> tuple[list[Fraction], list[int]]:
+    """A player's view, frame by frame (PyAV decode): each frame's time in seconds and its index code."""
+    times, frames = [], []
+    with av.open(str(path)) as c:
+        vs = c.streams.video[0]
+        for frame in c.decode(vs):
+            times.append(frame.pts * frame.time_base)
+            frames.append(frame.to_ndarray(format="rgb24"))
+    return times, decode_indices(frames)
 
 
 # --- Bad inputs ---

@@ -88,15 +88,15 @@ def test_shards_merge_without_reencoding_in_frame_order(tmp_path):
     info = probe(src)
     frames = read_frames(src)
     enc = {"codec": "libx264", "crf": 18, "preset": "veryfast", "pix_fmt": "yuv420p"}
-    paths = []
+    shards = []
     for i, (a, b) in enumerate([(0, 7), (7, 20), (20, 40)]):
         w = ShardWriter(tmp_path / f"segment_{i:04d}.mp4", 64, 48, info.fps, enc)
         w.write(frames[a:b])
         w.close()
-        paths.append(w.path)
+        shards.append((w.path, a, b - a))
         assert probe_streams(w.path)["frames"] == b - a
     out = tmp_path / "final.mp4"
-    merge(paths, info, out, tmp_path / "concat.txt")
+    merge(shards, info, out)
     got = probe_streams(out)
     assert got["frames"] == 40 and got["fps"] == Fraction(30000, 1001)
     assert decode_indices(read_frames(out)) == list(range(40))
@@ -156,13 +156,13 @@ def test_hevc_shards_merge_too(tmp_path):
     info = probe(src)
     frames = read_frames(src)
     enc = {"codec": "libx265", "crf": 18, "preset": "ultrafast", "pix_fmt": "yuv420p"}
-    paths = []
+    shards = []
     for i, (a, b) in enumerate([(0, 9), (9, 20)]):
         w = ShardWriter(tmp_path / f"segment_{i:04d}.mp4", 64, 48, info.fps, enc)
         w.write(frames[a:b])
         w.close()
-        paths.append(w.path)
-    merge(paths, info, tmp_path / "final.mp4", tmp_path / "concat.txt")
+        shards.append((w.path, a, b - a))
+    merge(shards, info, tmp_path / "final.mp4")
     got = probe_streams(tmp_path / "final.mp4")
     assert got["frames"] == 20 and got["video_codec"] == "hevc"
     assert decode_indices(read_frames(tmp_path / "final.mp4")) == list(range(20))

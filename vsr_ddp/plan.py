@@ -5,6 +5,7 @@ unit" needs no communication.
 """
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
@@ -24,11 +25,15 @@ class SkipVideo(InputError):
 
 @dataclass(frozen=True)
 class VideoInfo:
-    """What the probe learned about one input file."""
+    """What the probe learned about one input file.
+
+    ``width`` x ``height`` is the picture as players show it: a display rotation is applied when
+    frames are read (``rotation``), so a phone's portrait clip is taller than wide here.
+    """
 
     path: str
     frames: int
-    fps: Fraction
+    fps: Fraction  # exact for constant rate; the average rate (frames / duration) for variable rate
     width: int
     height: int
     codec: str
@@ -36,18 +41,52 @@ class VideoInfo:
     audio: tuple = ()
     subtitles: tuple = ()
     color: dict = field(default_factory=dict)  # colorspace / primaries / trc tags, when set
+    # Variable frame rate only: each frame's presentation time in ``time_base`` ticks of the
+    # stream, in frame order, plus the end of the last frame (frames + 1 entries). Empty for
+    # constant rate, where frame n is at n / fps.
+    timestamps: tuple = ()
+    time_base: Fraction = Fraction(1, 90_000)
+    start: Fraction = Fraction(0)  # seconds from the container's start to the first frame (audio sync)
+    rotation: int = 0  # degrees counter-clockwise that players turn the stored picture: 0, 90, 180, 270
+    sar: Fraction = Fraction(1)  # sample (pixel) aspect ratio of the picture as shown (after rotation)
+    interlaced: bool = False  # the stream flags its frames as interlaced (fields, not progressive)
+    pix_fmt: str = "yuv420p"  # of the decoded stream (yuv420p10le: 10-bit)
+    bit_depth: int = 8
 
     @property
     def stem(self) -> str:
         return Path(self.path).stem
 
     @property
+    def vfr(self) -> bool:
+        return bool(self.timestamps)
+
+    def time_of(self, n: int) -> Fraction:
+        """Seconds from frame 0 to frame ``n`` (0 <= n <= frames; ``frames``: the end of the last)."""
+        if self.timestamps:
+            return (self.timestamps[n] - self.timestamps[0]) * self.time_base
+        return n / self.fps
+
+    def frame_at(self, seconds: float) -> int:
+        """The frame boundary nearest to ``seconds`` after frame 0, in [0, frames]."""
+        if not self.timestamps:
+            return min(self.frames, max(0, round(Fraction(seconds) * self.fps)))
+        ticks = self.timestamps[0] + Fraction(seconds) / self.time_base
+        i = bisect.bisect_left(self.timestamps, ticks)
+        if i > 0 and (i > self.frames or ticks - self.timestamps[i - 1] <= self.timestamps[i] - ticks):
+            i -= 1
+        return min(self.frames, i)
+
+    @property
     def duration(self) -> float:
-        return float(self.frames / self.fps)
+        return float(self.time_of(self.frames))
 
     def to_json(self) -> dict:
         d = asdict(self)
-        d["fps"] = f"{self.fps.numerator}/{self.fps.denominator}"
+        del d["timestamps"]  # one per frame: the probe finds them again, the manifest says vfr
+        d["vfr"] = self.vfr
+        for key in ("fps", "time_base", "start", "sar"):
+            d[key] = f"{d[key].numerator}/{d[key].denominator}"
         return d
 
 
@@ -134,7 +173,9 @@ def _pick_fps(stream) -> Fraction:
 
 
 def probe(path: str | Path) -> VideoInfo:
-    """Streams, exact frame rate, size and the true frame count of one file.
+    """Streams, exact frame rate, size and the true frame count of one file, and how a player
+    shows it (rotation, pixel aspect), whether its frames are interlaced, and, for variable frame
+    rate, every frame's timestamp.
 
     Raises InputError with a one-line reason for anything that is not a readable video.
     """
@@ -157,13 +198,15 @@ def probe(path: str | Path) -> VideoInfo:
         if not cc.width or not cc.height:
             raise InputError("video stream has no frame size")
         fps = _pick_fps(vs)
-        frames = vs.frames
-        if frames <= 0:
-            # Containers without a sample table (mkv, webm, avi) do not store the count; count
-            # packets, which demuxes but does not decode.
-            frames = sum(1 for pkt in container.demux(vs) if pkt.size)
+        frames, times = _frame_times(container, vs, fps)
         if frames <= 0:
             raise InputError("video stream has no frames")
+        if times:
+            fps = Fraction(frames) / ((times[-1] - times[0]) * vs.time_base)
+        first_pts = times[0] if times else vs.start_time
+        start = Fraction(0)
+        if first_pts is not None and container.start_time is not None:
+            start = max(Fraction(0), first_pts * vs.time_base - Fraction(container.start_time, 1_000_000))
         audio = tuple({"index": s.index, "codec": s.codec_context.name} for s in container.streams.audio)
         subs = tuple({"index": s.index, "codec": s.codec_context.name if s.codec_context else "unknown"}
                      for s in container.streams.subtitles)
@@ -174,8 +217,87 @@ def probe(path: str | Path) -> VideoInfo:
             name = getattr(value, "name", value)
             if isinstance(name, str) and name.lower() not in ("unspecified", "reserved", "unknown", ""):
                 color[key] = name.lower()
-        return VideoInfo(path=str(path), frames=int(frames), fps=fps, width=cc.width, height=cc.height,
-                         codec=cc.name, audio=audio, subtitles=subs, color=color)
+        sar = Fraction(vs.sample_aspect_ratio or cc.sample_aspect_ratio or 1)
+        width, height, codec, time_base = cc.width, cc.height, cc.name, Fraction(vs.time_base)
+        field_interlaced = _interlaced_field_order(cc)
+    rotation, interlaced, pix_fmt = _first_frame(path)
+    if rotation in (90, 270):
+        width, height, sar = height, width, 1 / sar
+    return VideoInfo(path=str(path), frames=int(frames), fps=fps.limit_denominator(1_000_000), width=width,
+                     height=height, codec=codec, audio=audio, subtitles=subs, color=color,
+                     timestamps=tuple(times or ()), time_base=time_base, start=start,
+                     rotation=rotation, sar=sar, interlaced=interlaced or field_interlaced, pix_fmt=pix_fmt,
+                     bit_depth=_bit_depth(pix_fmt))
+
+
+def _constant_rate(times: list[int], time_base: Fraction, fps: Fraction) -> bool:
+    """Whether sorted timestamps are frame n at t0 + n / fps, each within half a frame (the
+    rounding a container's time base imposes: mkv keeps milliseconds)."""
+    a, b = time_base.numerator * fps.numerator, time_base.denominator * fps.denominator
+    t0 = times[0]
+    return all((2 * (t - t0) * a + b) // (2 * b) == n for n, t in enumerate(times))
+
+
+def _frame_times(container, vs, fps: Fraction) -> tuple[int, list | None]:
+    """(frame count, timestamps): timestamps only for variable frame rate (see VideoInfo).
+
+    mp4/mov hold a sample table: its decode times tell a constant rate without reading any
+    frame data. Otherwise (mkv, webm, avi, or rates that vary) the packets are read, not decoded.
+    """
+    tb = vs.time_base
+    if vs.frames > 0:
+        entries = vs.index_entries
+        if len(entries) == vs.frames and _constant_rate([e.timestamp for e in entries], tb, fps):
+            return vs.frames, None
+    pts, ends, untimed = [], [], 0
+    for pkt in container.demux(vs):
+        if not pkt.size:
+            continue
+        if pkt.pts is None:
+            untimed += 1
+        else:
+            pts.append(pkt.pts)
+            ends.append(pkt.pts + (pkt.duration or 0))
+    count = len(pts) + untimed
+    if untimed or not pts:
+        return count, None  # AVI's B-frames carry no timestamps: counted, read from the start
+    pts.sort()
+    if _constant_rate(pts, tb, fps) or len(set(pts)) != len(pts):
+        return count, None
+    end = max(ends)
+    if end <= pts[-1]:  # no durations: the last frame lasts as long as the one before it
+        end = pts[-1] + (pts[-1] - pts[-2] if len(pts) > 1 else max(1, round(1 / (fps * tb))))
+    return count, pts + [end]
+
+
+def _first_frame(path: Path) -> tuple[int, bool, str]:
+    """(display rotation, interlaced, pixel format) from the first decoded frame: the display
+    matrix and the interlace flag are per-frame side data in ffmpeg."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            vs = container.streams.video[0]
+            for frame in container.decode(vs):
+                rotation = round(frame.rotation or 0) % 360
+                if rotation % 90:
+                    raise InputError(f"display rotation of {rotation} degrees (only multiples of 90 are supported)")
+                return rotation, bool(frame.interlaced_frame), frame.format.name
+    except av.error.FFmpegError as e:
+        raise InputError(f"cannot decode its first frame ({e.__class__.__name__}: {e})") from None
+    raise InputError("video stream has no decodable frames")
+
+
+def _interlaced_field_order(cc) -> bool:
+    order = str(getattr(cc, "field_order", "") or "").lower()
+    return order in ("tt", "bb", "tb", "bt")
+
+
+def _bit_depth(pix_fmt: str) -> int:
+    for depth in (16, 14, 12, 10, 9):
+        if f"p{depth}" in pix_fmt or pix_fmt.endswith(f"{depth}le") or pix_fmt.endswith(f"{depth}be"):
+            return depth
+    return 8
 
 
 def plan_units(videos: list[VideoInfo], unit: str, segment_frames: int, overlap: int) -> list[Unit]:

@@ -30,11 +30,13 @@ def default_crop(width: int, height: int) -> tuple[int, int, int, int]:
 
 
 def write_preview(lr_frame: np.ndarray, model_frame: np.ndarray, path, crop=None,
-                  labels=LABELS) -> Path:
+                  labels=LABELS, sar=1) -> Path:
     """Write the PNG preview and return its path.
 
     lr_frame: # (H, W, 3) uint8 RGB, the model's input. model_frame: # (H', W', 3) uint8 RGB, its
     output (any scale, integer or not). crop: (x, y, w, h) in input pixels; default: default_crop.
+    sar: the video's pixel aspect (64/45 for a 16:9 PAL DVD): panels are widened by it so the
+    PNG (square pixels) shows the picture as a player does.
     """
     lr_frame, model_frame = np.asarray(lr_frame), np.asarray(model_frame)
     if lr_frame.ndim != 3 or lr_frame.shape[2] != 3 or model_frame.ndim != 3 or model_frame.shape[2] != 3:
@@ -53,6 +55,10 @@ def write_preview(lr_frame: np.ndarray, model_frame: np.ndarray, path, crop=None
               cv2.resize(piece, size, interpolation=cv2.INTER_CUBIC),
               np.ascontiguousarray(model_frame[oy0:oy1, ox0:ox1])]
 
+    if sar != 1:
+        size = (max(1, round(size[0] * float(sar))), size[1])
+        panels = [cv2.resize(p, size, interpolation=cv2.INTER_NEAREST if i == 0 else cv2.INTER_CUBIC)
+                  for i, p in enumerate(panels)]
     pw, ph = size
     canvas = np.full((LABEL_H + ph, 3 * pw + 2 * GAP, 3), 255, np.uint8)  # (H, W, 3) RGB
     canvas[:LABEL_H] = 40

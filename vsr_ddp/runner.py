@@ -17,8 +17,8 @@ from .logs import Progress, human_duration
 from .pipeline import run_stages
 from .plan import (InputError, Plan, SkipVideo, Unit, VideoInfo, format_plan, list_inputs, plan_units, probe,
                    report_name)
-from .video import (NVENC_MAX_SIDE, FrameReader, ShardWriter, encoder_for_size, even_size, merge, pad_even,
-                    resolve_codec)
+from .video import (NVENC_MAX_SIDE, FrameReader, ShardWriter, encoder_for_size, even_size, merge, output_sar,
+                    pad_even, resolve_codec)
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +35,14 @@ class Runner:
         self._units_by_video: dict | None = None
         self._last_merge_scan = float("-inf")
         self._unit_sigs: dict[tuple, str] = {}
+        self._told_deinterlace: set[str] = set()
 
     def run(self) -> int:
         """Returns the process exit status: 0 when every input is ok, 1 when any failed."""
         # 1. The model, once per rank. A missing or unreadable model fails here, before any work.
         self.job.setup()
-        self.sig = signature({**self.job.settings(), "encode": self.encode})
+        self.sig = signature({**self.job.settings(), "encode": self.encode,
+                              "decode": OmegaConf.to_container(self.cfg.decode, resolve=True)})
         self.tag = self.job.tag()
 
         # 2. Probe the inputs (each rank a share) and plan the same units on every rank.
@@ -195,7 +197,7 @@ class Runner:
             return f"estimate: job.calibrate times streaming jobs (upscale), not job={self.job.name}"
         info = plan.videos[0]
         batch = int(self.cfg.job.get("batch_size", 4))
-        frames = np.concatenate(list(FrameReader(info).read(0, min(info.frames, batch))))
+        frames = np.concatenate(list(self.reader(info).read(0, min(info.frames, batch))))
         if len(frames) < batch:
             frames = np.concatenate([frames] * (batch // len(frames) + 1))[:batch]
         self.job.begin(info)
@@ -221,6 +223,27 @@ class Runner:
         return (f"estimate: about {human_duration(max(per_rank))} on {device} "
                 f"(model {min(fps):.2f}-{max(fps):.2f} frames/s per rank at {info.width}x{info.height}; "
                 f"slowest rank {max(range(len(per_rank)), key=per_rank.__getitem__)})")
+
+    def deinterlace(self, info: VideoInfo) -> bool:
+        """``decode.deinterlace``: auto (when the stream flags interlaced frames), on, off."""
+        mode = str(self.cfg.decode.deinterlace)
+        if mode not in ("auto", "on", "off"):
+            raise ValueError(f"decode.deinterlace must be auto, on or off, not {mode!r}")
+        on = mode == "on" or (mode == "auto" and info.interlaced)
+        if info.path not in self._told_deinterlace:
+            self._told_deinterlace.add(info.path)
+            if on:
+                log.info("%s: deinterlacing with bwdif (decode.deinterlace=%s%s)", info.path, mode,
+                         ", the stream flags interlaced frames" if info.interlaced else "")
+            elif info.interlaced:
+                log.warning("%s: the stream flags interlaced frames and decode.deinterlace=off: the model "
+                            "will see (and magnify) the combing", info.path)
+        return on
+
+    def reader(self, info: VideoInfo) -> FrameReader:
+        """Every read of a video's frames, for the model, keyframes and previews alike."""
+        return FrameReader(info, backend=self.cfg.work.reader, chunk=self.cfg.work.read_chunk,
+                           deinterlace=self.deinterlace(info))
 
     def wdir(self, info: VideoInfo) -> Path:
         return shards.work_dir(self.output, info, self.tag)
@@ -255,15 +278,16 @@ class Runner:
         wdir.mkdir(parents=True, exist_ok=True)
         shards.discard_partial(wdir, unit)
         start, end = (unit.read_start, unit.read_end) if self.job.uses_context else (unit.start, unit.end)
-        out_w, out_h = even_size(*self.job.output_size(info.width, info.height))
-        reader = FrameReader(info, backend=self.cfg.work.reader, chunk=self.cfg.work.read_chunk)
+        made_w, made_h = self.job.output_size(info.width, info.height)
+        out_w, out_h = even_size(made_w, made_h)
+        reader = self.reader(info)
         encode = encoder_for_size(self.encode, out_w, out_h)
         if encode is not self.encode:
             log.info("%s: %dx%d is beyond %s's %d pixels a side: encoding with %s", info.stem, out_w, out_h,
                      self.encode["codec"], NVENC_MAX_SIDE[self.encode["codec"]], encode["codec"])
         gpu = self.ctx.device.index if self.ctx.device.type == "cuda" else None
         writer = ShardWriter(shards.shard_path(wdir, unit), out_w, out_h, info.fps, encode, info.color,
-                             gpu=gpu)
+                             gpu=gpu, sar=output_sar(info, made_w, made_h))
 
         self.job.begin(info)
         if getattr(self.job, "streaming", True):
@@ -382,8 +406,8 @@ class Runner:
                                for s in sides], info.frames)
         out = self.output / f"{info.stem}.mp4"
         t0 = time.monotonic()
-        ordered = [wdir / s["shard"] for s in sorted(sides, key=lambda s: s["start"])]
-        merge(ordered, info, out, wdir / "concat.txt")
+        ordered = [(wdir / s["shard"], s["start"], s["end"] - s["start"]) for s in sorted(sides, key=lambda s: s["start"])]
+        merge(ordered, info, out)
         merge_s = time.monotonic() - t0
         seconds = sum(s["seconds"] for s in sides) + merge_s
         self.write_checkpoint(plan, vi, output=str(out))
@@ -393,7 +417,7 @@ class Runner:
         extra = getattr(self.job, "finish_video", None)  # e.g. upscale's side-by-side preview
         if extra is not None:
             try:
-                result.update(extra(info, out) or {})
+                result.update(extra(info, out, self.reader(info)) or {})
             except Exception as e:  # noqa: BLE001 - the video itself is done and fine
                 log.warning("%s: %s after the merge failed: %s", info.path, self.job.name, e)
         return result

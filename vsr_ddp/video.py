@@ -5,6 +5,7 @@ libx265 and NVENC), driven with argument lists over pipes; no system ffmpeg is a
 """
 from __future__ import annotations
 
+import bisect
 import functools
 import logging
 import math
@@ -18,7 +19,7 @@ from typing import Iterator
 import numpy as np
 
 from .plan import VideoInfo
-from .shards import commit, tmp_path
+from .shards import TMP_SUFFIX, commit, tmp_path
 
 log = logging.getLogger(__name__)
 
@@ -79,34 +80,42 @@ class FrameReader:
     however slow its consumer. decord (``work.reader=decord``) seeks by its own keyframe index,
     but its decoder thread runs ahead of a consumer slower than itself (a model, say) and keeps
     every frame it decoded: 2.8 GB after 600 frames of 720p read at 80 frames/s (PyAV: 143 MB;
-    docs/benchmarks.md). Containers where decord's index is not trustworthy (.avi) always go
-    through PyAV, and the log says so.
+    docs/benchmarks.md). Containers where decord's index is not trustworthy (.avi), variable
+    frame rate (frames are found by their timestamps) and deinterlacing always go through PyAV.
+
+    Frames come out as players show them: the stream's display rotation applied (ffmpeg's
+    autorotate), and deinterlaced with bwdif when ``deinterlace`` is true.
     """
 
-    def __init__(self, info: VideoInfo, backend: str = "auto", chunk: int = 8):
+    def __init__(self, info: VideoInfo, backend: str = "auto", chunk: int = 8, deinterlace: bool = False):
         self.info = info
         self.chunk = chunk
+        self.deinterlace = deinterlace
         suffix = Path(info.path).suffix.lower()
-        if backend == "auto":
-            backend = "pyav"
-        elif backend == "decord" and suffix not in DECORD_CONTAINERS:
-            log.info("%s: reading with PyAV (decord's seeking is not frame-exact for %s)", info.path, suffix)
-            backend = "pyav"
-        if backend not in ("decord", "pyav"):
+        if backend not in ("auto", "decord", "pyav"):
             raise ValueError(f"work.reader must be auto, decord or pyav, not {backend!r}")
-        self.backend = backend
+        if backend == "decord":
+            why = (f"decord's seeking is not frame-exact for {suffix}" if suffix not in DECORD_CONTAINERS else
+                   "variable frame rate: frames are found by timestamp" if info.vfr else
+                   "deinterlacing" if deinterlace else None)
+            if why:
+                log.info("%s: reading with PyAV (%s)", info.path, why)
+                backend = "pyav"
+        self.backend = "pyav" if backend == "auto" else backend
 
     def read(self, start: int, end: int) -> Iterator[np.ndarray]:
-        """Yield # (n, H, W, 3) uint8 chunks covering exactly frames [start, end)."""
+        """Yield # (n, H, W, 3) uint8 chunks covering exactly frames [start, end), in display
+        orientation."""
         if not 0 <= start < end <= self.info.frames:
             raise ValueError(f"bad frame range [{start}, {end}) for {self.info.frames} frames")
+        turns = self.info.rotation // 90
         got = start
         vr = self._open_decord() if self.backend == "decord" else None
         if vr is not None:
             try:
                 for chunk in self._read_decord(vr, start, end):
                     got += len(chunk)
-                    yield chunk
+                    yield _rotate(chunk, turns)
             except DecodeError as e:
                 # decord also fails on some sound files (it rejects frame sizes whose rows it pads,
                 # e.g. 48x64 portrait: "from_size == to_size"): PyAV goes on from the same frame,
@@ -116,7 +125,7 @@ class FrameReader:
         if got < end:
             for chunk in self._read_pyav(got, end):
                 got += len(chunk)
-                yield chunk
+                yield _rotate(chunk, turns)
         if got != end:
             raise DecodeError(f"truncated or corrupt: decoded frames [{start}, {got}) of [{start}, {end}); "
                               f"the container declares {self.info.frames} frames")
@@ -147,23 +156,45 @@ class FrameReader:
             raise DecodeError(f"truncated or corrupt: decoding failed near frame {s} ({_first_line(e)})") from None
 
     def _read_pyav(self, start: int, end: int) -> Iterator[np.ndarray]:
-        """Seek to the keyframe before ``start`` and count frames by timestamp; a gap in the
-        timestamps is an error, never a silently shorter or shifted range."""
+        """# (n, H, W, 3) uint8 chunks of [start, end) as stored (not yet rotated).
+
+        bwdif makes frame k from frames k - 1, k and k + 1, so a deinterlaced range is decoded
+        one frame wider on each side: every segment then gets the frames a whole-video pass makes."""
+        lo, hi = (max(0, start - 1), min(self.info.frames, end + 1)) if self.deinterlace else (start, end)
+        frames = self._pyav_frames(lo, hi)
+        if self.deinterlace:
+            frames = _bwdif(frames, self.info)
+        buf, idx = [], lo
+        for idx, frame in enumerate(frames, lo):
+            if idx < start:
+                continue
+            buf.append(frame.to_ndarray(format="rgb24"))
+            if len(buf) == self.chunk or idx == end - 1:
+                yield np.stack(buf)
+                buf = []
+            if idx == end - 1:
+                return
+
+    def _pyav_frames(self, start: int, end: int):
+        """Decoded av.VideoFrames of [start, end): seek to the keyframe before ``start``, then
+        find each frame's index by its timestamp. A gap in the timestamps is an error, never a
+        silently shorter or shifted range."""
         import av
 
-        fps = self.info.fps
+        info = self.info
         try:
-            container = av.open(self.info.path)
+            container = av.open(info.path)
         except av.error.FFmpegError as e:
             raise DecodeError(f"cannot open the video: {_first_line(e)}") from None
         with container:
             vs = container.streams.video[0]
             vs.thread_type = "AUTO"
             tb = vs.time_base
-            t0 = vs.start_time or 0
+            t0 = info.timestamps[0] if info.vfr else (vs.start_time or 0)
             if start > 0:
-                container.seek(int(t0 + (Fraction(start) / fps) / tb), stream=vs, backward=True)
-            buf, expected = [], start
+                target = info.timestamps[start] if info.vfr else int(t0 + (Fraction(start) / info.fps) / tb)
+                container.seek(target, stream=vs, backward=True)
+            expected = start
             try:
                 for pos, frame in enumerate(container.decode(vs)):
                     if frame.pts is None:
@@ -171,23 +202,68 @@ class FrameReader:
                             raise DecodeError("frames carry no timestamps: a range cannot be read exactly "
                                               "(use work.unit=video)")
                         idx = pos  # decoding from the very start: counting is exact
+                    elif info.vfr:
+                        idx = bisect.bisect_left(info.timestamps, frame.pts, 0, info.frames)
+                        if idx < info.frames and info.timestamps[idx] != frame.pts:
+                            raise DecodeError(f"frame at timestamp {frame.pts} is not in the probe's index")
                     else:
-                        idx = round((frame.pts - t0) * tb * fps)
+                        idx = round((frame.pts - t0) * tb * info.fps)
                     if idx < expected:
                         continue
                     if idx > expected:
                         raise DecodeError(f"truncated or corrupt: frames [{expected}, {idx}) are missing from the stream")
-                    buf.append(frame.to_ndarray(format="rgb24"))
+                    yield frame
                     expected += 1
-                    if len(buf) == self.chunk or expected == end:
-                        yield np.stack(buf)
-                        buf = []
                     if expected == end:
-                        break
+                        return
             except av.error.FFmpegError as e:
                 raise DecodeError(f"truncated or corrupt: decoding failed at frame {expected} ({_first_line(e)})") from None
-            if buf:
-                yield np.stack(buf)
+
+
+def _rotate(chunk: np.ndarray, turns: int) -> np.ndarray:
+    """# (n, H, W, 3) as stored -> as displayed: ``turns`` quarter turns counter-clockwise, as
+    the display matrix asks (np.rot90 turns counter-clockwise from axis 1 towards axis 2)."""
+    return np.ascontiguousarray(np.rot90(chunk, turns, axes=(1, 2))) if turns % 4 else chunk
+
+
+def _bwdif(frames, info: VideoInfo):
+    """av.VideoFrames in -> the same number deinterlaced, in order (bwdif ``send_frame``: one
+    frame per frame, field order from the stream). Frames the stream flags as progressive pass
+    through unless ``decode.deinterlace=on`` (``deint=all`` whenever this runs on a video the
+    probe did not flag)."""
+    import av
+
+    graph = None
+    for frame in frames:
+        if graph is None:
+            graph = av.filter.Graph()
+            src = graph.add_buffer(width=frame.width, height=frame.height, format=frame.format.name,
+                                   time_base=frame.time_base or Fraction(1, 90_000))
+            deint = "interlaced" if info.interlaced else "all"
+            bwdif = graph.add("bwdif", f"mode=send_frame:parity=auto:deint={deint}")
+            sink = graph.add("buffersink")
+            src.link_to(bwdif)
+            bwdif.link_to(sink)
+            graph.configure()
+        graph.push(frame)
+        yield from _pull_all(graph)
+    if graph is not None:
+        graph.push(None)
+        yield from _pull_all(graph)
+
+
+def _pull_all(graph):
+    import av
+
+    while True:
+        try:
+            yield graph.pull()
+        except (BlockingIOError, av.error.EOFError):
+            return
+        except av.error.FFmpegError as e:
+            if getattr(e, "errno", None) == 11:  # EAGAIN: the filter wants the next frame first
+                return
+            raise
 
 
 def _first_line(e: BaseException) -> str:
@@ -281,7 +357,7 @@ class ShardWriter:
     """
 
     def __init__(self, path: Path, width: int, height: int, fps: Fraction, encode, color: dict | None = None,
-                 gpu: int | None = None):
+                 gpu: int | None = None, sar: Fraction = Fraction(1)):
         self.path = Path(path)
         self.tmp = tmp_path(self.path)
         self.size = (width, height)
@@ -290,6 +366,8 @@ class ShardWriter:
                "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}",
                "-framerate", f"{fps.numerator}/{fps.denominator}", "-i", "pipe:0", "-an"]
         cmd += encoder_args(encode, fps, gpu)
+        if sar != 1:  # anamorphic (a DVD's 720x576 shown 16:9): the pixels keep their shape
+            cmd += ["-vf", f"setsar=r={sar.numerator}/{sar.denominator}:max={max(sar.numerator, sar.denominator, 100)}"]
         # Tag the input's colour description: pixels go out in the matrix they were decoded
         # with, so the same tags keep them meaning the same colours.
         for key, value in (color or {}).items():
@@ -344,57 +422,173 @@ class ShardWriter:
 
 # -- merging ----------------------------------------------------------------------------------
 
-def _concat_line(path: Path) -> str:
-    # concat demuxer quoting: inside '...', a quote is written as '\''
-    return "file '" + str(path).replace("'", "'\\''") + "'\n"
+class Timeline:
+    """Where each frame of a video is shown, in integer ticks of ``scale`` per second.
+
+    Constant rate: frame n at n / fps (``timescale(fps)`` makes that a whole number of ticks).
+    Variable rate: the input's own timestamps, in its stream's time base. Indices below 0 (decode
+    times before the first frame, for B-frame delay) go on at the first frame's spacing.
+    """
+
+    def __init__(self, info: VideoInfo):
+        self.fps = info.fps
+        if info.vfr:
+            self.scale = info.time_base.denominator
+            t0, k = info.timestamps[0], info.time_base.numerator
+            self._ticks = [(t - t0) * k for t in info.timestamps]  # frames + 1 entries: the end too
+            self.step = self._ticks[1]
+        else:
+            self.scale = timescale(info.fps)
+            self._ticks = None
+            self.step = self.scale * info.fps.denominator // info.fps.numerator  # ticks per frame
+
+    def at(self, n: int) -> int:
+        return n * self.step if self._ticks is None or n < 0 else self._ticks[n]
 
 
-def merge(shards: list[Path], info: VideoInfo, out: Path, list_file: Path) -> None:
-    """Concatenate shards (already in frame order) without re-encoding, mux the input's audio
-    and subtitles, and write ``out`` atomically with faststart."""
-    list_file.write_text("".join(_concat_line(p.name) for p in shards), encoding="utf-8")
-    cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
-           "-f", "concat", "-safe", "0", "-i", str(list_file), "-i", info.path, "-map", "0:v:0"]
-    codecs = ["-c:v", "copy"]
-    for n, a in enumerate(info.audio):
-        cmd += ["-map", f"1:{a['index']}"]
-        if a["codec"] in MP4_AUDIO_COPY:
-            codecs += [f"-c:a:{n}", "copy"]
-        else:
-            log.info("%s: audio stream %d is %s, re-encoding it to AAC for mp4", info.path, a["index"], a["codec"])
-            codecs += [f"-c:a:{n}", "aac", f"-b:a:{n}", "192k"]
-    n_sub = 0
-    for s in info.subtitles:
-        if s["codec"] in TEXT_SUBTITLES:
-            cmd += ["-map", f"1:{s['index']}"]
-            codecs += [f"-c:s:{n_sub}", "mov_text"]
-            n_sub += 1
-        else:
-            log.warning("%s: subtitle stream %d (%s) is a bitmap format mp4 cannot hold; dropped",
-                        info.path, s["index"], s["codec"])
+def merge(shards: list[tuple[Path, int, int]], info: VideoInfo, out: Path) -> None:
+    """Join shards ``(path, first frame, frame count)``, in frame order, into ``out`` without
+    re-encoding, each frame at its input time (n / fps, or the input's timestamp for variable
+    rate), with the input's audio and subtitles; atomic, faststart, checked as a player sees it.
+
+    Not ffmpeg's concat demuxer: it starts each shard where the previous one's duration ends,
+    and a shard's B-frame delay depends on how many frames it holds (x264 gives a 1- or 2-frame
+    shard none, longer ones two), so shards with other delays shifted the timeline and players
+    repeated frames. Here each packet's presentation time comes from its absolute frame index,
+    and its decode time from its place in the joined stream less the largest delay of any shard.
+    """
+    timeline = Timeline(info)
+    delay = max(_reorder_delay(path, info.fps) for path, _, _ in shards)
+    # 1. The joined, retimed video, written by libavformat's mp4 muxer from our timestamps: it
+    #    keeps both (NUT over a pipe would not: it stores no decode times and guesses the first ones).
+    joined = shards[0][0].with_name("joined.mp4" + TMP_SUFFIX)
     tmp = tmp_path(out)
-    cmd += codecs + ["-movflags", "+faststart", "-video_track_timescale", str(timescale(info.fps)),
-                     "-f", "mp4", str(tmp)]
-    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=list_file.parent)
-    if proc.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        tail = proc.stderr.decode("utf-8", "replace").strip().splitlines()[-3:]
-        raise EncodeError(f"merge failed: {' | '.join(tail)}")
     try:
-        frames = count_frames(tmp)
-        if frames != info.frames:
-            raise EncodeError(f"merged video has {frames} frames, expected {info.frames}")
+        codec = _write_joined(joined, shards, info, timeline, delay)
+        # 2. ffmpeg copies it beside the input's audio and subtitles into the final mp4.
+        cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y"]
+        if info.start:  # the input's first frame comes this long after its audio starts
+            cmd += ["-itsoffset", f"{float(info.start):.6f}"]
+        cmd += ["-i", str(joined), "-i", info.path, "-map", "0:v:0"]
+        codecs = ["-c:v", "copy"]
+        if codec == "hevc":  # Apple's players want HEVC tagged hvc1 (ffmpeg's mp4 default is hev1)
+            codecs += ["-tag:v", "hvc1"]
+        for n, a in enumerate(info.audio):
+            cmd += ["-map", f"1:{a['index']}"]
+            if a["codec"] in MP4_AUDIO_COPY:
+                codecs += [f"-c:a:{n}", "copy"]
+            else:
+                log.info("%s: audio stream %d is %s, re-encoding it to AAC for mp4", info.path, a["index"], a["codec"])
+                codecs += [f"-c:a:{n}", "aac", f"-b:a:{n}", "192k"]
+        n_sub = 0
+        for s in info.subtitles:
+            if s["codec"] in TEXT_SUBTITLES:
+                cmd += ["-map", f"1:{s['index']}"]
+                codecs += [f"-c:s:{n_sub}", "mov_text"]
+                n_sub += 1
+            else:
+                log.warning("%s: subtitle stream %d (%s) is a bitmap format mp4 cannot hold; dropped",
+                            info.path, s["index"], s["codec"])
+        cmd += codecs + ["-movflags", "+faststart", "-video_track_timescale", str(timeline.scale),
+                         "-f", "mp4", str(tmp)]
+        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if proc.returncode != 0:
+            tail = proc.stderr.decode("utf-8", "replace").strip().splitlines()[-3:]
+            raise EncodeError(f"merge failed: {' | '.join(tail)}")
+        check_timeline(tmp, info)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        joined.unlink(missing_ok=True)
     commit(tmp, out)
 
 
-def count_frames(path: Path) -> int:
-    """Frame count from the container's sample table (no decoding)."""
+def _reorder_delay(path: Path, fps: Fraction) -> int:
+    """Frames by which a shard's first decode time precedes its first frame (its B-frame delay)."""
     import av
 
     with av.open(str(path)) as c:
         vs = c.streams.video[0]
-        return vs.frames or sum(1 for p in c.demux(vs) if p.size)
+        for pkt in c.demux(vs):
+            if pkt.size and pkt.dts is not None:
+                return max(0, round(((vs.start_time or 0) - pkt.dts) * vs.time_base * fps))
+    raise EncodeError(f"{path.name}: shard has no video packets")
+
+
+def _write_joined(path: Path, shards: list[tuple[Path, int, int]], info: VideoInfo, timeline: Timeline,
+                  delay: int) -> str:
+    """Every packet of every shard, in decode order, into one mp4, retimed (see merge). Returns
+    the codec's name."""
+    import av
+
+    tb = Fraction(1, timeline.scale)
+    ostream, extradata = None, None
+    decoded = 0  # packets written so far: the decode position in the joined stream
+    with av.open(str(path), "w", format="mp4", options={"video_track_timescale": str(timeline.scale)}) as joined:
+        for shard, start, frames in shards:
+            with av.open(str(shard)) as c:
+                vs = c.streams.video[0]
+                if ostream is None:
+                    ostream, extradata = joined.add_stream_from_template(vs), vs.codec_context.extradata
+                    ostream.time_base = tb
+                elif vs.codec_context.extradata != extradata:
+                    # One set of codec headers serves the joined stream: a shard encoded with other
+                    # parameters would decode as garbage.
+                    raise EncodeError(f"{shard.name} was encoded with other codec parameters than the first shard")
+                t0, shard_tb = vs.start_time or 0, vs.time_base
+                count = 0
+                for pkt in c.demux(vs):
+                    if not pkt.size:
+                        continue
+                    local = round((pkt.pts - t0) * shard_tb * info.fps)  # shards are written at constant rate
+                    frame = start + local
+                    if not 0 <= local < frames or frame < decoded - delay:
+                        raise EncodeError(f"{shard.name}: a packet at frame {local} does not fit its "
+                                          f"{frames}-frame range (decode position {decoded}, delay {delay})")
+                    pkt.stream = ostream
+                    pkt.time_base = tb
+                    pkt.pts = timeline.at(frame)
+                    pkt.dts = timeline.at(decoded - delay)
+                    pkt.duration = timeline.at(frame + 1) - timeline.at(frame)
+                    joined.mux(pkt)
+                    decoded += 1
+                    count += 1
+                if count != frames:
+                    raise EncodeError(f"{shard.name} holds {count} frames, its sidecar says {frames}")
+        return ostream.codec_context.name
+
+
+def check_timeline(path: Path, info: VideoInfo) -> None:
+    """Raise unless ``path`` shows what a decoder should: ``info.frames`` frames, frame n at the
+    input's time for frame n, the first at the input's start offset, and, at constant rate,
+    every frame lasting one frame (a longer one is what makes players repeat frames)."""
+    import av
+
+    timeline = Timeline(info)
+    with av.open(str(path)) as c:
+        vs = c.streams.video[0]
+        tb = vs.time_base
+        packets = [(p.pts, p.duration) for p in c.demux(vs) if p.size and p.pts is not None]
+    if len(packets) != info.frames:
+        raise EncodeError(f"merged video has {len(packets)} timed frames, expected {info.frames}")
+    pts = sorted(p for p, _ in packets)
+    scale = Fraction(1, timeline.scale)
+    for n, p in enumerate(pts):
+        if (p - pts[0]) * tb != timeline.at(n) * scale:
+            raise EncodeError(f"merged video shows frame {n} at {float((p - pts[0]) * tb):.6f} s, "
+                              f"expected {float(timeline.at(n) * scale):.6f} s")
+    if abs(pts[0] * tb - info.start) > Fraction(1, 1000):
+        raise EncodeError(f"merged video starts at {float(pts[0] * tb):.6f} s, the input's video at "
+                          f"{float(info.start):.6f} s")
+    if not info.vfr:
+        for n, (_, duration) in enumerate(packets):
+            if duration * tb != 1 / info.fps:
+                raise EncodeError(f"merged video's frame {n} (decode order) lasts {float(duration * tb):.6f} s, "
+                                  f"not one frame ({float(1 / info.fps):.6f} s)")
+
+
+def output_sar(info: VideoInfo, width: int, height: int) -> Fraction:
+    """The pixel aspect that shows ``width`` x ``height`` frames at the input's display aspect."""
+    return (info.sar * info.width * height / (info.height * width)).limit_denominator(65535)
 

@@ -38,8 +38,7 @@ def span_frames(spans, info: VideoInfo) -> list[tuple[int, int]]:
         t0, t1 = parse_time(a), parse_time(b)
         if t1 <= t0:
             raise ValueError(f"job.spans: {span!r} ends before it starts")
-        f0 = min(info.frames, max(0, round(t0 * info.fps)))
-        f1 = min(info.frames, max(0, round(t1 * info.fps)))
+        f0, f1 = info.frame_at(t0), info.frame_at(t1)
         if f1 > f0:
             out.append((f0, f1))
     return out
@@ -88,17 +87,18 @@ class UpscaleJob:
     def output_size(self, width: int, height: int) -> tuple[int, int]:
         return self.upscaler.output_size(width, height)
 
-    def finish_video(self, info: VideoInfo, output: Path) -> dict:
+    def finish_video(self, info: VideoInfo, output: Path, reader) -> dict:
         """With ``job.preview=true``: ``<stem>.preview.png`` beside the video, the middle frame's
-        input crop, its bicubic upscale and the model's output side by side."""
+        input crop, its bicubic upscale and the model's output side by side, at the video's
+        display aspect. ``reader``: a FrameReader of the input, as the units read it."""
         if not self.cfg.get("preview"):
             return {}
         from ..preview import write_preview
-        from ..video import FrameReader
 
         mid = info.frames // 2
-        lr = next(iter(FrameReader(info).read(mid, mid + 1)))[0]  # (H, W, 3) uint8
-        path = write_preview(lr, self.upscaler(lr[None])[0], output.with_name(output.stem + ".preview.png"))
+        lr = next(iter(reader.read(mid, mid + 1)))[0]  # (H, W, 3) uint8, display orientation
+        path = write_preview(lr, self.upscaler(lr[None])[0], output.with_name(output.stem + ".preview.png"),
+                             sar=info.sar)
         return {"preview": str(path)}
 
     def begin(self, info: VideoInfo) -> None:
