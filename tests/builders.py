@@ -451,6 +451,29 @@ def make_interlaced(path: str | Path, frames: int = 24, size: tuple[int, int] = 
     return Path(path)
 
 
+def make_ten_bit_ramp(path: str | Path, frames: int = 6, size: tuple[int, int] = (1024, 16)) -> Path:
+    """A 10-bit HEVC clip (yuv420p10le) of a slow grey ramp: 1,024 levels across the frame, four
+    times what 8 bits hold, so an 8-bit stage anywhere shows as lost levels."""
+    w, h = size
+    ramp = np.linspace(0, 65535, w).astype(np.uint16)  # (W,) 16-bit scale
+    frame = np.repeat(np.repeat(ramp[None, :, None], h, axis=0), 3, axis=2)  # (H, W, 3) uint16
+    _run_ffmpeg(["-f", "rawvideo", "-pix_fmt", "rgb48le", "-s", f"{w}x{h}", "-framerate", "25", "-i", "-",
+                 "-c:v", "libx265", "-pix_fmt", "yuv420p10le", "-x265-params", "log-level=error:lossless=1",
+                 "-preset", "ultrafast", str(path)], (frame for _ in range(frames)))
+    return Path(path)
+
+
+def luma_levels(path: str | Path) -> tuple[str, int]:
+    """(pixel format, how many distinct luma values the first frame has), decoded natively."""
+    with av.open(str(path)) as c:
+        frame = next(c.decode(video=0))
+        fmt = frame.format.name
+        plane = frame.planes[0]
+        dtype = np.uint16 if "10" in fmt else np.uint8
+        y = np.frombuffer(bytes(plane), dtype).reshape(plane.height, -1)[:, :plane.width]
+        return fmt, len(np.unique(y))
+
+
 def ffmpeg_decode(path: str | Path, *vf: str) -> np.ndarray:
     """What a user's ffmpeg makes of a file: its default decode (autorotate on, constant-rate
     output at the stream's rate, so mistimed frames come out repeated or dropped) to raw rgb24.

@@ -11,8 +11,8 @@ import av
 import cv2
 import numpy as np
 import pytest
-from builders import (ffmpeg_decode, frame_times, make_clip, make_interlaced, make_rotated, make_vfr,
-                      probe_streams)
+from builders import (ffmpeg_decode, frame_times, luma_levels, make_clip, make_interlaced, make_rotated,
+                      make_ten_bit_ramp, make_vfr, probe_streams)
 from conftest import read_report, run_job
 
 from vsr_ddp.plan import probe
@@ -52,8 +52,9 @@ def test_phone_rotation_is_applied_and_the_output_plays_upright(tmp_path, degree
 
 
 def test_anamorphic_dvd_keeps_its_display_aspect_and_the_preview_shows_it(tmp_path):
+    tags = "setparams=color_primaries=bt470bg:color_trc=smpte170m:colorspace=bt470bg"  # SD video
     src = make_clip(tmp_path / "dvd.mp4", frames=4, size=(720, 576), fps="25", audio=False,
-                    video_opts=("-vf", "setsar=64/45"))
+                    video_opts=("-vf", f"setsar=64/45,{tags}", "-colorspace", "bt470bg"))
     info = probe(src)
     assert info.sar == Fraction(64, 45)
     out = upscale(src, tmp_path / "o", "job.preview=true")
@@ -64,6 +65,11 @@ def test_anamorphic_dvd_keeps_its_display_aspect_and_the_preview_shows_it(tmp_pa
         assert vs.display_aspect_ratio == Fraction(16, 9)
         next(c.decode(vs))
         assert vs.codec_context.sample_aspect_ratio == Fraction(64, 45)  # in the H.264 stream too
+        got_tags = [str(getattr(vs.codec_context, k)) for k in ("colorspace", "color_primaries", "color_trc")]
+    with av.open(str(src)) as c:
+        cc = c.streams.video[0].codec_context
+        want_tags = [str(getattr(cc, k)) for k in ("colorspace", "color_primaries", "color_trc")]
+    assert got_tags == want_tags and "2" not in want_tags  # carried, and not 'unspecified' (2)
     # the preview: default crop of 160x160 input pixels at x2, each panel widened by 64/45
     png = cv2.imread(str(out.with_name("dvd.preview.png")))
     assert png.shape[:2] == (LABEL_H + 320, 3 * round(320 * 64 / 45) + 2 * GAP)
@@ -118,3 +124,20 @@ def test_interlaced_input_is_detected_and_deinterlaced(tmp_path):
     assert np.abs(halve(ffmpeg_decode(out)).astype(int) - reference).mean() < 6
     off = upscale(src, tmp_path / "off", "decode.deinterlace=off")
     assert combing(ffmpeg_decode(off)) > 3 * combing(ffmpeg_decode(out))
+
+
+def test_ten_bit_hevc_stays_ten_bit_and_h264_stays_the_8_bit_default(tmp_path):
+    src = make_ten_bit_ramp(tmp_path / "ramp10.mp4")
+    info = probe(src)
+    assert (info.bit_depth, info.pix_fmt) == (10, "yuv420p10le")
+    fmt, levels = luma_levels(src)
+    assert levels > 800  # the source really has more than 8 bits of levels
+    hevc = upscale(src, tmp_path / "hevc", "encode.format=hevc", "work.segment_frames=4", nproc=2)
+    fmt, levels = luma_levels(hevc)
+    # 16-bit frames from decoder to encoder: the levels survive (an 8-bit stage leaves ~220)
+    assert fmt == "yuv420p10le" and levels > 800
+    h264 = upscale(src, tmp_path / "h264")
+    fmt, levels = luma_levels(h264)
+    assert fmt == "yuv420p" and levels <= 256
+    explicit = upscale(src, tmp_path / "x", "encode.format=hevc", "encode.pix_fmt=yuv420p")
+    assert luma_levels(explicit)[0] == "yuv420p"

@@ -215,7 +215,9 @@ def probe(path: str | Path) -> VideoInfo:
                           ("color_trc", "color_trc")):
             value = getattr(cc, attr, None)
             name = getattr(value, "name", value)
-            if isinstance(name, str) and name.lower() not in ("unspecified", "reserved", "unknown", ""):
+            if isinstance(name, int) and name not in (0, 2, 3):  # PyAV >= 14: ffmpeg's numbers (2: unspecified)
+                color[key] = str(name)
+            elif isinstance(name, str) and name.lower() not in ("unspecified", "reserved", "unknown", ""):
                 color[key] = name.lower()
         sar = Fraction(vs.sample_aspect_ratio or cc.sample_aspect_ratio or 1)
         width, height, codec, time_base = cc.width, cc.height, cc.name, Fraction(vs.time_base)

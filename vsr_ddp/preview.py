@@ -29,6 +29,13 @@ def default_crop(width: int, height: int) -> tuple[int, int, int, int]:
     return (width - w) // 2, (height - h) // 2, w, h
 
 
+def _to_8bit(frame: np.ndarray) -> np.ndarray:
+    """uint16 (a 10-bit video's frames, full 16-bit scale) -> uint8; uint8 as it is."""
+    if frame.dtype == np.uint16:
+        return ((frame.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    return frame
+
+
 def write_preview(lr_frame: np.ndarray, model_frame: np.ndarray, path, crop=None,
                   labels=LABELS, sar=1) -> Path:
     """Write the PNG preview and return its path.
@@ -38,7 +45,7 @@ def write_preview(lr_frame: np.ndarray, model_frame: np.ndarray, path, crop=None
     sar: the video's pixel aspect (64/45 for a 16:9 PAL DVD): panels are widened by it so the
     PNG (square pixels) shows the picture as a player does.
     """
-    lr_frame, model_frame = np.asarray(lr_frame), np.asarray(model_frame)
+    lr_frame, model_frame = _to_8bit(np.asarray(lr_frame)), _to_8bit(np.asarray(model_frame))
     if lr_frame.ndim != 3 or lr_frame.shape[2] != 3 or model_frame.ndim != 3 or model_frame.shape[2] != 3:
         raise ValueError(f"frames must be (H, W, 3) RGB; got {lr_frame.shape} and {model_frame.shape}")
     H, W = lr_frame.shape[:2]

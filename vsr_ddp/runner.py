@@ -18,7 +18,7 @@ from .pipeline import run_stages
 from .plan import (InputError, Plan, SkipVideo, Unit, VideoInfo, format_plan, list_inputs, plan_units, probe,
                    report_name)
 from .video import (NVENC_MAX_SIDE, FrameReader, ShardWriter, encoder_for_size, even_size, merge, output_sar,
-                    pad_even, resolve_codec)
+                    pad_even, pick_pix_fmt, pix_fmt_depth, resolve_codec)
 
 log = logging.getLogger(__name__)
 
@@ -240,10 +240,10 @@ class Runner:
                             "will see (and magnify) the combing", info.path)
         return on
 
-    def reader(self, info: VideoInfo) -> FrameReader:
+    def reader(self, info: VideoInfo, deep: bool = False) -> FrameReader:
         """Every read of a video's frames, for the model, keyframes and previews alike."""
         return FrameReader(info, backend=self.cfg.work.reader, chunk=self.cfg.work.read_chunk,
-                           deinterlace=self.deinterlace(info))
+                           deinterlace=self.deinterlace(info), deep=deep)
 
     def wdir(self, info: VideoInfo) -> Path:
         return shards.work_dir(self.output, info, self.tag)
@@ -280,14 +280,18 @@ class Runner:
         start, end = (unit.read_start, unit.read_end) if self.job.uses_context else (unit.start, unit.end)
         made_w, made_h = self.job.output_size(info.width, info.height)
         out_w, out_h = even_size(made_w, made_h)
-        reader = self.reader(info)
         encode = encoder_for_size(self.encode, out_w, out_h)
         if encode is not self.encode:
             log.info("%s: %dx%d is beyond %s's %d pixels a side: encoding with %s", info.stem, out_w, out_h,
                      self.encode["codec"], NVENC_MAX_SIDE[self.encode["codec"]], encode["codec"])
+        encode = pick_pix_fmt(encode, info.bit_depth)
+        # 16-bit frames from decoder to encoder when the input has more than 8 bits, the output
+        # format keeps them and the job computes in more than 8 bits (upscale)
+        deep = info.bit_depth > 8 and pix_fmt_depth(encode["pix_fmt"]) > 8 and getattr(self.job, "deep_frames", False)
+        reader = self.reader(info, deep=deep)
         gpu = self.ctx.device.index if self.ctx.device.type == "cuda" else None
         writer = ShardWriter(shards.shard_path(wdir, unit), out_w, out_h, info.fps, encode, info.color,
-                             gpu=gpu, sar=output_sar(info, made_w, made_h))
+                             gpu=gpu, sar=output_sar(info, made_w, made_h), deep=deep)
 
         self.job.begin(info)
         if getattr(self.job, "streaming", True):

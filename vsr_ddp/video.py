@@ -84,28 +84,32 @@ class FrameReader:
     frame rate (frames are found by their timestamps) and deinterlacing always go through PyAV.
 
     Frames come out as players show them: the stream's display rotation applied (ffmpeg's
-    autorotate), and deinterlaced with bwdif when ``deinterlace`` is true.
+    autorotate), and deinterlaced with bwdif when ``deinterlace`` is true. ``deep``: uint16 frames
+    (rgb48, full 16-bit scale) for a video of more than 8 bits whose output keeps them; else uint8.
     """
 
-    def __init__(self, info: VideoInfo, backend: str = "auto", chunk: int = 8, deinterlace: bool = False):
+    def __init__(self, info: VideoInfo, backend: str = "auto", chunk: int = 8, deinterlace: bool = False,
+                 deep: bool = False):
         self.info = info
         self.chunk = chunk
         self.deinterlace = deinterlace
+        self.deep = deep
         suffix = Path(info.path).suffix.lower()
         if backend not in ("auto", "decord", "pyav"):
             raise ValueError(f"work.reader must be auto, decord or pyav, not {backend!r}")
         if backend == "decord":
             why = (f"decord's seeking is not frame-exact for {suffix}" if suffix not in DECORD_CONTAINERS else
                    "variable frame rate: frames are found by timestamp" if info.vfr else
-                   "deinterlacing" if deinterlace else None)
+                   "deinterlacing" if deinterlace else
+                   f"{info.bit_depth}-bit frames" if deep else None)
             if why:
                 log.info("%s: reading with PyAV (%s)", info.path, why)
                 backend = "pyav"
         self.backend = "pyav" if backend == "auto" else backend
 
     def read(self, start: int, end: int) -> Iterator[np.ndarray]:
-        """Yield # (n, H, W, 3) uint8 chunks covering exactly frames [start, end), in display
-        orientation."""
+        """Yield # (n, H, W, 3) uint8 (uint16 when ``deep``) chunks covering exactly frames
+        [start, end), in display orientation."""
         if not 0 <= start < end <= self.info.frames:
             raise ValueError(f"bad frame range [{start}, {end}) for {self.info.frames} frames")
         turns = self.info.rotation // 90
@@ -168,7 +172,7 @@ class FrameReader:
         for idx, frame in enumerate(frames, lo):
             if idx < start:
                 continue
-            buf.append(frame.to_ndarray(format="rgb24"))
+            buf.append(frame.to_ndarray(format="rgb48le" if self.deep else "rgb24"))
             if len(buf) == self.chunk or idx == end - 1:
                 yield np.stack(buf)
                 buf = []
@@ -323,6 +327,26 @@ def encoder_for_size(encode: dict, width: int, height: int) -> dict:
     return encode
 
 
+def pick_pix_fmt(encode: dict, bit_depth: int) -> dict:
+    """``encode`` with ``pix_fmt: auto`` resolved for a video of ``bit_depth`` bits: 8-bit 4:2:0
+    (browser-playable) except HEVC of a deeper input, which keeps 10 bits (NVENC: p010le)."""
+    if encode.get("pix_fmt", "auto") != "auto":
+        return encode
+    if bit_depth > 8 and encode["codec"] in ("libx265", "hevc_nvenc"):
+        return {**encode, "pix_fmt": "p010le" if encode["codec"] == "hevc_nvenc" else "yuv420p10le"}
+    return {**encode, "pix_fmt": "yuv420p"}
+
+
+def pix_fmt_depth(pix_fmt: str) -> int:
+    """Bits per sample of an output pixel format (p010le, yuv420p10le: 10)."""
+    import av
+
+    try:
+        return max(c.bits for c in av.VideoFormat(pix_fmt).components)
+    except (ValueError, av.error.FFmpegError):
+        return 8
+
+
 def encoder_args(encode, fps: Fraction, gpu: int | None = None) -> list[str]:
     """ffmpeg output options for a shard; every shard of a video gets the same ones, which is
     what lets the merge concatenate them without re-encoding. ``gpu``: the CUDA device whose
@@ -332,7 +356,8 @@ def encoder_args(encode, fps: Fraction, gpu: int | None = None) -> list[str]:
         raise ValueError("encode.codec=auto must be resolved (resolve_codec) before encoding")
     crf = int(encode["crf"]) + CRF_OFFSET.get(codec, 0)
     preset = str(encode["preset"])
-    args = ["-c:v", codec, "-pix_fmt", encode.get("pix_fmt", "yuv420p")]
+    pix_fmt = encode.get("pix_fmt", "yuv420p")
+    args = ["-c:v", codec, "-pix_fmt", "yuv420p" if pix_fmt == "auto" else pix_fmt]
     if codec in ("libx264", "libx265"):
         args += ["-preset", preset, "-crf", str(crf)]
         if codec == "libx265":
@@ -350,28 +375,38 @@ def encoder_args(encode, fps: Fraction, gpu: int | None = None) -> list[str]:
 
 
 class ShardWriter:
-    """Pipes # (n, H, W, 3) uint8 frames into ffmpeg, which writes one encoded shard.
+    """Pipes # (n, H, W, 3) uint8 frames (uint16 with ``deep``: rgb48, for 10-bit output) into
+    ffmpeg, which writes one encoded shard.
 
     The shard is written under a temporary name and only appears under ``path`` when
     :meth:`close` has checked ffmpeg's exit status.
     """
 
     def __init__(self, path: Path, width: int, height: int, fps: Fraction, encode, color: dict | None = None,
-                 gpu: int | None = None, sar: Fraction = Fraction(1)):
+                 gpu: int | None = None, sar: Fraction = Fraction(1), deep: bool = False):
         self.path = Path(path)
+        self.dtype = np.uint16 if deep else np.uint8
         self.tmp = tmp_path(self.path)
         self.size = (width, height)
         self.frames = 0
         cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
-               "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}",
+               "-f", "rawvideo", "-pix_fmt", "rgb48le" if deep else "rgb24", "-s", f"{width}x{height}",
                "-framerate", f"{fps.numerator}/{fps.denominator}", "-i", "pipe:0", "-an"]
         cmd += encoder_args(encode, fps, gpu)
-        if sar != 1:  # anamorphic (a DVD's 720x576 shown 16:9): the pixels keep their shape
-            cmd += ["-vf", f"setsar=r={sar.numerator}/{sar.denominator}:max={max(sar.numerator, sar.denominator, 100)}"]
         # Tag the input's colour description: pixels go out in the matrix they were decoded
-        # with, so the same tags keep them meaning the same colours.
-        for key, value in (color or {}).items():
-            cmd += [f"-{key}", value]
+        # with, so the same tags keep them meaning the same colours. ffmpeg takes primaries and
+        # transfer from the frames (setparams), not from output options, for raw RGB input.
+        color = color or {}
+        filters = []
+        if sar != 1:  # anamorphic (a DVD's 720x576 shown 16:9): the pixels keep their shape
+            filters.append(f"setsar=r={sar.numerator}/{sar.denominator}:max={max(sar.numerator, sar.denominator, 100)}")
+        tags = [f"{key}={color[key]}" for key in ("color_primaries", "color_trc") if key in color]
+        if tags:
+            filters.append("setparams=" + ":".join(tags))
+        if filters:
+            cmd += ["-vf", ",".join(filters)]
+        if "colorspace" in color:
+            cmd += ["-colorspace", color["colorspace"]]
         cmd += ["-f", "mp4", str(self.tmp)]
         self._stderr = tempfile.TemporaryFile()
         self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._stderr)
@@ -385,8 +420,8 @@ class ShardWriter:
         return err
 
     def write(self, frames: np.ndarray) -> None:
-        n, h, w, c = frames.shape  # (n, H, W, 3) uint8
-        if (w, h) != self.size or c != 3 or frames.dtype != np.uint8:
+        n, h, w, c = frames.shape  # (n, H, W, 3) uint8 or uint16
+        if (w, h) != self.size or c != 3 or frames.dtype != self.dtype:
             raise EncodeError(f"frame batch {frames.shape} {frames.dtype} does not match {self.size}")
         try:
             self._proc.stdin.write(np.ascontiguousarray(frames).data)

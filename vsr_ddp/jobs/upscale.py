@@ -48,6 +48,7 @@ class UpscaleJob:
     name = "upscale"
     streaming = True
     uses_context = False  # single-image SR: each frame stands alone
+    deep_frames = True  # takes uint16 frames too (a 10-bit input to a 10-bit output)
 
     def __init__(self, cfg, device: torch.device):
         self.cfg = cfg

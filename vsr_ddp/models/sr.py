@@ -181,12 +181,13 @@ class Upscaler:
 
     @torch.inference_mode()
     def _infer(self, frames: np.ndarray, tile: int) -> np.ndarray:
-        x = torch.from_numpy(frames)  # (B, H, W, 3) uint8, host
+        peak = 65535 if frames.dtype == np.uint16 else 255  # 16-bit frames of a 10-bit video
+        x = torch.from_numpy(frames)  # (B, H, W, 3) uint8 or uint16, host
         if self.device.type == "cuda":
             # pinned (page-locked) memory: an async copy, and a quarter of the bytes of float
             x = x.pin_memory()
         x = x.to(self.device, non_blocking=True)
-        x = x.permute(0, 3, 1, 2).to(self.dtype).div_(255)  # (B, 3, H, W) float in [0, 1]
+        x = x.permute(0, 3, 1, 2).to(self.dtype).div_(peak)  # (B, 3, H, W) float in [0, 1]
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         y = self._tiled(x, tile) if tile else self._forward(x)  # (B, 3, H*s, W*s)
@@ -196,8 +197,12 @@ class Upscaler:
             y = F.interpolate(y.float(), size=(oh, ow), mode="bicubic", align_corners=False, antialias=True)
         # uint8 on the device (1/4 of the copy back), rounded once, in float32: fp16/bf16 would
         # round x255 to their own grid first and leave some pixels a level off
-        y = y.float().clamp_(0, 1).mul_(255).round_().to(torch.uint8)
-        return y.permute(0, 2, 3, 1).contiguous().cpu().numpy()  # (B, H', W', 3) uint8
+        y = y.float().clamp_(0, 1).mul_(peak).round_()
+        if peak == 255:
+            y = y.to(torch.uint8)
+            return y.permute(0, 2, 3, 1).contiguous().cpu().numpy()  # (B, H', W', 3) uint8
+        y = y.to(torch.int32)  # torch's uint16 lacks most kernels: int32 on the device, uint16 on the host
+        return y.permute(0, 2, 3, 1).contiguous().cpu().numpy().astype(np.uint16)  # (B, H', W', 3) uint16
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         """Run the net, padding to the architecture's size multiple (SwinIR, HAT) and back."""
