@@ -21,7 +21,7 @@ $(VENV)/.installed: setup.cfg
 
 setup: $(VENV)/.installed ## create .venv and install vsr_ddp with its test tools
 
-demo: $(VENV)/.installed ## make a sample clip with audio and upscale it with $(NPROC) ranks on CPU
+demo: $(VENV)/.installed ## upscale a sample of natural pictures x2 with Real-ESRGAN (fetched once) on $(NPROC) CPU ranks
 	$(PY) -m vsr_ddp.demo --dir $(DEMO_DIR) --nproc $(NPROC)
 
 test: $(VENV)/.installed ## the whole test suite (CPU, gloo)
@@ -32,12 +32,20 @@ test-slurm: $(VENV)/.installed ## opt-in, root: one-node Slurm from Debian runs 
 	$(PY) -m pip install --quiet -e '.[slurm]'
 	PYTHON=$(PY) bash tests/slurm/run_slurm_test.sh
 
-bench: $(VENV)/.installed ## benchmarks (not tests): frames/s and stage shares
+bench: $(VENV)/.installed ## benchmarks (not tests): frames/s and stage shares; then the real Real-ESRGAN models (fetched)
 	$(PY) -m vsr_ddp.bench
+	$(PY) -m vsr_ddp.models fetch realesr-animevideov3 realesrgan-x4plus
+	$(PY) -m vsr_ddp.bench --jobs upscale --model realesr-animevideov3 --size 256x144 --frames 48 --long 2 --dir bench_out/animevideov3
+	$(PY) -m vsr_ddp.bench --jobs upscale --model realesrgan-x4plus --size 128x72 --frames 12 --long 2 --dir bench_out/x4plus
+
+MODELS ?= --all
+.PHONY: models
+models: $(VENV)/.installed ## fetch published models once (MODELS="realesrgan-x4plus rife-hdv3"; default all) into VSR_DDP_MODELS or ~/.cache/vsr_ddp/models
+	$(PY) -m vsr_ddp.models fetch $(MODELS)
 
 .PHONY: train-default
 train-default: $(VENV)/.installed ## retrain the shipped x2 model (CPU, under 30 min)
 	$(PY) -m vsr_ddp.train_default --out vsr_ddp/weights/compact_x2.safetensors
 
-clean: ## remove demo output and caches (keeps .venv)
-	rm -rf $(DEMO_DIR) .pytest_cache
+clean: ## remove demo and bench output and caches (keeps .venv and fetched models)
+	rm -rf $(DEMO_DIR) bench_out .pytest_cache

@@ -13,7 +13,7 @@ from fractions import Fraction
 
 import av
 import pytest
-from builders import (FFMPEG, decode_indices, ffmpeg_decode, frame_times, make_clip, probe_streams, read_frames)
+from builders import FFMPEG, decode_indices, ffmpeg_decode, frame_times, make_clip, probe_streams, read_frames
 from conftest import read_report, run_job
 
 from vsr_ddp.plan import probe
@@ -41,7 +41,8 @@ def check_merged(out, src, frames: int, fps: Fraction) -> None:
         assert abs(duration - frames / fps) <= 1 / fps
         if c.streams.audio:
             a = c.streams.audio[0]
-            assert abs(Fraction(a.start_time or 0) * a.time_base - Fraction(vs.start_time) * vs.time_base) < 0.001
+            audio_start = Fraction(a.start_time or 0) * a.time_base
+            assert abs(audio_start - Fraction(vs.start_time) * vs.time_base) < 0.001
     got, want = probe_streams(out), probe_streams(src)
     if "audio_duration" in want:
         assert abs(got["audio_duration"] - want["audio_duration"]) < 0.03
@@ -99,8 +100,9 @@ def test_the_merge_check_fails_a_shifted_timeline(tmp_path):
     listing = tmp_path / "list.txt"
     listing.write_text("".join(f"file '{p}'\n" for p, _, _ in shards))
     bad = tmp_path / "concat.mp4"
-    subprocess.run([FFMPEG, "-hide_banner", "-loglevel", "error", "-f", "concat", "-safe", "0", "-i", str(listing),
-                    "-c", "copy", "-video_track_timescale", "90000", str(bad)], check=True)
+    subprocess.run([FFMPEG, "-hide_banner", "-loglevel", "error", "-f", "concat", "-safe", "0",
+                    "-i", str(listing), "-c", "copy", "-video_track_timescale", "90000", str(bad)],
+                   check=True)
     assert len(ffmpeg_decode(bad)) != 61  # the failure users saw
     with pytest.raises(EncodeError, match="frame .* lasts .* not one frame"):
         check_timeline(bad, info)

@@ -108,6 +108,7 @@ def test_bad_model_file_fails_before_any_work(content, needle, small_clip, tmp_p
     line = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(line) == 1 and needle in line[0] and str(model) in line[0]
     assert "github.com/xinntao/Real-ESRGAN/releases" in line[0]
+    assert "python -m vsr_ddp.models fetch realesrgan-x4plus" in line[0]
     assert not (out / "clip.mp4").exists() and not (out / ".vsr_ddp" / "clip_4x").exists()
 
 

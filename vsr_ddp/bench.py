@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .demo import make_sample
+from .demo import make_pattern
 from .plan import probe
 from .video import FrameReader
 
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     if model == "compact":
         model = str(make_compact(root / "compact.safetensors", args.scale, args.feat, args.conv))
     fps = "30000/1001"
-    short = make_sample(root / "short.mp4", seconds=args.frames * 1001 / 30000 + 0.001, size=args.size, fps=fps)
+    short = make_pattern(root / "short.mp4", seconds=args.frames * 1001 / 30000 + 0.001, size=args.size, fps=fps)
     n_short = probe(short).frames
     seg = max(1, -(-n_short // (2 * max(2, args.nproc))))  # about two segments per rank
     results = {"device": dev_name, "model": args.model if args.model != "compact" else
@@ -176,7 +176,7 @@ print(peak, time.perf_counter() - t)
 def bench_reader(root: Path) -> dict:
     """Peak host RSS of each reader over 600 frames of 720p taken more slowly than they decode:
     decord's decoder runs ahead and keeps its frames, PyAV decodes as frames are taken."""
-    clip = make_sample(root / "hd.mp4", seconds=1500 * 1001 / 30000, size="1280x720")
+    clip = make_pattern(root / "hd.mp4", seconds=1500 * 1001 / 30000, size="1280x720")
     out = {}
     for backend in ("decord", "pyav"):  # each in a fresh process: its peak RSS is its own
         proc = subprocess.run([sys.executable, "-c", READER_PROBE, str(clip), backend], capture_output=True,
@@ -198,7 +198,7 @@ def bench_upscale(args, root: Path, model: str, short: Path, n_short: int, seg: 
             if nproc > 1 else None)
     if many is None:
         print(f"N-rank run skipped: {torch.cuda.device_count()} GPU here", flush=True)
-    longclip = make_sample(root / "long.mp4", seconds=args.long * args.frames * 1001 / 30000 + 0.001,
+    longclip = make_pattern(root / "long.mp4", seconds=args.long * args.frames * 1001 / 30000 + 0.001,
                            size=args.size, fps=fps)
     # same segment size: only the video length differs
     long1 = run_job(model, longclip, root / "out_long", 1, args.batch, seg, dev_arg, args.precision)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..models.sr import CLASSICAL, Upscaler, model_path
+from ..models.sr import CLASSICAL, Upscaler
 from ..plan import VideoInfo
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,8 @@ class UpscaleJob:
         c = self.cfg
         self.upscaler = Upscaler(str(c.model), device=self.device, scale=c.scale, outscale=c.outscale,
                                  tile=c.tile, tile_pad=c.tile_pad, precision=c.precision,
-                                 batch_size=c.batch_size, compile=c.get("compile", False))
+                                 batch_size=c.batch_size, compile=c.get("compile", False),
+                                 models_dir=c.get("models_dir"))
         if c.get("spans"):
             if str(c.fallback) not in CLASSICAL:
                 raise ValueError(f"job.fallback must be lanczos or bicubic, not {c.fallback!r}")
@@ -76,8 +77,8 @@ class UpscaleJob:
     def settings(self) -> dict:
         c, up = self.cfg, self.upscaler
         model = str(c.model)
-        if model not in CLASSICAL:
-            path = model_path(model).resolve()
+        if up.path is not None:
+            path = up.path.resolve()
             st = os.stat(path)
             model = f"{path}:{st.st_size}:{int(st.st_mtime)}"
         return {"job": self.name, "model": model, "scale": up.scale, "outscale": up.outscale,

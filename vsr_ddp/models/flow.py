@@ -130,21 +130,26 @@ def load_raft(path: Path, device: torch.device):
 
 
 def _grid(flow: torch.Tensor) -> torch.Tensor:
-    """# (2, H, W) pixel flow -> (1, H, W, 2) grid_sample coordinates of x + flow(x)."""
-    _, h, w = flow.shape
+    """# (B, 2, H, W) pixel flow -> (B, H, W, 2) grid_sample coordinates of x + flow(x), float32
+    (half precision cannot address pixels past 2048 exactly)."""
+    _, _, h, w = flow.shape
+    flow = flow.float()
     ys = torch.arange(h, device=flow.device, dtype=flow.dtype)[:, None]
     xs = torch.arange(w, device=flow.device, dtype=flow.dtype)[None, :]
-    gx = (xs + flow[0]) * (2 / max(w - 1, 1)) - 1
-    gy = (ys + flow[1]) * (2 / max(h - 1, 1)) - 1
-    return torch.stack([gx, gy], dim=-1)[None]
+    gx = (xs + flow[:, 0]) * (2 / max(w - 1, 1)) - 1
+    gy = (ys + flow[:, 1]) * (2 / max(h - 1, 1)) - 1
+    return torch.stack([gx, gy], dim=-1)
 
 
 def warp(image: torch.Tensor, flow: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
-    """Backward warp: # (C, H, W) image of frame b, flow(a, b) (2, H, W) -> (C, H, W) on a's grid.
+    """Backward warp: # (C, H, W) image of frame b, flow(a, b) (2, H, W) -> (C, H, W) float on a's
+    grid; or batched, # (B, C, H, W) and (B, 2, H, W) -> (B, C, H, W) in the image's float dtype.
     Samples outside b take the nearest border pixel."""
-    out = F.grid_sample(image[None].float(), _grid(flow.float()), mode=mode, padding_mode="border",
-                        align_corners=True)
-    return out[0]
+    if image.dim() == 3:
+        return warp(image[None].float(), flow[None], mode)[0]
+    x = image if image.is_floating_point() else image.float()
+    out = F.grid_sample(x.float(), _grid(flow), mode=mode, padding_mode="border", align_corners=True)
+    return out.to(x.dtype)
 
 
 def occlusion_mask(ab: torch.Tensor, ba: torch.Tensor) -> torch.Tensor:

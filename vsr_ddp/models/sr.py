@@ -21,18 +21,31 @@ CLASSICAL = ("lanczos", "bicubic")
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "weights" / "compact_x2.safetensors"
 
 
-def model_path(model: str) -> Path:
-    """The checkpoint file ``job.model`` names (``default`` is the shipped model)."""
-    return DEFAULT_MODEL if model == "default" else Path(model).expanduser()
-
-
-WEIGHTS_HELP = ("Real-ESRGAN's weights (RealESRGAN_x4plus.pth, RealESRGAN_x2plus.pth, realesr-animevideov3.pth, "
-                "realesr-general-x4v3.pth, ...) are published at https://github.com/xinntao/Real-ESRGAN/releases; "
-                "any other checkpoint spandrel supports works too")
+WEIGHTS_HELP = ("Real-ESRGAN's weights by name: `python -m vsr_ddp.models fetch realesrgan-x4plus` (also "
+                "realesrgan-x4plus-anime, realesr-animevideov3), then job.model=realesrgan-x4plus; by path, any "
+                "checkpoint spandrel supports (Real-ESRGAN's .pth files: "
+                "https://github.com/xinntao/Real-ESRGAN/releases)")
 
 
 class ModelError(ValueError):
     """A model that cannot be used; raised before any work starts."""
+
+
+def model_path(model: str, models_dir: str | Path | None = None) -> Path:
+    """The checkpoint file ``job.model`` names: ``default`` (the shipped model), a published
+    model's name (from the model folder, never downloaded here), or a path."""
+    from . import published
+
+    if model == "default":
+        return DEFAULT_MODEL
+    if model in published.MODELS:
+        if not published.MODELS[model].scale:
+            raise ModelError(f"job.model={model} is a frame interpolation model (job=interpolate), not an upscaler")
+        try:
+            return published.weights_path(model, published.models_dir(models_dir))
+        except FileNotFoundError as e:
+            raise ModelError(f"job.model: {e}") from None
+    return Path(model).expanduser()
 
 
 def load_state_dict(path: Path) -> dict:
@@ -97,7 +110,8 @@ class Upscaler:
 
     def __init__(self, model: str, *, device: torch.device, scale: float | None = None,
                  outscale: float | None = None, tile: int = 0, tile_pad: int = 10,
-                 precision: str = "auto", batch_size: int = 4, compile: bool = False):
+                 precision: str = "auto", batch_size: int = 4, compile: bool = False,
+                 models_dir: str | Path | None = None):
         self.device = device
         self.tile = int(tile or 0)
         self.tile_pad = int(tile_pad)
@@ -107,10 +121,12 @@ class Upscaler:
             if not scale or scale <= 0:
                 raise ModelError(f"job.model={model} needs job.scale (e.g. job.scale=2)")
             self.net = None
+            self.path = None
             self.scale = float(scale)
             self.dtype = None
         else:
-            desc = load_descriptor(model_path(model))
+            self.path = model_path(model, models_dir)
+            desc = load_descriptor(self.path)
             if scale and float(scale) != desc.scale:
                 raise ModelError(f"job.scale={scale} but {model} is a x{desc.scale} model; "
                                  f"use job.outscale={scale} to resize its output")
