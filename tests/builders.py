@@ -474,6 +474,51 @@ def luma_levels(path: str | Path) -> tuple[str, int]:
         return fmt, len(np.unique(y))
 
 
+def with_beep(src: str | Path, dst: str | Path, onset: float, seconds: float, audio_codec: str = "aac",
+              video_delay: float = 0.0) -> Path:
+    """``src``'s video with an audio track that is silent, then a 1 kHz tone from ``onset`` s (audio
+    time) to ``seconds``: where the tone starts in the output tells its sync. ``video_delay``: the
+    video starts this long after the audio (a start offset in the container)."""
+    beep = f"aevalsrc=if(gte(t\\,{onset})\\,0.5*sin(2*PI*1000*t)\\,0):s=48000:d={seconds}"
+    _run_ffmpeg(["-itsoffset", str(video_delay), "-i", str(src), "-f", "lavfi", "-i", beep, "-map", "0:v",
+                 "-map", "1:a", "-c:v", "copy", "-c:a", audio_codec, str(dst)])
+    return Path(dst)
+
+
+def audio_onset(path: str | Path) -> float:
+    """Seconds (on the file's own timeline) at which the first audio stream gets loud."""
+    with av.open(str(path)) as c:
+        a = c.streams.audio[0]
+        for frame in c.decode(a):
+            x = frame.to_ndarray().astype(np.float64)
+            x = x.reshape(-1, x.shape[-1]).mean(axis=0) if x.ndim > 1 else x  # (samples,)
+            if x.dtype.kind == "i" or np.abs(x).max() > 1.5:
+                x = x / 32768
+            loud = np.flatnonzero(np.abs(x) > 0.1)
+            if len(loud):
+                return float(frame.pts * frame.time_base) + loud[0] / frame.sample_rate
+    raise ValueError(f"{path}: the audio never gets loud")
+
+
+def subtitle_cues(path: str | Path) -> list[tuple[float, float, str]]:
+    """(start s, end s, text) of each cue of the first subtitle stream."""
+    cues = []
+    with av.open(str(path)) as c:
+        s = c.streams.subtitles[0]
+        for pkt in c.demux(s):
+            if pkt.pts is None or not pkt.size:
+                continue
+            data = bytes(pkt)
+            if s.codec_context.name == "mov_text":  # a 16-bit length, the text, then style boxes
+                data = data[2:2 + int.from_bytes(data[:2], "big")]
+            text = data.decode("utf-8", "replace")
+            if not text:  # mov_text marks the gap between two cues with an empty sample
+                continue
+            start = float(pkt.pts * pkt.time_base)
+            cues.append((round(start, 3), round(start + float(pkt.duration * pkt.time_base), 3), text))
+    return cues
+
+
 def ffmpeg_decode(path: str | Path, *vf: str) -> np.ndarray:
     """What a user's ffmpeg makes of a file: its default decode (autorotate on, constant-rate
     output at the stream's rate, so mistimed frames come out repeated or dropped) to raw rgb24.

@@ -13,7 +13,8 @@ from fractions import Fraction
 
 import av
 import pytest
-from builders import FFMPEG, decode_indices, ffmpeg_decode, frame_times, make_clip, probe_streams, read_frames
+from builders import (FFMPEG, SUBTITLE_TEXTS, audio_onset, decode_indices, ffmpeg_decode, frame_times, make_clip,
+                      probe_streams, read_frames, subtitle_cues, with_beep)
 from conftest import read_report, run_job
 
 from vsr_ddp.plan import probe
@@ -109,3 +110,40 @@ def test_the_merge_check_fails_a_shifted_timeline(tmp_path):
     good = tmp_path / "good.mp4"
     merge(shards, info, good)
     check_timeline(good, info)
+
+
+@pytest.mark.parametrize("container,codec,delay", [(".avi", "pcm_s16le", 0.0), (".mp4", "aac", 0.0),
+                                                   (".mp4", "aac", 0.2)],
+                         ids=["avi_pcm_reencoded", "mp4_aac_copied", "video_starts_late"])
+def test_audio_stays_in_sync_through_the_merge(tmp_path, container, codec, delay):
+    """Where a tone starts, against the video: PCM from .avi is re-encoded to AAC (mp4 cannot copy
+    it), AAC is copied, and a video that starts 0.2 s after its audio keeps that offset."""
+    plain = make_clip(tmp_path / f"plain{container}", frames=40, fps="25", audio=False)
+    src = with_beep(plain, tmp_path / f"in{container}", onset=0.6, seconds=1.6, audio_codec=codec,
+                    video_delay=delay)
+    info = probe(src)
+    assert abs(float(info.start) - delay) < 0.01
+    info, shards = encode_shards(tmp_path, src, [17, 1, 22])
+    out = tmp_path / "final.mp4"
+    merge(shards, info, out)
+    with av.open(str(out)) as c:
+        vs, a = c.streams.video[0], c.streams.audio[0]
+        assert a.codec_context.name == "aac"
+        first_frame = Fraction(vs.start_time) * vs.time_base
+    with av.open(str(src)) as c:
+        vs = c.streams.video[0]
+        src_first = Fraction(vs.start_time) * vs.time_base
+    # the tone starts at the same time after the first frame as in the input, within 5 ms
+    assert abs((audio_onset(out) - float(first_frame)) - (audio_onset(src) - float(src_first))) < 0.005
+    assert abs(float(first_frame) - delay) < 0.005
+
+
+def test_subtitle_text_and_cue_times_survive_the_merge(tmp_path):
+    src = make_clip(tmp_path / "in.mkv", frames=36, fps="25", audio=True, subtitles=True)
+    info, shards = encode_shards(tmp_path, src, [10, 1, 25])
+    out = tmp_path / "final.mp4"
+    merge(shards, info, out)
+    want, got = subtitle_cues(src), subtitle_cues(out)
+    assert [text for *_, text in want] == [text for *_, text in got] == list(SUBTITLE_TEXTS)
+    for (a0, a1, _), (b0, b1, _) in zip(got, want):
+        assert abs(a0 - b0) <= 0.002 and abs(a1 - b1) <= 0.002
