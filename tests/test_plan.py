@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from vsr_ddp import shards
+from vsr_ddp import atomic, shards
 from vsr_ddp.logs import human_duration
 from vsr_ddp.plan import Plan, Unit, VideoInfo, list_inputs, plan_units
 
@@ -71,9 +71,9 @@ def test_sidecar_marks_a_shard_done_only_when_it_matches(tmp_path):
 
 def test_atomic_json_leaves_no_partial(tmp_path):
     target = tmp_path / "checkpoint.json"
-    shards.atomic_write_json(target, {"a": 1})
+    atomic.atomic_write_json(target, {"a": 1})
     assert target.read_text().strip().startswith("{")
-    assert not list(tmp_path.glob("*" + shards.TMP_SUFFIX))
+    assert not list(tmp_path.glob("*" + atomic.TMP_SUFFIX))
 
 
 def test_inputs_are_listed_by_extension(tmp_path):

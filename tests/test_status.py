@@ -11,6 +11,7 @@ import pytest
 from conftest import ROOT, read_report, run_job
 
 from vsr_ddp import shards, status
+from vsr_ddp.atomic import atomic_write_json
 from vsr_ddp.plan import Unit
 
 
@@ -60,7 +61,7 @@ def test_half_done_run_with_a_failure(finished, tmp_path):
     av, sub = out / ".vsr_ddp" / "av_2x", out / ".vsr_ddp" / "sub_2x"
     for wdir in (av, sub):  # back to before the merge
         ck = json.loads((wdir / "checkpoint.json").read_text())
-        shards.atomic_write_json(wdir / "checkpoint.json", ck | {"output": None})
+        atomic_write_json(wdir / "checkpoint.json", ck | {"output": None})
     # av: shards 0 and 1 done, shard 2 failed (recorded as the runner records it), shard 3 not started.
     for key in ("segment_0002", "segment_0003"):
         (av / f"{key}.json").unlink()
@@ -76,8 +77,8 @@ def test_half_done_run_with_a_failure(finished, tmp_path):
                                     (av, "segment_0001", 2.0, t0 + timedelta(hours=1, seconds=2)),
                                     (sub, "segment_0000", 6.0, t0 + timedelta(seconds=6))):
         side = json.loads((wdir / f"{key}.json").read_text())
-        shards.atomic_write_json(wdir / f"{key}.json",
-                                 side | {"seconds": seconds, "finished_at": end.strftime(status.TIME_FORMAT)})
+        atomic_write_json(wdir / f"{key}.json",
+                                 side | {"seconds": seconds, "finished_at": end.strftime(shards.TIME_FORMAT)})
 
     st = status.collect(out)
     v_av, v_sub = st["videos"]
@@ -120,7 +121,7 @@ def test_inputs_only_in_the_run_report(finished, tmp_path):
                           "output": None, "frames": None, "seconds": None},
                          {"input": "/in/still.mp4", "status": "skipped", "reason": "a single frame",
                           "output": None, "frames": 1, "seconds": None}]
-    shards.atomic_write_json(out / "run_report.json", report)
+    atomic_write_json(out / "run_report.json", report)
     st = status.collect(out)
     assert [(v["stem"], v["state"]) for v in st["videos"]] == [("broken", "failed"), ("still", "skipped"),
                                                                ("av", "merged"), ("sub", "merged")]

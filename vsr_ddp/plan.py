@@ -155,12 +155,6 @@ def shard_inputs(inputs: list, shard_index: int = 0, num_shards: int = 1) -> lis
     return list(inputs)[shard_index::num_shards]
 
 
-def report_name(shard_index: int = 0, num_shards: int = 1) -> str:
-    """``run_report.json``, or ``run_report.<i>-of-<n>.json`` for one share of a job array, so
-    that the tasks of an array can share one output folder without clobbering the report."""
-    return "run_report.json" if num_shards == 1 else f"run_report.{shard_index}-of-{num_shards}.json"
-
-
 def _pick_fps(stream) -> Fraction:
     avg, guessed = stream.average_rate, stream.guessed_rate
     # guessed_rate (ffmpeg's r_frame_rate) is exact for constant-rate video (30000/1001, not

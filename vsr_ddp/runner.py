@@ -10,13 +10,13 @@ import torch
 from omegaconf import OmegaConf
 
 from . import preempt, shards
+from .atomic import atomic_write_json
 from .dist import Dist
 from .jobs import make_job
 from .jobs.base import signature
 from .logs import Progress, human_duration
 from .pipeline import run_stages
-from .plan import (InputError, Plan, SkipVideo, Unit, VideoInfo, format_plan, list_inputs, plan_units, probe,
-                   report_name)
+from .plan import InputError, Plan, SkipVideo, Unit, VideoInfo, format_plan, list_inputs, plan_units, probe
 from .video import (NVENC_MAX_SIDE, FrameReader, ShardWriter, encoder_for_size, even_size, merge, output_sar,
                     pad_even, pick_pix_fmt, pix_fmt_depth, resolve_codec)
 
@@ -387,8 +387,8 @@ class Runner:
                 entry["reason"] = f"merge: {e}"
                 log.error("%s: merge failed: %s", info.path, e)
         report = {"videos": [entries[p] for p in plan.inputs if p in entries]}
-        report_file = self.output / report_name(self.cfg.work.shard_index, self.cfg.work.num_shards)
-        shards.atomic_write_json(report_file, report)
+        report_file = self.output / shards.report_name(self.cfg.work.shard_index, self.cfg.work.num_shards)
+        atomic_write_json(report_file, report)
         failed = [e for e in report["videos"] if e["status"] == "failed"]
         for e in failed:
             log.error("FAILED %s: %s", e["input"], e["reason"])

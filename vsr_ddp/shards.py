@@ -1,62 +1,31 @@
-"""Shard bookkeeping: work folders, sidecars, checkpoint.json, atomic writes, resume.
+"""The on-disk layout of a run and its bookkeeping: work folders, shard / sidecar / failure-record
+names, checkpoint.json, report names, and the rule for "this shard is done". The run
+(runner.py) and ``python -m vsr_ddp.status`` both read the layout from here (no torch imported).
 
 A shard counts as done exactly when its sidecar exists and matches it (owned range, job
-signature, file size and checksum). Shards and sidecars are written under a temporary name,
-flushed, fsynced and renamed, so a kill at any moment leaves either a complete pair or
-leftovers that :func:`discard_partial` removes.
+signature, file size and checksum). Shards and sidecars are written atomically (atomic.py), so a
+kill at any moment leaves either a complete pair or leftovers that :func:`discard_partial` removes.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
+from .atomic import atomic_write_json, tmp_path
 from .plan import Unit, VideoInfo
 
 SIDECAR_VERSION = 1
-TMP_SUFFIX = ".partial"
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%z"  # sidecars' finished_at, failure records' failed_at
+CHECKPOINT = "checkpoint.json"  # rank 0's manifest of one video, in its work folder
+REPORTS = "run_report*.json"  # every report name below, as a glob
 
 
-def tmp_path(path: Path) -> Path:
-    return path.with_name(path.name + TMP_SUFFIX)
-
-
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some network filesystems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
-
-
-def commit(tmp: Path, final: Path) -> None:
-    """Make a fully written temporary file appear under its final name, durably."""
-    fsync_file(tmp)
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    tmp = tmp_path(path)
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, ensure_ascii=False)
-        f.write("\n")
-    commit(tmp, path)
+def report_name(shard_index: int = 0, num_shards: int = 1) -> str:
+    """``run_report.json``, or ``run_report.<i>-of-<n>.json`` for one share of a job array, so
+    that the tasks of an array can share one output folder without clobbering the report."""
+    return "run_report.json" if num_shards == 1 else f"run_report.{shard_index}-of-{num_shards}.json"
 
 
 def sha256(path: Path, chunk: int = 1 << 20) -> str:
@@ -76,24 +45,39 @@ def shard_path(wdir: Path, unit: Unit) -> Path:
     return wdir / f"{unit.key}.mp4"
 
 
-def sidecar_path(wdir: Path, unit: Unit) -> Path:
-    return wdir / f"{unit.key}.json"
+def sidecar_path(wdir: Path, unit: Unit | str) -> Path:
+    """``<key>.json``; ``unit`` is a Unit or its key (``segment_0003``)."""
+    return wdir / f"{getattr(unit, 'key', unit)}.json"
 
 
-def read_sidecar(wdir: Path, unit: Unit) -> dict | None:
+def failure_path(wdir: Path, unit: Unit | str) -> Path:
+    return wdir / f"{getattr(unit, 'key', unit)}.failed.json"
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON file's object, or None when it is missing or unreadable (being replaced, say)."""
     try:
-        with open(sidecar_path(wdir, unit), encoding="utf-8") as f:
-            return json.load(f)
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+        return obj if isinstance(obj, dict) else None
     except (OSError, ValueError):
         return None
 
 
-def shard_done(wdir: Path, unit: Unit, signature: str, verify_checksum: bool = True) -> bool:
-    """True when the unit's shard and sidecar are complete, consistent and made by this job."""
-    side = read_sidecar(wdir, unit)
-    if not side or side.get("version") != SIDECAR_VERSION or side.get("signature") != signature:
+def read_sidecar(wdir: Path, unit: Unit | str) -> dict | None:
+    return read_json(sidecar_path(wdir, unit))
+
+
+def sidecar_matches(wdir: Path, side: dict | None, start: int, end: int, signature: str | None,
+                    verify_checksum: bool = True) -> bool:
+    """The "shard done" rule: the sidecar names this owned range and signature (None: any, for
+    manifests older than per-segment signatures), and its shard file has the recorded size (and
+    checksum, unless ``verify_checksum`` is off: status's quick look)."""
+    if not side or side.get("version") != SIDECAR_VERSION:
         return False
-    if (side.get("start"), side.get("end"), side.get("frames_written")) != (unit.start, unit.end, unit.frames):
+    if signature is not None and side.get("signature") != signature:
+        return False  # made by other job settings: the run redoes it
+    if (side.get("start"), side.get("end"), side.get("frames_written")) != (start, end, end - start):
         return False
     shard = wdir / side.get("shard", "")
     try:
@@ -104,8 +88,9 @@ def shard_done(wdir: Path, unit: Unit, signature: str, verify_checksum: bool = T
     return not verify_checksum or sha256(shard) == side.get("sha256")
 
 
-def failure_path(wdir: Path, unit: Unit) -> Path:
-    return wdir / f"{unit.key}.failed.json"
+def shard_done(wdir: Path, unit: Unit, signature: str, verify_checksum: bool = True) -> bool:
+    """True when the unit's shard and sidecar are complete, consistent and made by this job."""
+    return sidecar_matches(wdir, read_sidecar(wdir, unit), unit.start, unit.end, signature, verify_checksum)
 
 
 def discard_partial(wdir: Path, unit: Unit) -> None:
@@ -119,7 +104,7 @@ def write_failure(wdir: Path, unit: Unit, *, reason: str, rank: int, host: str) 
     """Record why a unit failed, next to where its shard would be (read by vsr_ddp.status)."""
     atomic_write_json(failure_path(wdir, unit), {
         "version": SIDECAR_VERSION, "seg_idx": unit.seg_idx, "start": unit.start, "end": unit.end,
-        "reason": reason, "rank": rank, "host": host, "failed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        "reason": reason, "rank": rank, "host": host, "failed_at": time.strftime(TIME_FORMAT)})
 
 
 def write_sidecar(wdir: Path, unit: Unit, *, signature: str, encode: dict, rank: int, host: str,
@@ -142,7 +127,7 @@ def write_sidecar(wdir: Path, unit: Unit, *, signature: str, encode: dict, rank:
         "rank": rank,
         "host": host,
         "seconds": round(seconds, 3),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "finished_at": time.strftime(TIME_FORMAT),
         **(extra or {}),
     }
     atomic_write_json(sidecar_path(wdir, unit), side)
@@ -167,7 +152,7 @@ def write_checkpoint(wdir: Path, info: VideoInfo, units: list[Unit], signatures:
                      output: str | None = None) -> None:
     """Rank 0's manifest of one video: segment key -> absolute range, shard, signature its sidecar
     must carry, status."""
-    atomic_write_json(wdir / "checkpoint.json", {
+    atomic_write_json(wdir / CHECKPOINT, {
         "version": SIDECAR_VERSION,
         "input": info.path,
         "video": info.to_json(),

@@ -21,22 +21,15 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+from . import shards
+from .atomic import tmp_path
 from .logs import human_duration
-
-TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%z"  # sidecars' finished_at (vsr_ddp.shards)
-
-
-def _load(path: Path) -> dict | None:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
+from .shards import read_json
 
 
 def _epoch(stamp: str | None) -> float | None:
     try:
-        return datetime.strptime(stamp, TIME_FORMAT).timestamp()
+        return datetime.strptime(stamp, shards.TIME_FORMAT).timestamp()
     except (TypeError, ValueError):
         return None
 
@@ -69,7 +62,7 @@ def _rate(frames: int, intervals: list[tuple[float, float]], seconds: float) -> 
 
 def video_status(wdir: Path) -> dict | None:
     """The state of one work folder, or None when it has no readable checkpoint.json."""
-    ck = _load(wdir / "checkpoint.json")
+    ck = read_json(wdir / shards.CHECKPOINT)
     if not ck or not isinstance(ck.get("segments"), dict):
         return None
     video = ck.get("video") or {}
@@ -77,8 +70,9 @@ def video_status(wdir: Path) -> dict | None:
     frames_total = video.get("frames") or sum(s["end"] - s["start"] for s in segments.values())
     done, frames_done, partial, failures, intervals, seconds = 0, 0, 0, [], [], 0.0
     for key, seg in sorted(segments.items(), key=lambda kv: kv[1]["start"]):
-        side = _load(wdir / f"{key}.json")
-        if side and _shard_done(wdir, seg, side, seg.get("signature", ck.get("signature"))):
+        side = shards.read_sidecar(wdir, key)
+        if shards.sidecar_matches(wdir, side, seg["start"], seg["end"], seg.get("signature", ck.get("signature")),
+                                  verify_checksum=False):
             done += 1
             frames_done += int(side.get("frames_written", seg["end"] - seg["start"]))
             sec = float(side.get("seconds") or 0.0)
@@ -87,12 +81,12 @@ def video_status(wdir: Path) -> dict | None:
             if end is not None:
                 intervals.append((end - sec, end))
             continue
-        failed = _load(wdir / f"{key}.failed.json")
+        failed = read_json(shards.failure_path(wdir, key))
         if failed:
             failures.append({"segment": key, "seg_idx": failed.get("seg_idx"), "start": failed.get("start"),
                              "end": failed.get("end"), "reason": failed.get("reason"),
                              "rank": failed.get("rank"), "host": failed.get("host")})
-        elif (wdir / f"{seg.get('shard', key + '.mp4')}.partial").exists():
+        elif tmp_path(wdir / seg.get("shard", key + ".mp4")).exists():
             partial += 1  # being written now, or left by a run that died (redone on resume)
     output = ck.get("output")
     if output and Path(output).exists() and done == len(segments):
@@ -117,17 +111,6 @@ def video_status(wdir: Path) -> dict | None:
     }
 
 
-def _shard_done(wdir: Path, seg: dict, side: dict, signature: str | None) -> bool:
-    if (side.get("start"), side.get("end")) != (seg.get("start"), seg.get("end")):
-        return False
-    if signature is not None and side.get("signature") != signature:
-        return False  # made by other job settings: the run redoes it
-    try:
-        return (wdir / side.get("shard", "")).stat().st_size == side.get("size")
-    except OSError:
-        return False
-
-
 def collect(output: str | Path) -> dict:
     """Everything :func:`main` prints, as one dict (what ``--json`` writes)."""
     output = Path(output).expanduser()
@@ -137,10 +120,10 @@ def collect(output: str | Path) -> dict:
     videos = [v for d in sorted(p for p in root.iterdir() if p.is_dir()) if (v := video_status(d))]
     # Inputs that never got a work folder (failed to probe, or skipped by the job) are only in the
     # run reports.
-    reports = sorted(output.glob("run_report*.json"))
+    reports = sorted(output.glob(shards.REPORTS))
     known = {v["input"] for v in videos}
     for report in reports:
-        for entry in (_load(report) or {}).get("videos", []):
+        for entry in (read_json(report) or {}).get("videos", []):
             if entry.get("input") in known:
                 v = next(v for v in videos if v["input"] == entry["input"])
                 if entry.get("status") == "failed" and entry.get("reason"):

@@ -19,7 +19,7 @@ from typing import Iterator
 import numpy as np
 
 from .plan import VideoInfo
-from .shards import TMP_SUFFIX, commit, tmp_path
+from .atomic import TMP_SUFFIX, commit, tmp_path
 
 log = logging.getLogger(__name__)
 
