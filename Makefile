@@ -7,7 +7,7 @@ TORCH_PIP ?= torch==2.14.1 torchvision==0.29.1
 DEMO_DIR ?= demo_out
 NPROC ?= 2
 
-.PHONY: help setup demo test bench lint clean
+.PHONY: help setup demo test test-fast bench lint clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
@@ -26,6 +26,12 @@ demo: $(VENV)/.installed ## upscale a sample of natural pictures x2 with Real-ES
 
 test: $(VENV)/.installed ## the whole test suite (CPU, gloo)
 	$(PY) -m pytest -q
+
+test-fast: $(VENV)/.installed ## the suite without the slow marks (no torchrun end-to-end runs)
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(VENV)/.installed ## flake8 at the project's 110 columns (setup.cfg)
+	$(PY) -m flake8 vsr_ddp tests
 
 .PHONY: test-slurm
 test-slurm: $(VENV)/.installed ## opt-in, root: one-node Slurm from Debian runs launch/*.sbatch on CPU (~10 min)

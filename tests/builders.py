@@ -856,3 +856,38 @@ def copy_configs_only(folder: str | Path, dest: str | Path) -> Path:
 
     shutil.copytree(folder, dest, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
     return Path(dest)
+
+
+def pan_frames(frames: int, size: tuple[int, int] = (160, 96), cut_at: int | None = None,
+               step: float = 1.7) -> np.ndarray:
+    """Natural motion: a camera panning (``step`` px a frame, sub-pixel) and slowly zooming over
+    scikit-image's astronaut photograph; from ``cut_at`` on, a hard cut to the coffee photograph,
+    panning too. (N, H, W, 3) uint8."""
+    import cv2
+    import skimage.data
+
+    w, h = size
+    scenes = (skimage.data.astronaut(), skimage.data.coffee())
+    out = []
+    for n in range(frames):
+        k = n if cut_at is None or n < cut_at else n - cut_at
+        photo = scenes[0] if cut_at is None or n < cut_at else scenes[1]
+        zoom = 1.6 * (1 + 0.004 * k)  # photo pixels per output pixel shrink: a slow zoom in
+        m = np.float32([[1 / zoom, 0, -(60 + step * k)], [0, 1 / zoom, -(80 + 0.6 * step * k)]])
+        m[:, 2] /= zoom
+        out.append(cv2.warpAffine(photo, m, (w, h), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REFLECT))
+    return np.stack(out)
+
+
+def encode_frames(path: str | Path, frames: np.ndarray, fps: str, audio: bool = False, crf: int = 8) -> Path:
+    """(N, H, W, 3) uint8 -> an H.264 file at ``fps`` (near-lossless by default), optional sine audio."""
+    n, h, w, _ = frames.shape
+    args = ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-framerate", fps, "-i", "-"]
+    maps, opts = ["-map", "0:v"], []
+    if audio:
+        args += ["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000"]
+        maps += ["-map", "1:a"]
+        opts += ["-c:a", "aac", "-af", f"atrim=end_sample={round(n / Fraction(fps) * 48000)}"]
+    _run_ffmpeg([*args, *maps, *opts, "-c:v", "libx264", "-pix_fmt", "yuv444p", "-crf", str(crf),
+                 "-preset", "veryfast", str(path)], iter(frames))
+    return Path(path)

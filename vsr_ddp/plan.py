@@ -100,6 +100,10 @@ class Unit:
     end: int
     read_start: int
     read_end: int
+    # The output frames this unit makes, when they are not its owned frames one for one
+    # (job=interpolate makes a retimed range); None: the owned range itself.
+    out_start: int | None = None
+    out_end: int | None = None
 
     @property
     def key(self) -> str:
@@ -108,6 +112,15 @@ class Unit:
     @property
     def frames(self) -> int:
         return self.end - self.start
+
+    @property
+    def out_range(self) -> tuple[int, int]:
+        return (self.start, self.end) if self.out_start is None else (self.out_start, self.out_end)
+
+    @property
+    def out_frames(self) -> int:
+        a, b = self.out_range
+        return b - a
 
 
 @dataclass

@@ -66,7 +66,7 @@ class Runner:
                                                          self.sig_of(plan.videos[u.video], u))]
         log.info("%d unit(s) for this rank, %d already done", len(mine), len(mine) - len(todo))
         progress = Progress(self.ctx, show_bar=self.ctx.is_main and self.cfg.log.progress)
-        progress.add_total(sum(u.frames for u in todo))
+        progress.add_total(sum(u.out_frames for u in todo))
         progress.start()
         try:
             self.work(plan, todo, progress)
@@ -224,6 +224,16 @@ class Runner:
                 f"(model {min(fps):.2f}-{max(fps):.2f} frames/s per rank at {info.width}x{info.height}; "
                 f"slowest rank {max(range(len(per_rank)), key=per_rank.__getitem__)})")
 
+    def output_info(self, info: VideoInfo) -> VideoInfo:
+        """The output's frames and timeline: the input's, unless the job retimes (job=interpolate)."""
+        out = getattr(self.job, "output_info", None)
+        return info if out is None else out(info)
+
+    def unit_counts(self) -> dict:
+        """What the job counted in the unit just made (scene cuts, held frames): sidecar and report."""
+        counts = getattr(self.job, "unit_counts", None)
+        return {} if counts is None else counts()
+
     def deinterlace(self, info: VideoInfo) -> bool:
         """``decode.deinterlace``: auto (when the stream flags interlaced frames), on, off."""
         mode = str(self.cfg.decode.deinterlace)
@@ -290,8 +300,8 @@ class Runner:
         deep = info.bit_depth > 8 and pix_fmt_depth(encode["pix_fmt"]) > 8 and getattr(self.job, "deep_frames", False)
         reader = self.reader(info, deep=deep)
         gpu = self.ctx.device.index if self.ctx.device.type == "cuda" else None
-        writer = ShardWriter(shards.shard_path(wdir, unit), out_w, out_h, info.fps, encode, info.color,
-                             gpu=gpu, sar=output_sar(info, made_w, made_h), deep=deep)
+        writer = ShardWriter(shards.shard_path(wdir, unit), out_w, out_h, self.output_info(info).fps, encode,
+                             info.color, gpu=gpu, sar=output_sar(info, made_w, made_h), deep=deep)
 
         self.job.begin(info)
         if getattr(self.job, "streaming", True):
@@ -332,8 +342,8 @@ class Runner:
         try:
             stages = run_stages(source, model, sink,
                                 depth=self.cfg.work.queue_depth, cancel=preempt.requested)
-            if writer.frames != unit.frames:
-                raise RuntimeError(f"wrote {writer.frames} frames, owned range has {unit.frames}")
+            if writer.frames != unit.out_frames:
+                raise RuntimeError(f"wrote {writer.frames} frames, the unit makes {unit.out_frames}")
             writer.close()
         except BaseException:
             writer.abort()
@@ -343,7 +353,8 @@ class Runner:
         shards.write_sidecar(wdir, unit, signature=self.sig_of(info, unit), encode=encode,
                              rank=self.ctx.rank, host=self.ctx.host, seconds=seconds,
                              extra={"read_start": start, "read_end": end, "width": out_w, "height": out_h,
-                                    "reader": reader.backend, "stages": stages, **resource_peaks(self.ctx.device)})
+                                    "reader": reader.backend, "stages": stages, "counts": self.unit_counts(),
+                                    **resource_peaks(self.ctx.device)})
         log.info("%s %s: frames [%d, %d) in %.1f s (%.2f frames/s)", info.stem, unit.key, unit.start,
                  unit.end, seconds, unit.frames / max(seconds, 1e-9))
 
@@ -409,15 +420,23 @@ class Runner:
         shards.check_coverage([Unit(vi, s["seg_idx"], s["start"], s["end"], s["read_start"], s["read_end"])
                                for s in sides], info.frames)
         out = self.output / f"{info.stem}.mp4"
+        out_info = self.output_info(info)
         t0 = time.monotonic()
-        ordered = [(wdir / s["shard"], s["start"], s["end"] - s["start"]) for s in sorted(sides, key=lambda s: s["start"])]
-        merge(ordered, info, out)
+        ordered = [(wdir / s["shard"], s.get("out_start", s["start"]), s["frames_written"])
+                   for s in sorted(sides, key=lambda s: s["start"])]
+        merge(ordered, out_info, out)
         merge_s = time.monotonic() - t0
         seconds = sum(s["seconds"] for s in sides) + merge_s
         self.write_checkpoint(plan, vi, output=str(out))
-        log.info("%s -> %s: %d frames, merged in %.2f s (work %s)", info.path, out, info.frames, merge_s,
+        log.info("%s -> %s: %d frames, merged in %.2f s (work %s)", info.path, out, out_info.frames, merge_s,
                  human_duration(seconds))
-        result = {"output": str(out), "seconds": round(seconds, 3), "merge_seconds": round(merge_s, 3)}
+        result = {"output": str(out), "frames": out_info.frames, "seconds": round(seconds, 3),
+                  "merge_seconds": round(merge_s, 3)}
+        counts: dict = {}
+        for s in sides:
+            for key, value in (s.get("counts") or {}).items():
+                counts[key] = counts.get(key, 0) + value
+        result.update(counts)
         extra = getattr(self.job, "finish_video", None)  # e.g. upscale's side-by-side preview
         if extra is not None:
             try:

@@ -69,15 +69,17 @@ def read_sidecar(wdir: Path, unit: Unit | str) -> dict | None:
 
 
 def sidecar_matches(wdir: Path, side: dict | None, start: int, end: int, signature: str | None,
-                    verify_checksum: bool = True) -> bool:
+                    verify_checksum: bool = True, frames: int | None = None) -> bool:
     """The "shard done" rule: the sidecar names this owned range and signature (None: any, for
-    manifests older than per-segment signatures), and its shard file has the recorded size (and
-    checksum, unless ``verify_checksum`` is off: status's quick look)."""
+    manifests older than per-segment signatures), it wrote ``frames`` frames (default: the owned
+    range's), and its shard file has the recorded size (and checksum, unless ``verify_checksum``
+    is off: status's quick look)."""
     if not side or side.get("version") != SIDECAR_VERSION:
         return False
     if signature is not None and side.get("signature") != signature:
         return False  # made by other job settings: the run redoes it
-    if (side.get("start"), side.get("end"), side.get("frames_written")) != (start, end, end - start):
+    written = end - start if frames is None else frames
+    if (side.get("start"), side.get("end"), side.get("frames_written")) != (start, end, written):
         return False
     shard = wdir / side.get("shard", "")
     try:
@@ -90,7 +92,8 @@ def sidecar_matches(wdir: Path, side: dict | None, start: int, end: int, signatu
 
 def shard_done(wdir: Path, unit: Unit, signature: str, verify_checksum: bool = True) -> bool:
     """True when the unit's shard and sidecar are complete, consistent and made by this job."""
-    return sidecar_matches(wdir, read_sidecar(wdir, unit), unit.start, unit.end, signature, verify_checksum)
+    return sidecar_matches(wdir, read_sidecar(wdir, unit), unit.start, unit.end, signature, verify_checksum,
+                           frames=unit.out_frames)
 
 
 def discard_partial(wdir: Path, unit: Unit) -> None:
@@ -118,7 +121,8 @@ def write_sidecar(wdir: Path, unit: Unit, *, signature: str, encode: dict, rank:
         "end": unit.end,
         "read_start": unit.read_start,
         "read_end": unit.read_end,
-        "frames_written": unit.frames,
+        "frames_written": unit.out_frames,
+        "out_start": unit.out_range[0],  # where its frames go in the output (= start, but for retiming jobs)
         "shard": shard.name,
         "size": shard.stat().st_size,
         "sha256": sha256(shard),
@@ -159,6 +163,7 @@ def write_checkpoint(wdir: Path, info: VideoInfo, units: list[Unit], signatures:
         "output": output,
         "segments": {
             u.key: {"start": u.start, "end": u.end, "read_start": u.read_start, "read_end": u.read_end,
+                    "frames": u.out_frames,
                     "shard": shard_path(wdir, u).name, "signature": signatures[u.key],
                     "status": status.get(u.key, "pending")}
             for u in units

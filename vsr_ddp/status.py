@@ -67,12 +67,13 @@ def video_status(wdir: Path) -> dict | None:
         return None
     video = ck.get("video") or {}
     segments = ck["segments"]
-    frames_total = video.get("frames") or sum(s["end"] - s["start"] for s in segments.values())
+    # the frames the output gets (a retiming job makes more or fewer than the input has)
+    frames_total = sum(s.get("frames", s["end"] - s["start"]) for s in segments.values()) or video.get("frames", 0)
     done, frames_done, partial, failures, intervals, seconds = 0, 0, 0, [], [], 0.0
     for key, seg in sorted(segments.items(), key=lambda kv: kv[1]["start"]):
         side = shards.read_sidecar(wdir, key)
         if shards.sidecar_matches(wdir, side, seg["start"], seg["end"], seg.get("signature", ck.get("signature")),
-                                  verify_checksum=False):
+                                  verify_checksum=False, frames=seg.get("frames")):
             done += 1
             frames_done += int(side.get("frames_written", seg["end"] - seg["start"]))
             sec = float(side.get("seconds") or 0.0)

@@ -3,11 +3,12 @@ hands it frames of one unit and writes what it returns; the job never touches fi
 from __future__ import annotations
 
 from .base import Job
+from .interpolate import InterpolateJob
 from .propagate import PropagateJob
 from .sim2real import Sim2RealJob
 from .upscale import UpscaleJob
 
-JOBS = {"upscale": UpscaleJob, "propagate": PropagateJob, "sim2real": Sim2RealJob}
+JOBS = {"upscale": UpscaleJob, "propagate": PropagateJob, "sim2real": Sim2RealJob, "interpolate": InterpolateJob}
 
 
 def make_job(cfg, device) -> Job:

@@ -75,6 +75,27 @@ class IFNet(nn.Module):
         return warped0 * weight + warped1 * (1 - weight)
 
 
+def rife_variant(path: Path) -> str:
+    """What a RIFE checkpoint is, from its keys alone: ``hdv3`` (this module's IFNet: three
+    11-channel IFBlocks of 90 features and a teacher), ``4.x`` (Practical-RIFE's later IFNets:
+    more blocks, or an ``encode`` feature head), else ``unknown``."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            shapes = {k.removeprefix("module."): tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    else:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        shapes = {k.removeprefix("module."): tuple(v.shape) for k, v in state.items()}
+    if shapes.get("block0.conv0.0.0.weight") == (45, 11, 3, 3) and "block_tea.conv0.0.0.weight" in shapes \
+            and not any(k.startswith("block3.") for k in shapes):
+        return "hdv3"
+    if any(k.startswith(("encode.", "block3.", "block4.")) for k in shapes) or "block0.lastconv.0.weight" in shapes:
+        return "4.x"
+    return "unknown"
+
+
 def load_ifnet(path: Path, device: torch.device = torch.device("cpu")) -> IFNet:
     """IFNet with the weights of ``path``: safetensors (a fetched ``rife-hdv3``) or RIFE's own
     ``flownet.pkl`` (read weights-only), with or without DataParallel's ``module.`` prefix."""

@@ -1,0 +1,134 @@
+"""job=interpolate: exact retiming, engines against each other on real motion, scene cuts, VFR,
+distribution and resume, through the command line."""
+from __future__ import annotations
+
+import json
+from fractions import Fraction
+
+import numpy as np
+import pytest
+from builders import encode_frames, frame_times, make_clip, make_vfr, pan_frames, probe_streams, read_frames
+from conftest import read_report, run_job
+
+from vsr_ddp.models.interpolation import output_count, source_of
+from vsr_ddp.models.published import fetch
+
+
+@pytest.fixture(scope="module")
+def rife_models(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("models")
+    fetch(["rife-hdv3"], folder, log=lambda *_: None)
+    return folder
+
+
+def interpolate(src, out, *extra, nproc=1, check=True):
+    return run_job(["job=interpolate", f"input={src}", f"output={out}", "log.progress=false", *extra],
+                   nproc=nproc, check=check)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255 ** 2 / mse))
+
+
+def test_any_rational_factor_gives_exact_times_and_exact_in_between_frames(tmp_path):
+    """24 -> 60 fps (x 5/2) with the cross-fade: every frame's time is n / 60 exactly, and every
+    frame equals (1 - t) a + t b for the t the rule gives, computed here with fractions."""
+    src = make_clip(tmp_path / "c.mp4", frames=20, size=(64, 48), fps="24", audio=True)
+    out = tmp_path / "o"
+    interpolate(src, out, "job.model=blend", "job.factor=5/2", "work.segment_frames=7", nproc=2)
+    report = read_report(out)["videos"][0]
+    assert report["status"] == "ok" and report["frames"] == 50
+    times, _ = frame_times(out / "c.mp4")
+    assert times == [Fraction(n, 60) for n in range(50)]
+    got, source = read_frames(out / "c.mp4").astype(np.float64), read_frames(src).astype(np.float64)
+    for n in range(50):
+        i, t = source_of(n, 20, Fraction(24), Fraction(60))
+        if i == 19:
+            assert t == 0  # past the last source frame: held
+        # of every mix of frames i and i + 1 in fifths, the one the rule names is the closest
+        j = min(i + 1, 19)
+        errors = {k: np.abs(got[n] - ((1 - k / 5) * source[i] + k / 5 * source[j])).mean() for k in range(5)}
+        assert min(errors, key=errors.get) == t * 5, (n, t, errors)
+        assert errors[t * 5] < 4  # encoding noise only
+    # the same duration as the input (within one output frame), and its audio
+    got_s, src_s = probe_streams(out / "c.mp4"), probe_streams(src)
+    assert abs(50 / 60 - 20 / 24) <= 1 / 60
+    assert abs(got_s["audio_duration"] - src_s["audio_duration"]) < 0.03
+
+
+def test_exact_output_rate_and_the_counting_rule(tmp_path):
+    src = make_clip(tmp_path / "ntsc.mp4", frames=11, size=(64, 48), fps="24000/1001", audio=False)
+    out = tmp_path / "o"
+    interpolate(src, out, "job.model=blend", "job.fps=60000/1001")
+    times, _ = frame_times(out / "ntsc.mp4")
+    assert len(times) == output_count(11, Fraction(24000, 1001), Fraction(60000, 1001)) == 27
+    assert times == [Fraction(1001 * n, 60000) for n in range(27)]
+    assert probe_streams(out / "ntsc.mp4")["fps"] == Fraction(60000, 1001)
+
+
+def test_rife_beats_flow_beats_blend_on_real_motion_and_a_cut_is_not_morphed(tmp_path, rife_models):
+    """A camera pan and zoom over a photograph, every other frame dropped, rebuilt at x2: PSNR
+    against the dropped frames. A hard cut in the middle gives a repeated frame, not a blend."""
+    full = pan_frames(40, cut_at=24)  # cut between original frames 23 and 24
+    half = encode_frames(tmp_path / "half.mp4", full[::2], "12", audio=True)
+    scores = {}
+    for model in ("rife-hdv3", "flow", "blend"):
+        out = tmp_path / model
+        interpolate(half, out, f"job.model={model}", "job.factor=2", f"models_dir={rife_models}",
+                    "work.segment_frames=8", nproc=2)
+        made = read_frames(out / "half.mp4")
+        assert len(made) == 40
+        report = read_report(out)["videos"][0]
+        assert report["scene_cuts"] == 1 and report["interpolated_frames"] == 18  # 19 pairs, one a cut
+        # the frame across the cut (output 23) repeats a source frame exactly: half 11 or 12
+        repeats = [psnr(made[23], made[22]), psnr(made[23], made[24])]
+        assert max(repeats) > 40, f"{model}: the frame across the cut is not a source frame"
+        dropped = [n for n in range(1, 39, 2) if n != 23]
+        scores[model] = np.mean([psnr(made[n], full[n]) for n in dropped])
+    assert scores["rife-hdv3"] > scores["flow"] > scores["blend"], scores
+    assert scores["rife-hdv3"] > scores["blend"] + 3
+
+
+def test_two_ranks_equal_one_rank_and_a_rerun_keeps_finished_shards(tmp_path):
+    src = encode_frames(tmp_path / "p.mp4", pan_frames(21), "25", audio=True)
+    one, two = tmp_path / "one", tmp_path / "two"
+    interpolate(src, one, "job.model=flow", "job.factor=2", "work.segment_frames=6")
+    interpolate(src, two, "job.model=flow", "job.factor=2", "work.segment_frames=6", nproc=2)
+    a, b = read_frames(one / "p.mp4"), read_frames(two / "p.mp4")
+    assert len(a) == len(b) == 42 and np.array_equal(a, b)
+    # take one shard away: the rerun makes that one alone and the video is the same
+    sidecars = sorted((two / ".vsr_ddp").glob("p_*/segment_*.json"))
+    assert len(sidecars) == 4
+    kept = {p: p.read_bytes() for p in sidecars[:2] + sidecars[3:]}
+    sidecars[2].unlink()
+    interpolate(src, two, "job.model=flow", "job.factor=2", "work.segment_frames=6", nproc=2)
+    assert all(p.read_bytes() == data for p, data in kept.items())
+    assert json.loads(sidecars[2].read_text())["frames_written"] == 12
+    assert np.array_equal(read_frames(two / "p.mp4"), a)
+
+
+def test_bad_settings_and_inputs(tmp_path, rife_models):
+    src = make_clip(tmp_path / "c.mp4", frames=8, size=(64, 48), fps="24", audio=False)
+    # a midpoint model cannot make thirds: a configuration error before any work
+    proc = interpolate(src, tmp_path / "x", "job.model=rife-hdv3", "job.factor=3", f"models_dir={rife_models}",
+                       check=False)
+    assert proc.returncode == 2 and "job.model=flow" in proc.stderr
+    # ... and per video, when the rate is given: that video fails, the others go on
+    other = make_clip(tmp_path / "d.mp4", frames=8, size=(64, 48), fps="30", audio=False)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "c.mp4").write_bytes(src.read_bytes())
+    (folder / "d.mp4").write_bytes(other.read_bytes())
+    proc = interpolate(folder, tmp_path / "y", "job.model=rife-hdv3", "job.fps=60", f"models_dir={rife_models}",
+                       check=False)
+    status = {v["input"].split("/")[-1]: v for v in read_report(tmp_path / "y")["videos"]}
+    assert proc.returncode == 1 and status["d.mp4"]["status"] == "ok"
+    assert status["c.mp4"]["status"] == "failed" and "midpoint" in status["c.mp4"]["reason"]
+    # variable frame rate: an error for that input, unless job.vfr=cfr
+    vfr, _ = make_vfr(tmp_path / "vfr.mp4", audio=False)
+    proc = interpolate(vfr, tmp_path / "z", "job.model=blend", check=False)
+    report = read_report(tmp_path / "z")["videos"][0]
+    assert proc.returncode == 1 and "variable frame rate" in report["reason"] and "job.vfr=cfr" in report["reason"]
+    interpolate(vfr, tmp_path / "w", "job.model=blend", "job.vfr=cfr")
+    assert read_report(tmp_path / "w")["videos"][0]["frames"] == 90
