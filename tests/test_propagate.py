@@ -15,10 +15,11 @@ from builders import make_clip, read_frames
 from conftest import read_report, run_job
 from omegaconf import OmegaConf
 
-from vsr_ddp.jobs.propagate import Propagator, PropagateJob, key_units
+from vsr_ddp.jobs.propagate import PropagateJob, key_units
 from vsr_ddp.models.blend import histogram_preserving_blend, poisson_fuse
 from vsr_ddp.models.ebsynth import Guide, GuideWeights, SynthParams, synthesize
 from vsr_ddp.models.flow import FlowError, FlowEstimator, fill_holes, occlusion_mask, warp
+from vsr_ddp.models.propagation import Propagator
 from vsr_ddp.plan import InputError, VideoInfo
 
 W, H = 128, 96
@@ -251,8 +252,9 @@ def test_single_sided_units_and_poisson():
 def make_job(keys, tmp_path: Path, **over) -> PropagateJob:
     cfg = OmegaConf.create({"name": "propagate", "keys": str(keys), "keys_layout": "auto",
                             "input": str(tmp_path / "v.mp4"),
-                            "patch_size": 5, "uniformity": 3500, "pyramid_levels": -1, "search_vote_iters": 1,
-                            "patchmatch_iters": 1, "max_jump": 2, "style_weight": 1.0, "seed": 0,
+                            "ebsynth": {"patch_size": 5, "uniformity": 3500, "pyramid_levels": -1,
+                                        "search_vote_iters": 1, "patchmatch_iters": 1, "max_jump": 2,
+                                        "style_weight": 1.0, "seed": 0},
                             "guides": {"color": 6.0, "edge": 0.5, "temporal": 0.5, "position": 2.0},
                             "flow_weights": None, "flow_preset": "medium", "raft_iters": 12, "poisson": False,
                             **over})
@@ -319,6 +321,9 @@ def test_keys_layout_follows_the_input(tmp_path):
     assert not file_job.per_video and [u.end for u in file_job.plan_video(info, 0)] == [2, 8]
 
 
+FAST_CLI = ["job.ebsynth.search_vote_iters=1", "job.ebsynth.patchmatch_iters=1", "job.ebsynth.max_jump=2"]
+
+
 # --- End to end -----------------------------------------------------------------------------------
 
 @pytest.mark.slow
@@ -336,8 +341,7 @@ def test_two_ranks_from_the_command_line(tmp_path):
     write_key(tmp_path / "keys" / "bad" / "first.png")
     out = tmp_path / "out"
     proc = run_job(["job=propagate", f"input={videos}", f"output={out}", f"job.keys={tmp_path / 'keys'}",
-                    "job.search_vote_iters=1", "job.patchmatch_iters=1", "job.max_jump=2", "device=cpu",
-                    "log.progress=false"], nproc=2, check=False)
+                    *FAST_CLI, "device=cpu", "log.progress=false"], nproc=2, check=False)
     assert proc.returncode == 1, proc.stderr[-3000:]
     report = {Path(v["input"]).stem: v for v in read_report(out)["videos"]}
     assert report["good"]["status"] == "ok", report
@@ -355,8 +359,7 @@ def test_two_ranks_from_the_command_line(tmp_path):
     restyled = 255 - styled[9]
     cv2.imwrite(str(tmp_path / "keys" / "good" / "00009.png"), cv2.cvtColor(restyled, cv2.COLOR_RGB2BGR))
     run_job(["job=propagate", f"input={videos / 'good.mp4'}", f"output={out}", f"job.keys={tmp_path / 'keys'}",
-             "job.keys_layout=per_video", "job.search_vote_iters=1", "job.patchmatch_iters=1", "job.max_jump=2",
-             "device=cpu", "log.progress=false"])
+             "job.keys_layout=per_video", *FAST_CLI, "device=cpu", "log.progress=false"])
     after = {p.name: p.read_text() for p in sidecars}
     kept = [n for n in before if before[n] == after[n]]
     assert kept == [sidecars[0].name], kept  # segment_0000 is [0, 3)

@@ -1,5 +1,6 @@
-"""job=sim2real: FRESCO's keyframe rule and correspondences, its processors and reference latents on
-a tiny random SD 1.5 + ControlNet, skipped videos, missing weights, and a 2-rank command-line run."""
+"""job=sim2real: FRESCO's keyframe rule and correspondences, its attention and feature optimization
+judged by their effect, reference latents on a tiny random SD 1.5 + ControlNet, skipped videos,
+missing weights, and command-line runs whose pixels are checked."""
 from __future__ import annotations
 
 import json
@@ -18,9 +19,14 @@ from test_configs import CONF
 from vsr_ddp import jobs
 from vsr_ddp.dist import Dist
 from vsr_ddp.models import fresco
+from vsr_ddp.models.flow import warp
+from vsr_ddp.models.propagation import propagate_keys
 from vsr_ddp.plan import SkipVideo, Unit
 from vsr_ddp.runner import Runner
 
+# every frame a keyframe, in one batch: the output is FRESCO's alone, no propagation between keys
+ALL_KEYS = ["job.short_side=64", "job.steps=2", "job.strength=1.0", "job.batch_size=4",
+            "job.fresco.opt_iters=2", "job.keyframes.min_interval=1", "job.keyframes.max_interval=1"]
 TINY_JOB = ["job.short_side=64", "job.steps=3", "job.strength=1.0", "job.batch_size=4",
             "job.keyframes.min_interval=3", "job.keyframes.max_interval=3", "job.fresco.opt_iters=5",
             "job.ebsynth.search_vote_iters=1", "job.ebsynth.patchmatch_iters=1"]
@@ -139,7 +145,113 @@ def test_trajectories_are_the_published_scan_vectorized():
 # --- The pipeline on tiny random weights -----------------------------------------------------------
 
 
-def test_processors_are_installed_and_called_and_references_carry_across_batches(pipe, one_thread):
+def attention_case(seed: int = 0):
+    """A diffusers self-attention layer with random weights, the hidden states of 3 frames x 2 CFG
+    halves on a 4 x 4 token grid, and FRESCO's guidance of a moving clip at that grid."""
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(seed)
+    attn = Attention(query_dim=8, heads=2, dim_head=4).eval()
+    hidden = torch.randn(2 * 3, 16, 8)  # (chunk * F, L, C)
+    frames = synth_frames(3, (64, 64), seed=seed)  # moving shapes: occlusions, broken trajectories
+    control = fresco.FrescoControl()
+    control.frames = 3
+    control.guidance = fresco.guidance_for(frames, [(4, 4)], torch.device("cpu"))
+    return attn, hidden, control
+
+
+def test_fresco_attention_with_every_part_off_is_diffusers_own_and_each_part_changes_it():
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    attn, hidden, control = attention_case()
+    proc = fresco.FrescoAttnProcessor(control, "up_blocks.3.attentions.0.transformer_blocks.0.attn1")
+    with torch.no_grad():
+        plain = AttnProcessor2_0()(attn, hidden)
+        off = proc(attn, hidden)
+        assert torch.allclose(off, plain, atol=1e-6)  # guidance present, every part off: plain SDPA
+        control.stored[proc.name] = torch.randn_like(hidden)  # the reference pass's input
+        changed = {}
+        for part in ("cross_frame", "spatial", "temporal"):
+            setattr(control, part, True)
+            changed[part] = (proc(attn, hidden) - plain).abs().max().item()
+            setattr(control, part, False)
+        assert torch.allclose(proc(attn, hidden), plain, atol=1e-6)  # and switched off again
+    assert all(v > 1e-3 for v in changed.values()), changed
+    # the case is not degenerate: later frames have newly visible tokens, and not all of them are
+    assert control.guidance.masks[16][1:].any() and not control.guidance.masks[16][1:].all()
+
+
+def test_feature_optimization_hook_changes_the_decoder_input_only_when_on(pipe):
+    """The forward pre-hook on a decoder block replaces its input when the control says so."""
+    c = pipe.control
+    block = pipe.unet.up_blocks[2]
+    seen = []
+    handle = block.register_forward_pre_hook(lambda m, args, kw: seen.append(kw["hidden_states"]),
+                                             with_kwargs=True)  # runs after FRESCO's hook
+    frames = fresco.resize_frames(synth_frames(3, (64, 48)), (64, 64))
+    latents = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    embeds = pipe.encode_prompt("a red car").repeat_interleave(3, dim=0)
+    try:
+        c.frames, c.guidance = 3, fresco.guidance_for(frames, pipe.token_sizes(64, 64), pipe.device)
+        c.opt = {"temporal": True, "spatial_weight": 0.0, "iters": 3, "lr": 0.2}
+        c.opt_layers = (2,)
+        with torch.no_grad():
+            for optimize in (False, True):
+                c.optimize = optimize
+                pipe.unet(latents, 500, encoder_hidden_states=embeds)
+    finally:
+        handle.remove()
+        c.reset()
+    plain, optimized = seen
+    assert plain.shape == optimized.shape and (plain - optimized).abs().max() > 1e-3
+
+
+@pytest.fixture(scope="module")
+def switched(pipe):
+    """One batch of three keys translated with every FRESCO part on, then with each part off alone,
+    then with all off: same frames, keys, prompt and seed, so only the switch differs."""
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    frames = fresco.resize_frames(synth_frames(3, (64, 48)), (64, 64))
+    embeds = pipe.encode_prompt("a red car", "lowres")
+    # temporal attention at every step (t >= 0) and optimization at the first: each part acts
+    base = dict(steps=2, strength=1.0, batch_size=3, opt_iters=2, temporal_attn_min_t=0)
+    parts = ("cross_frame_attn", "spatial_attn", "temporal_attn", "feature_opt")
+    runs = {"on": base, **{p: {**base, p: False} for p in parts},
+            "off": {**base, **dict.fromkeys(parts, False)}}
+    out = {k: pipe.translate(frames, [0, 1, 2], embeds, fresco.FrescoSettings(**v)) for k, v in runs.items()}
+    out["again"] = pipe.translate(frames, [0, 1, 2], embeds, fresco.FrescoSettings(**base))
+    torch.set_num_threads(torch_threads)
+    return out
+
+
+@pytest.mark.parametrize("part", ["cross_frame_attn", "spatial_attn", "temporal_attn", "feature_opt"])
+def test_each_part_can_be_switched_off_and_switching_it_changes_the_keys(switched, part):
+    on, off = switched["on"], switched[part]
+    assert all(np.array_equal(on[k], switched["again"][k]) for k in on)  # a rerun is bit-identical
+    diff = np.mean([np.abs(on[k].astype(np.int16) - off[k]).mean() for k in on])
+    assert diff > 1.0, f"{part} off changed the keys by {diff:.3f} grey levels on average"
+
+
+def test_with_every_part_off_the_unet_runs_diffusers_attention(pipe, switched, one_thread):
+    """All parts off: the FRESCO processors give what diffusers' AttnProcessor2_0 gives."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    frames = fresco.resize_frames(synth_frames(3, (64, 48)), (64, 64))
+    embeds = pipe.encode_prompt("a red car", "lowres")
+    off = fresco.FrescoSettings(steps=2, strength=1.0, batch_size=3, cross_frame_attn=False,
+                                spatial_attn=False, temporal_attn=False, feature_opt=False)
+    fresco_procs = pipe.unet.attn_processors
+    try:
+        pipe.unet.set_attn_processor(AttnProcessor2_0())
+        plain = pipe.translate(frames, [0, 1, 2], embeds, off)
+    finally:
+        pipe.unet.set_attn_processor(fresco_procs)
+    assert all(np.array_equal(plain[k], switched["off"][k]) for k in plain)
+    assert not all(np.array_equal(plain[k], switched["on"][k]) for k in plain)
+
+
+def test_processors_are_installed_and_references_carry_across_batches(pipe, one_thread):
     procs = pipe.unet.attn_processors
     fresco_names = sorted(k for k, p in procs.items() if isinstance(p, fresco.FrescoAttnProcessor))
     assert fresco_names == sorted(pipe.fresco_processors) and len(fresco_names) == 4
@@ -148,33 +260,20 @@ def test_processors_are_installed_and_called_and_references_carry_across_batches
 
     frames = fresco.resize_frames(synth_frames(10, (64, 48)), (64, 64))  # (10, 64, 64, 3)
     keys = list(range(10))
-    embeds = pipe.encode_prompt("a red car" + fresco.ADDED_PROMPT, fresco.NEGATIVE_PROMPT)
+    embeds = pipe.encode_prompt("a red car, best quality", "lowres")
     seen = {}
     settings = fresco.FrescoSettings(steps=3, strength=1.0, batch_size=4, opt_iters=3)
     out = pipe.translate(frames, keys, embeds, settings,
                          on_step=lambda b, i, t, lat: seen.__setitem__((b, i), lat.clone()))
     assert sorted(out) == keys and all(o.shape == (64, 64, 3) and o.dtype == np.uint8 for o in out.values())
-    calls = pipe.control.calls
     batches = fresco.keyframe_batches(keys, 4)  # [[0, 1, 2, 3], [4, 5], [6], [7, 8, 9]]
     assert len(batches) == 4
-    # per batch: 4 processors; cross-frame at every step, spatial at the first, temporal while t >= 350
-    assert calls["store"] == 4 * 4 and calls["cross_frame"] == 4 * 4 * 3
-    assert calls["spatial"] == 4 * 4 and calls["temporal"] == 4 * 4 * 1  # t = 667 only; 334 and 1 are < 350
-    assert calls["optimize"] == 4 * 4 * 3  # four decoder blocks, steps 0..2 < 0.75 * 3
     # Later batches start with key 0 and the previous batch's last key, with their recorded latents.
     for b in range(1, 4):
         n_prev = len(batches[b - 1]) + (0 if b == 1 else 2)
         for i in range(3):
             assert torch.equal(seen[(b, i)][0], seen[(0, i)][0])
             assert torch.equal(seen[(b, i)][1], seen[(b - 1, i)][n_prev - 1])
-
-    # every part can be switched off
-    off = fresco.FrescoSettings(steps=3, strength=1.0, batch_size=4, cross_frame_attn=False,
-                                spatial_attn=False, temporal_attn=False, feature_opt=False)
-    pipe.control.calls.clear()
-    plain = pipe.translate(frames, [0, 3], embeds, off)
-    assert not pipe.control.calls and sorted(plain) == [0, 3]
-    assert not np.array_equal(plain[3], out[3])
 
 
 def test_a_half_precision_vae_that_overflows_is_redone_in_float32(models, one_thread, caplog):
@@ -212,7 +311,7 @@ def test_feature_optimization_pulls_frames_together_and_keeps_statistics():
     out = fresco.optimize_feature(sample, 2, guide, None, iters=20)
     left = torch.zeros(1, 2, 8, 8)
     left[:, 0] = -1  # frame 1's token p came from frame 0's p - 1
-    err = lambda x: (x[1] - fresco.flow_warp(x[:1], left)[0])[:, :, 1:].abs().mean()  # noqa: E731
+    err = lambda x: (x[1] - warp(x[:1], left, padding="zeros")[0])[:, :, 1:].abs().mean()  # noqa: E731
     assert err(out) < err(sample)
     assert torch.allclose(out.mean((2, 3)), sample.mean((2, 3)), atol=1e-4)  # AdaIN: same channel means
     assert torch.allclose(out.std((2, 3)), sample.std((2, 3)), atol=1e-3)
@@ -221,12 +320,14 @@ def test_feature_optimization_pulls_frames_together_and_keeps_statistics():
 def test_bench_sim2real_runs_a_batch(models, one_thread):
     from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
 
+    from vsr_ddp.bench import bench_sim2real
+
     parts = (UNet2DConditionModel.from_pretrained(models["sd"], subfolder="unet"),
              ControlNetModel.from_pretrained(models["cn"]),
              AutoencoderKL.from_pretrained(models["sd"], subfolder="vae"),
              DDPMScheduler.from_pretrained(models["sd"], subfolder="scheduler"))
-    result = fresco.bench_sim2real(size=64, frames=3, steps=2, device="cpu", components=parts, opt_iters=2,
-                                   vae_slicing=True, vae_tiling=True)
+    result = bench_sim2real(size=64, frames=3, steps=2, device="cpu", components=parts, opt_iters=2,
+                            vae_slicing=True, vae_tiling=True)
     assert parts[2].use_slicing and parts[2].use_tiling
     assert result["frames"] == 3 and result["seconds"] > 0 and result["models"] == "given"
 
@@ -373,8 +474,6 @@ def test_depth_annotator_loads_from_a_local_folder(tmp_path, one_thread):
 
 
 def test_every_frame_comes_from_the_engine_interval_by_interval():
-    from vsr_ddp.jobs.sim2real import propagate_keys
-
     calls = []
 
     def engine(frames, left, right):  # job=propagate's Propagator contract: owned frames of the interval
@@ -393,7 +492,6 @@ def test_every_frame_comes_from_the_engine_interval_by_interval():
 def test_a_video_is_read_in_pieces_and_comes_out_as_if_held_whole(tmp_path, models, one_thread):
     """The job never holds the video: pieces are the keyframes, then one key interval each; the
     frames it makes are those of the whole-video computation (keys by frame difference here)."""
-    from vsr_ddp.jobs.sim2real import propagate_keys
     from vsr_ddp.plan import probe
     from vsr_ddp.video import FrameReader
 
@@ -490,6 +588,49 @@ def test_a_skipped_video_is_reported_and_is_not_a_failure(tmp_path, monkeypatch)
     assert report["a.mp4"]["status"] == "ok"
     assert report["x.mp4"]["status"] == "skipped" and report["x.mp4"]["reason"] == "no prompt for it"
     assert not (out / "x.mp4").exists()
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255 ** 2 / mse)
+
+
+def test_the_command_line_writes_the_translated_keyframes_of_each_videos_prompt(tmp_path, models, one_thread):
+    """Pixels, not counts: through ``python -m vsr_ddp``, the keyframes of each output video are the
+    pipeline's translation of that video's keyframes with that video's prompt (up to H.264); two
+    prompts give two different sets of keys, the same prompt and seed the same ones."""
+    src = tmp_path / "in"
+    for name in ("a", "b", "c"):  # one clip three times: only the prompts differ
+        make_clip(src / f"{name}.mp4", frames=4, size=(64, 48), audio=False, seed=4)
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    for name, text in (("a", "a red car"), ("b", "a blue sky at night"), ("c", "a red car")):
+        (prompts / f"{name}.txt").write_text(text)
+    out = tmp_path / "out"
+    run_job(["job=sim2real", f"input={src}", f"output={out}", f"job.prompts={prompts}",
+             f"job.base_model={models['sd']}", f"job.controlnet={models['cn']}", "encode.preset=ultrafast",
+             # random weights make noise-like keys, which 4:2:0 chroma alone takes to ~28 dB: lossless
+             # x264 in 4:4:4 leaves the RGB <-> YUV rounding, so a tight bound can tell keys apart
+             "encode.crf=0", "encode.pix_fmt=yuv444p", "log.progress=false", *ALL_KEYS], timeout=240)
+    result = {name: read_frames(out / f"{name}.mp4") for name in "abc"}
+    assert all(r.shape == (4, 48, 64, 3) for r in result.values())
+
+    job = jobs.make_job(sim2real_cfg(tmp_path, models, *ALL_KEYS), torch.device("cpu"))
+    job.setup()
+    keys = [0, 1, 2, 3]
+    work = fresco.resize_frames(read_frames(src / "a.mp4"), fresco.work_size(64, 48, 64))
+    want = {}
+    for name in "ab":
+        opts = job.video_options(name)
+        embeds = job.pipe.encode_prompt(opts.prompt + opts.added_prompt, opts.negative_prompt)
+        styled = job.pipe.translate(work, keys, embeds, job.settings_for(opts), control_maps=job.maps)
+        want[name] = fresco.resize_frames(np.stack([styled[k] for k in keys]), (64, 48))
+        for i, k in enumerate(keys):
+            assert psnr(result[name][k], want[name][i]) > 40, (name, k, psnr(result[name][k], want[name][i]))
+    # the other prompt's keys are far from these: the prompt, not noise, made them
+    for i, k in enumerate(keys):
+        assert psnr(result["b"][k], want["a"][i]) < 25 and psnr(result["a"][k], want["b"][i]) < 25
+    assert np.array_equal(result["a"], result["c"])  # same clip, prompt and seed: the same video
 
 
 @pytest.mark.slow

@@ -8,7 +8,8 @@ whole job through the command line with 1 rank and with N ranks (frames/s in ste
 the sidecars, and over the whole wall time including start-up and merge), the share of each
 stage, peak host RSS and GPU memory, the merge's share of the job, and peak RSS for a clip 10x
 longer. It prints one table per run and writes bench.json. A benchmark, not a test: it
-asserts nothing.
+asserts nothing. For job=propagate and job=sim2real it times their model stages alone
+(:func:`bench_propagation`, :func:`bench_sim2real`).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 from .demo import make_pattern
+from .models.ebsynth import SynthParams, max_levels
 from .plan import probe
 from .video import FrameReader
 
@@ -141,19 +143,135 @@ def main(argv=None) -> int:
                     [(k, f"peak RSS {v['peak_rss_mb']:.0f} MB, {v['seconds']:.1f} s") for k, v in r.items()]),
               flush=True)
     if "propagate" in jobs:
-        from .models.ebsynth import bench_propagation
-
         r = results["propagate"] = bench_propagation(size=512, frames=2, device=device)
         print(table("propagate (EbSynth) at 512x512", [(k, v) for k, v in r.items()]), flush=True)
     if "sim2real" in jobs and device.type == "cuda":
-        from .models.fresco import bench_sim2real
-
         r = results["sim2real"] = bench_sim2real(size=512, frames=8, steps=20, device=device)
         print(table("sim2real (FRESCO keyframes, SD 1.5-sized random weights) at 512x512, batch 8",
                     [(k, v) for k, v in r.items()]), flush=True)
     (root / "bench.json").write_text(json.dumps(results, indent=2))
     print(f"wrote {root / 'bench.json'}")
     return 0
+
+
+# --- Propagation and sim2real: the model stages alone ---------------------------------------------
+
+def bench_propagation(size: int = 512, frames: int = 2, device: str | torch.device | None = None,
+                      params: SynthParams | None = None, warmup: bool = True) -> dict:
+    """Frames/s of keyframe propagation at ``size`` x ``size``, as the job runs it: one key
+    interval with ``frames`` frames between its two keys, each synthesized forward and backward
+    (DIS flow, Rerender's guides, EbSynth) and blended.
+
+    ``fps`` counts output frames (two syntheses each); ``synth_fps`` single syntheses. Content is
+    a smooth random texture panning 2 px/frame, the keys its colour-inverted frames. ``params``
+    defaults to FRESCO/Rerender's settings on CUDA and to 2 search-vote x 2 PatchMatch
+    iterations on CPU; the dict says which were used. ``warmup`` runs a one-frame interval first
+    (CUDA start-up, host buffers).
+    """
+    import cv2
+
+    from .models.propagation import Propagator
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if params is None:
+        params = SynthParams() if dev.type == "cuda" else SynthParams(search_vote_iters=2, patchmatch_iters=2)
+    n = frames + 2
+    rng = np.random.default_rng(0)
+    big = rng.random((size // 8 + 2, (size + 2 * n) // 8 + 2, 3)).astype(np.float32) * 255
+    big = cv2.resize(big, (big.shape[1] * 8, big.shape[0] * 8), interpolation=cv2.INTER_CUBIC)
+    clip = np.stack([np.clip(big[:size, 2 * t:2 * t + size], 0, 255).astype(np.uint8) for t in range(n)])
+    keys = 255 - clip                                          # (n, size, size, 3) uint8
+    prop = Propagator(params, device=dev)
+    prop.flow.setup()
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    if warmup:
+        prop(clip[:3], keys[0], keys[2])
+    sync()
+    t0 = time.perf_counter()
+    prop(clip, keys[0], keys[-1])
+    sync()
+    seconds = time.perf_counter() - t0
+    levels = max_levels((size, size), params.patch_size)
+    if params.pyramid_levels >= 1:
+        levels = min(levels, params.pyramid_levels)
+    return {"size": f"{size}x{size}", "device": str(dev), "frames": frames, "seconds": round(seconds, 3),
+            "fps": round(frames / seconds, 4), "synth_fps": round(2 * frames / seconds, 4),
+            "pyramid_levels": levels, "search_vote_iters": params.search_vote_iters,
+            "patchmatch_iters": params.patchmatch_iters, "patch_size": params.patch_size,
+            "max_jump": params.max_jump, "flow": prop.flow.kind, "torch_threads": torch.get_num_threads()}
+
+
+def sd15_random_components(seed: int = 0):
+    """Full-size SD 1.5-shaped UNet, ControlNet and VAE with random weights (same memory and speed
+    as the real ones, nothing downloaded), a DDPM scheduler with SD 1.5's schedule."""
+    from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
+    controlnet = ControlNetModel.from_unet(unet)
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
+                        sample_size=512)
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              steps_offset=1, clip_sample=False)
+    return unet, controlnet, vae, scheduler
+
+
+def bench_sim2real(base_model: str | None = None, controlnet: str | None = None, size: int = 512,
+                   frames: int = 8, steps: int = 20, device: str | torch.device | None = None,
+                   dtype: torch.dtype | None = None, vae_slicing: bool = False, vae_tiling: bool = False,
+                   components: tuple | None = None, **settings) -> dict:
+    """Time one batch of ``frames`` keyframes at ``size`` x ``size`` and report peak GPU memory.
+
+    With no model paths, SD 1.5-shaped random components (:func:`sd15_random_components`) and
+    random prompt embeddings: the speed and memory of the real thing. ``components`` (unet,
+    controlnet, vae, scheduler) overrides both, e.g. tiny ones for a CPU smoke run. Other keyword
+    arguments go to :class:`FrescoSettings`. Returns a dict of figures (the lead's ``make bench``).
+    """
+    from dataclasses import asdict
+
+    from .models.fresco import FrescoPipeline, FrescoSettings
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    if base_model:
+        pipe = FrescoPipeline.from_local(base_model, controlnet, device=device, dtype=dtype)
+        embeds = pipe.encode_prompt("a photo of a street, best quality", "lowres, worst quality")
+    else:
+        unet, cn, vae, scheduler = components or sd15_random_components()
+        pipe = FrescoPipeline(unet, cn, vae, None, None, scheduler, device=device, dtype=dtype)
+        g = torch.Generator("cpu").manual_seed(0)
+        embeds = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g).to(device, dtype)
+    pipe.set_memory_options(vae_tiling=vae_tiling, vae_slicing=vae_slicing)
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (size + 8 * frames, size + 8 * frames, 3), dtype=np.uint8)
+    clip = np.stack([base[4 * i:4 * i + size, 4 * i:4 * i + size] for i in range(frames)])  # a slow pan
+    s = FrescoSettings(steps=steps, batch_size=max(frames, 3), **settings)
+    if device.type == "cuda":  # one short untimed pass: kernel loading, cuDNN/SDPA choices, allocator growth
+        warm = FrescoSettings(**{**asdict(s), "steps": 1, "strength": 1.0, "batch_size": 3})
+        pipe.translate(clip[:3], [0, 1, 2], embeds, warm)
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    pipe.translate(clip, list(range(frames)), embeds, s)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "dtype": str(dtype).replace("torch.", ""), "size": size, "frames": frames, "steps": steps,
+              "strength": s.strength, "seconds": round(seconds, 3),
+              "seconds_per_key": round(seconds / frames, 3),
+              "models": "local" if base_model else ("given" if components else "random SD 1.5-shaped")}
+    if device.type == "cuda":
+        result["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        result["peak_gpu_reserved_gb"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 2)
+    return result
 
 
 # Peak RSS sampled from /proc/self/statm: a child's ru_maxrss starts from its parent's at fork.

@@ -7,7 +7,9 @@
 ``job.keys/<video stem>/``. A work unit is one key interval: between keys a < b, frames a+1..b-1
 are synthesized forward from a and backward from b, then blended; frames before the first key
 take the first key only, frames after the last key the last key only; a key frame's output is
-the key itself. Intervals are independent, so one long video spreads over the ranks.
+the key itself. Intervals are independent, so one long video spreads over the ranks. The engine
+(:class:`vsr_ddp.models.propagation.Propagator`) is shared with job=sim2real; this module holds
+the keyframe files and the units.
 """
 from __future__ import annotations
 
@@ -20,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..models.blend import IntervalBlender
-from ..models.ebsynth import GuideWeights, SynthParams, propagate
-from ..models.flow import FlowEstimator, occlusion_mask
+from ..models.ebsynth import GuideWeights, SynthParams
+from ..models.flow import FlowEstimator
+from ..models.propagation import Propagator
 from ..plan import InputError, Unit, VideoInfo
 
 log = logging.getLogger(__name__)
@@ -91,50 +93,6 @@ def key_units(keys: list[int], frames: int, video: int) -> list[Unit]:
     return units
 
 
-# --- One interval ----------------------------------------------------------------------------------
-
-class Propagator:
-    """Flow + guides + EbSynth + blending for one key interval; no files, no runner."""
-
-    def __init__(self, params: SynthParams = SynthParams(), weights: GuideWeights = GuideWeights(),
-                 flow: FlowEstimator | None = None, poisson: bool = False,
-                 device: torch.device = torch.device("cpu")):
-        self.params, self.weights, self.poisson = params, weights, poisson
-        self.device = torch.device(device)
-        self.flow = flow or FlowEstimator(device=self.device)
-
-    def _pass(self, key: np.ndarray, frames: np.ndarray, order: list[int]):
-        """Propagate ``key`` (the style of frames[order[0]]) to frames[order[1:]], in that order.
-        Yields (output, error) per target frame."""
-        def flow_to_prev(i: int):
-            cur, prev = order[i + 1], order[i]
-            to_prev, to_cur = self.flow.pair(frames[cur], frames[prev])
-            return to_prev, occlusion_mask(to_prev, to_cur)
-
-        targets = [frames[j] for j in order[1:]]
-        return propagate(key, frames[order[0]], targets, flow_to_prev, self.params, self.weights, self.device)
-
-    def __call__(self, frames: np.ndarray, left: np.ndarray | None, right: np.ndarray | None) -> np.ndarray:
-        """frames: (T, H, W, 3) uint8 RGB. ``left`` is the key of frames[0], ``right`` of frames[-1]
-        (either may be None). Returns the owned frames: (T - 1 if right else T, H, W, 3) uint8 -
-        the left key itself, then the synthesized frames; the right key's frame is not included."""
-        t = len(frames)
-        if left is None and right is None:
-            raise ValueError("an interval needs at least one key")
-        if right is None:                                   # after the last key: forward only
-            outs = [o for o, _ in self._pass(left, frames, list(range(t)))]
-            return np.stack([left, *outs])
-        # backward from the right key first: kept (with errors) for the blend
-        back = list(self._pass(right, frames, list(range(t - 1, -1 if left is None else 0, -1))))[::-1]
-        if left is None:                                    # before the first key: backward only
-            return np.stack([o for o, _ in back])
-        blend = IntervalBlender(t - 2, poisson=self.poisson, patch=self.params.patch_size)
-        out = [left]
-        for (fo, fe), (bo, be) in zip(self._pass(left, frames, list(range(t - 1))), back):
-            out.append(blend(fo, bo, fe, be))
-        return np.stack(out)
-
-
 # --- The job -------------------------------------------------------------------------------------
 
 class PropagateJob:
@@ -146,14 +104,8 @@ class PropagateJob:
         self.cfg = cfg
         self.device = torch.device(device)
         c = cfg
-        self.params = SynthParams(
-            patch_size=int(c.patch_size), uniformity=float(c.uniformity),
-            pyramid_levels=int(c.pyramid_levels),
-            search_vote_iters=int(c.search_vote_iters), patchmatch_iters=int(c.patchmatch_iters),
-            max_jump=int(c.max_jump), style_weight=float(c.style_weight), seed=int(c.seed))
-        g = c.guides
-        self.weights = GuideWeights(color=float(g.color), edge=float(g.edge), temporal=float(g.temporal),
-                                    position=float(g.position))
+        self.params = SynthParams.from_config(c.ebsynth)
+        self.weights = GuideWeights.from_config(c.guides)
         keys = c["keys"]  # not c.keys: that is DictConfig's own method
         if not keys:
             raise ValueError("job.keys: give the folder of stylized keyframes (PNG/JPG named by frame index)")

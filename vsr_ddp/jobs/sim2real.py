@@ -13,10 +13,10 @@ skipped (``skipped`` in run_report.json) and the batch goes on. Beside a prompt,
 Each rank loads the models once; videos go to the ranks whole (one unit per video, rank-strided).
 Per video: frames resized to the working size (short side ``job.short_side``, multiples of 64),
 keyframes chosen and translated by FRESCO (:mod:`vsr_ddp.models.fresco`), every frame filled in
-from the translated keys by job=propagate's engine at the working size, then resized back to the
-input's size; the runner's merge keeps the input's frame rate and audio. A video is read in passes
-(frame differences, keyframes, then one key interval at a time), so memory holds the keyframes and
-one interval, not the video.
+from the translated keys by job=propagate's engine (:mod:`vsr_ddp.models.propagation`) at the
+working size, then resized back to the input's size; the runner's merge keeps the input's frame
+rate and audio. A video is read in passes (frame differences, keyframes, then one key interval at
+a time), so memory holds the keyframes and one interval, not the video.
 """
 from __future__ import annotations
 
@@ -25,15 +25,15 @@ import json
 import logging
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
 from ..models import fresco
 from ..models.ebsynth import SynthParams
+from ..models.propagation import Propagator, key_intervals, propagate_interval
 from ..plan import InputError, SkipVideo, Unit, VideoInfo
-from .propagate import Propagator
 
 log = logging.getLogger(__name__)
 
@@ -42,18 +42,19 @@ OVERRIDE_SUFFIXES = (".yaml", ".yml", ".json")
 
 @dataclass(frozen=True)
 class VideoOptions:
-    """What one video is translated with: the job's config, then its override file."""
+    """What one video is translated with: the job's config, then its override file. No defaults
+    here: conf/job/sim2real.yaml is their one home."""
 
     prompt: str
-    negative_prompt: str = fresco.NEGATIVE_PROMPT
-    added_prompt: str = fresco.ADDED_PROMPT
-    strength: float = 0.75
-    steps: int = 20
-    seed: int = 0
-    guidance_scale: float = 7.5
-    cond_scale: float = 0.7
-    min_interval: int = 5
-    max_interval: int = 20
+    negative_prompt: str
+    added_prompt: str
+    strength: float
+    steps: int
+    seed: int
+    guidance_scale: float
+    cond_scale: float
+    min_interval: int
+    max_interval: int
 
 
 # keys an override file may set (the prompt itself comes from <stem>.txt)
@@ -138,7 +139,7 @@ class Sim2RealJob:
                                      vae_slicing=bool(c.get("vae_slicing")))
         if c.get("freeu"):
             self.pipe.unet.enable_freeu(s1=1.0, s2=1.0, b1=1.2, b2=1.5)  # FRESCO's use_freeu values
-        self.propagator = Propagator(SynthParams(**self.ebsynth_params()), poisson=bool(c.get("poisson")),
+        self.propagator = Propagator(SynthParams.from_config(c.ebsynth), poisson=bool(c.get("poisson")),
                                      device=self.device)
 
     def tag(self) -> str:
@@ -158,11 +159,8 @@ class Sim2RealJob:
         """This video's prompt and overrides: editing them redoes this video alone."""
         return asdict(self.video_options(info.stem))
 
-    def ebsynth_params(self) -> dict:
-        return {k: v for k, v in dict(self.cfg.get("ebsynth") or {}).items() if v is not None}
-
     def propagation_settings(self) -> dict:
-        return {"ebsynth": SynthParams(**self.ebsynth_params()).to_dict(),
+        return {"ebsynth": SynthParams.from_config(self.cfg.ebsynth).to_dict(),
                 "poisson": bool(self.cfg.get("poisson"))}
 
     def output_size(self, width: int, height: int) -> tuple[int, int]:
@@ -206,18 +204,10 @@ class Sim2RealJob:
         return opts
 
     def settings_for(self, opts: VideoOptions) -> fresco.FrescoSettings:
-        f = self.cfg.fresco
-        s = fresco.FrescoSettings(
-            steps=opts.steps, strength=opts.strength, guidance_scale=opts.guidance_scale,
-            cond_scale=opts.cond_scale, seed=opts.seed, batch_size=int(self.cfg.batch_size),
-            shared_noise=bool(f.shared_noise),
-            cross_frame_attn=bool(f.cross_frame_attn), spatial_attn=bool(f.spatial_attn),
-            spatial_attn_steps=int(f.spatial_attn_steps), temporal_attn=bool(f.temporal_attn),
-            temporal_attn_min_t=int(f.temporal_attn_min_t), feature_opt=bool(f.feature_opt),
-            opt_temporal=bool(f.opt_temporal), opt_spatial=bool(f.opt_spatial), opt_until=float(f.opt_until),
-            opt_iters=int(f.opt_iters), opt_lr=float(f.opt_lr),
-            opt_spatial_weight=float(f.opt_spatial_weight),
-            opt_layers=tuple(int(i) for i in f.opt_layers))
+        s = fresco.FrescoSettings.from_config({
+            **self.cfg.fresco, "steps": opts.steps, "strength": opts.strength,
+            "guidance_scale": opts.guidance_scale, "cond_scale": opts.cond_scale, "seed": opts.seed,
+            "batch_size": self.cfg.batch_size})
         if s.batch_size < 3:
             raise ValueError(f"job.batch_size must be >= 3 (two reference keys + one new), "
                              f"not {s.batch_size}")
@@ -273,44 +263,3 @@ class Sim2RealJob:
         _, a, b, interval = piece
         owned = propagate_interval(interval, a, b, self.styled, info.frames, self.propagator)
         return fresco.resize_frames(owned, (info.width, info.height))
-
-
-# --- Propagation ---------------------------------------------------------------------------------
-
-
-def key_intervals(frames: Iterable[np.ndarray], keys: list[int], total: int
-                  ) -> Iterator[tuple[int, int, np.ndarray]]:
-    """Cut a stream of ``total`` frames at the keys: (a, b, frames a..b) for neighbouring keys a < b
-    (frame b included: the right key's own frame), then (a, total, frames a..total-1) after the
-    last key. Holds one interval at a time."""
-    if not keys or keys[0] != 0 or keys[-1] >= total:
-        raise ValueError(f"keyframes {keys} do not start at frame 0 or go beyond {total} frames")
-    bounds = keys + [total]
-    j, buf, n = 0, [], 0
-    for i, f in enumerate(frames):
-        buf.append(f)
-        n = i + 1
-        if i == bounds[j + 1]:
-            yield bounds[j], i, np.stack(buf)
-            buf, j = [f], j + 1
-    if n != total:
-        raise RuntimeError(f"read {n} frames, the video has {total}")
-    yield bounds[j], total, np.stack(buf)
-
-
-def propagate_interval(frames: np.ndarray, a: int, b: int, styled: dict[int, np.ndarray], total: int,
-                       propagator: Propagator) -> np.ndarray:
-    """Owned frames [a, b) from the translated keys with job=propagate's engine: synthesized forward
-    from key a and backward from key b and blended; after the last key (b == total) carried forward
-    from it. frames: a..b, or a..total-1 -> # (b - a, H, W, 3) uint8."""
-    if b - a == 1:
-        return styled[a][None]
-    return propagator(frames, styled[a], styled[b] if b < total else None)
-
-
-def propagate_keys(frames: np.ndarray, styled: dict[int, np.ndarray], propagator: Propagator) -> np.ndarray:
-    """Every frame of an in-memory clip from its translated keys, interval by interval as the job
-    does. # (T, H, W, 3) uint8 + {key: (H, W, 3) uint8} -> (T, H, W, 3) uint8."""
-    t = len(frames)
-    return np.concatenate([propagate_interval(part, a, b, styled, t, propagator)
-                           for a, b, part in key_intervals(frames, sorted(styled), t)])

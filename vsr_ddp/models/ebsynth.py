@@ -25,13 +25,28 @@ row gather and one reduction per pixel; the gathers run in chunks to bound memor
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import asdict, dataclass
-from typing import Callable, Iterator, NamedTuple
+from dataclasses import asdict, dataclass, fields
+from typing import Callable, Iterator, Mapping, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+
+# annotations are strings here (from __future__ import annotations)
+PLAIN_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "tuple": tuple}
+
+
+def typed_config(cls, values: Mapping):
+    """``cls(**values)`` for a dataclass of int/float/bool/str/tuple fields, each value cast to its
+    annotated type: a config's ``3500`` and ``3500.0`` are one setting (settings hashes stay put),
+    and an unknown key is a TypeError naming it."""
+    known = {f.name: PLAIN_TYPES[str(f.type)] for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise TypeError(f"{cls.__name__}: unknown setting(s) {', '.join(unknown)} "
+                        f"(known: {', '.join(known)})")
+    return cls(**{k: known[k](v) for k, v in values.items()})
 
 
 @dataclass(frozen=True)
@@ -57,6 +72,11 @@ class SynthParams:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_config(cls, values: Mapping) -> "SynthParams":
+        """From a ``job.ebsynth`` subtree; keys left out keep their defaults."""
+        return typed_config(cls, values)
 
 
 class Guide(NamedTuple):
@@ -376,6 +396,11 @@ class GuideWeights:
     temporal: float = 0.5
     position: float = 2.0
 
+    @classmethod
+    def from_config(cls, values: Mapping) -> "GuideWeights":
+        """From a ``job.guides`` subtree; keys left out keep their defaults."""
+        return typed_config(cls, values)
+
 
 def to_chw(frame: np.ndarray, device: torch.device) -> torch.Tensor:
     """# (H, W, 3) uint8 RGB -> (3, H, W) float32 0..255 on device."""
@@ -448,56 +473,3 @@ def propagate(key_style: np.ndarray, key_frame: np.ndarray, frames: list[np.ndar
         res = synthesize(style, guides, params, generator=gen, workspace=ws)
         prev = res.image
         yield to_hwc(res.image), res.error.cpu().numpy()
-
-
-# --- Benchmark -----------------------------------------------------------------------------------
-
-def bench_propagation(size: int = 512, frames: int = 2, device: str | torch.device | None = None,
-                      params: SynthParams | None = None, warmup: bool = True) -> dict:
-    """Frames/s of keyframe propagation at ``size`` x ``size``, as the job runs it: one key
-    interval with ``frames`` frames between its two keys, each synthesized forward and backward
-    (DIS flow, Rerender's guides, EbSynth) and blended.
-
-    ``fps`` counts output frames (two syntheses each); ``synth_fps`` single syntheses. Content is
-    a smooth random texture panning 2 px/frame, the keys its colour-inverted frames. ``params``
-    defaults to FRESCO/Rerender's settings on CUDA and to 2 search-vote x 2 PatchMatch
-    iterations on CPU; the dict says which were used. ``warmup`` runs a one-frame interval first
-    (CUDA start-up, host buffers).
-    """
-    import cv2
-
-    from ..jobs.propagate import Propagator
-
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if params is None:
-        params = SynthParams() if dev.type == "cuda" else SynthParams(search_vote_iters=2, patchmatch_iters=2)
-    n = frames + 2
-    rng = np.random.default_rng(0)
-    big = rng.random((size // 8 + 2, (size + 2 * n) // 8 + 2, 3)).astype(np.float32) * 255
-    big = cv2.resize(big, (big.shape[1] * 8, big.shape[0] * 8), interpolation=cv2.INTER_CUBIC)
-    clip = np.stack([np.clip(big[:size, 2 * t:2 * t + size], 0, 255).astype(np.uint8) for t in range(n)])
-    keys = 255 - clip                                          # (n, size, size, 3) uint8
-    prop = Propagator(params, device=dev)
-    prop.flow.setup()
-
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-
-    if warmup:
-        prop(clip[:3], keys[0], keys[2])
-    sync()
-    t0 = time.perf_counter()
-    prop(clip, keys[0], keys[-1])
-    sync()
-    seconds = time.perf_counter() - t0
-    levels = max_levels((size, size), params.patch_size)
-    if params.pyramid_levels >= 1:
-        levels = min(levels, params.pyramid_levels)
-    return {"size": f"{size}x{size}", "device": str(dev), "frames": frames, "seconds": round(seconds, 3),
-            "fps": round(frames / seconds, 4), "synth_fps": round(2 * frames / seconds, 4),
-            "pyramid_levels": levels, "search_vote_iters": params.search_vote_iters,
-            "patchmatch_iters": params.patchmatch_iters, "patch_size": params.patch_size,
-            "max_jump": params.max_jump, "flow": prop.flow.kind, "torch_threads": torch.get_num_threads()}

@@ -1,6 +1,7 @@
 """Optical flow for keyframe propagation: OpenCV DIS (default, no weights) or torchvision's RAFT
 (weights from a local file), the forward-backward occlusion check, backward warping and hole
-filling.
+filling; and the batched flows and occlusion check FRESCO's guidance uses
+(:func:`cyclic_flows`, :func:`consistency_occlusions`).
 
 Convention: ``flow(a, b)`` is # (2, H, W) float32 (dx, dy) in pixels, on a's grid: pixel x of
 frame a shows up at x + flow(x) in frame b. ``warp(img_b, flow(a, b))`` brings b onto a's grid.
@@ -141,14 +142,16 @@ def _grid(flow: torch.Tensor) -> torch.Tensor:
     return torch.stack([gx, gy], dim=-1)
 
 
-def warp(image: torch.Tensor, flow: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+def warp(image: torch.Tensor, flow: torch.Tensor, mode: str = "bilinear",
+         padding: str = "border") -> torch.Tensor:
     """Backward warp: # (C, H, W) image of frame b, flow(a, b) (2, H, W) -> (C, H, W) float on a's
     grid; or batched, # (B, C, H, W) and (B, 2, H, W) -> (B, C, H, W) in the image's float dtype.
-    Samples outside b take the nearest border pixel."""
+    Samples outside b take the nearest border pixel, or zeros with ``padding="zeros"`` (FRESCO's
+    and GMFlow's warp, whose occlusion checks count on it)."""
     if image.dim() == 3:
-        return warp(image[None].float(), flow[None], mode)[0]
+        return warp(image[None].float(), flow[None], mode, padding)[0]
     x = image if image.is_floating_point() else image.float()
-    out = F.grid_sample(x.float(), _grid(flow), mode=mode, padding_mode="border", align_corners=True)
+    out = F.grid_sample(x.float(), _grid(flow), mode=mode, padding_mode=padding, align_corners=True)
     return out.to(x.dtype)
 
 
@@ -168,6 +171,40 @@ def occlusion_mask(ab: torch.Tensor, ba: torch.Tensor) -> torch.Tensor:
     tx, ty = xs + ab[0], ys + ab[1]
     inside = (tx >= 0) & (tx <= w - 1) & (ty >= 0) & (ty <= h - 1)
     return (diff < bound) & inside
+
+
+def cyclic_flows(frames: np.ndarray, estimator: FlowEstimator | None = None,
+                 device: torch.device = torch.device("cpu")) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flows between frame i and i+1 of a batch, the last with frame 0 (as FRESCO pairs them).
+
+    # (N, H, W, 3) uint8 -> fwd, bwd: (N, 2, H, W) float32 on the estimator's device (DIS medium
+    unless given). fwd[i] lives on frame i's grid and points into frame i+1; bwd[i] lives on frame
+    i+1's grid and points into frame i.
+    """
+    est = estimator or FlowEstimator(device=device)
+    pairs = [est.pair(a, b) for a, b in zip(frames, [*frames[1:], frames[0]])]
+    return torch.stack([ab for ab, _ in pairs]), torch.stack([ba for _, ba in pairs])
+
+
+def consistency_occlusions(fwd: torch.Tensor, bwd: torch.Tensor, images: torch.Tensor,
+                           alpha: float = 0.01, beta: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Occlusions of a batch of flow pairs as FRESCO computes them: GMFlow's forward-backward check
+    (|fwd + bwd(x + fwd)| > alpha (|fwd| + |bwd|) + beta, norms not squared, zeros outside the
+    frame: unlike :func:`occlusion_mask`, which is Rerender's) plus FRESCO's colour check (mean
+    absolute difference after warping above a quarter of the range).
+
+    fwd, bwd: # (N, 2, H, W) from :func:`cyclic_flows`; images: (N, 3, H, W) float in [0, 255].
+    Returns fwd_occ (on frame i), bwd_occ (on frame i+1): (N, H, W) float {0, 1}.
+    """
+    zeros = dict(padding="zeros")
+    mag = fwd.norm(dim=1) + bwd.norm(dim=1)
+    fwd_occ = ((fwd + warp(bwd, fwd, **zeros)).norm(dim=1) > alpha * mag + beta).float()
+    bwd_occ = ((bwd + warp(fwd, bwd, **zeros)).norm(dim=1) > alpha * mag + beta).float()
+    nxt = images.roll(-1, dims=0)
+    colour = lambda a, b, f: ((a - warp(b, f, **zeros)).abs().mean(1) > 255 * 0.25).float()  # noqa: E731
+    bwd_occ = torch.clamp(bwd_occ + colour(nxt, images, bwd), 0, 1)
+    fwd_occ = torch.clamp(fwd_occ + colour(images, nxt, fwd), 0, 1)
+    return fwd_occ, bwd_occ
 
 
 def fill_holes(image: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
