@@ -1,9 +1,11 @@
 """End to end through the command line: torchrun with 2 ranks (gloo), one process, sweeps."""
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from fractions import Fraction
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -97,8 +99,8 @@ def test_names_with_spaces_unicode_and_shell_characters(clips, tmp_path):
 
 def test_hydra_sweep_runs_each_scale_into_its_own_output(clips, tmp_path):
     out = tmp_path / "sweep"
-    run_job(["-m", "job=upscale", f"input={clips['av']}", f"output={out}/s${{job.scale}}", "job.model=bicubic",
-             "job.scale=2,3", "work.unit=video"], cwd=tmp_path)
+    run_job(["-m", "job=upscale", f"input={clips['av']}", f"output={out}/s${{job.scale}}",
+             "job.model=bicubic", "job.scale=2,3", "work.unit=video"], cwd=tmp_path)
     for s in (2, 3):
         got = probe_streams(out / f"s{s}" / "av.mp4")
         assert (got["width"], got["height"], got["frames"]) == (64 * s, 48 * s, 48)
@@ -106,6 +108,63 @@ def test_hydra_sweep_runs_each_scale_into_its_own_output(clips, tmp_path):
     # each sweep point logged on its own, in Hydra's sweep folder
     assert len(list((tmp_path / "multirun").glob("*/*/[01]/rank0.log"))) == 2
     assert not list(out.glob("sNone*"))
+
+
+def test_sweep_exit_status_follows_its_points(clips, tmp_path):
+    """A sweep fails as its points do (README, exit status): 2 for a configuration error, 1 for a
+    failed input; the other points still run."""
+    from builders import make_not_a_video
+
+    out = tmp_path / "bad_scale"
+    proc = run_job(["-m", "job=upscale", f"input={clips['av']}", f"output={out}/s${{job.scale}}",
+                    "job.model=bicubic", "job.scale=0,2", "work.unit=video"], check=False, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "error: job.model=bicubic needs job.scale" in proc.stderr
+    assert read_report(out / "s2")["videos"][0]["status"] == "ok"  # the point after the bad one ran
+    assert probe_streams(out / "s2" / "av.mp4")["frames"] == 48
+
+    broken = make_not_a_video(tmp_path / "broken.mp4")
+    out = tmp_path / "bad_input"
+    proc = run_job(["-m", "job=upscale", f"input={broken},{clips['av']}", f"output={out}/${{hydra:job.num}}",
+                    "job.model=bicubic", "job.scale=2", "work.unit=video"], check=False, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert read_report(out / "0")["videos"][0]["status"] == "failed"
+    assert read_report(out / "1")["videos"][0]["status"] == "ok"
+    assert not (out / "0" / "broken.mp4").exists()
+
+
+def test_job_array_shares_split_the_inputs_and_write_one_report_each(tmp_path):
+    """launch/array.sbatch's work.shard_index / work.num_shards: share i takes inputs[i::n] of the
+    sorted list, writes run_report.<i>-of-<n>.json and its logs in its own folder, all in one output."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    frames = {"a": 12, "b": 10, "c": 8}
+    for stem, n in frames.items():
+        make_clip(inputs / f"{stem}.mp4", frames=n, size=(64, 48), audio=False)
+    out = tmp_path / "out"
+    args = ["job=upscale", f"input={inputs}", f"output={out}", "job.model=bicubic", "job.scale=2",
+            "work.num_shards=2",
+            "hydra.run.dir=${output}/.vsr_ddp/logs/shard_${work.shard_index}-of-${work.num_shards}"]
+    run_job([*args, "work.shard_index=1"])
+    assert sorted(p.name for p in out.glob("*.mp4")) == ["b.mp4"]
+    run_job([*args, "work.shard_index=0"])
+    assert not (out / "run_report.json").exists()
+    reports = {i: read_report_named(out, f"run_report.{i}-of-2.json") for i in (0, 1)}
+    assert [Path(v["input"]).name for v in reports[0]["videos"]] == ["a.mp4", "c.mp4"]
+    assert [Path(v["input"]).name for v in reports[1]["videos"]] == ["b.mp4"]
+    assert all(v["status"] == "ok" for r in reports.values() for v in r["videos"])
+    for stem, n in frames.items():
+        assert decode_indices(read_frames(out / f"{stem}.mp4")) == list(range(n))
+    for i in (0, 1):
+        assert (out / ".vsr_ddp" / "logs" / f"shard_{i}-of-2" / "rank0.log").is_file()
+
+    proc = run_job([*args, "work.shard_index=2"], check=False)
+    assert proc.returncode == 2
+    assert "work.shard_index must be in [0, 1]" in proc.stderr
+
+
+def read_report_named(output: Path, name: str) -> dict:
+    return json.loads((output / name).read_text(encoding="utf-8"))
 
 
 def test_rank_that_finishes_early_outlives_the_collective_timeout(tmp_path):

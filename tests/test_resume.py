@@ -1,11 +1,15 @@
-"""SIGKILL the whole torchrun job mid-run, rerun the same command, get the same video."""
+"""Interrupted runs: SIGKILL the whole torchrun job mid-run, or preempt it as Slurm does (SIGTERM,
+SIGUSR1); rerun the same command, keep every finished shard and get the whole video."""
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -38,8 +42,8 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     assert 3 <= len(done_before) < 10
     assert not (out / "clip.mp4").exists()
 
-    rerun = run_job(args(out), nproc=2)
-    assert "already done" in rerun.stderr
+    run_job(args(out), nproc=2)
+    assert already_done(out) == len(done_before)
     for name, side in done_before.items():  # finished shards were kept, not redone
         assert json.loads((wdir / name).read_text()) == side
     assert not list(out.rglob("*.partial"))
@@ -53,30 +57,123 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     assert read_report(out)["videos"][0]["status"] == "ok"
     checkpoint = json.loads((wdir / "checkpoint.json").read_text())
     assert [s["status"] for s in checkpoint["segments"].values()] == ["done"] * 10
-    assert [(s["start"], s["end"]) for s in checkpoint["segments"].values()] == [(i, i + 4) for i in range(0, 40, 4)]
+    assert [(s["start"], s["end"]) for s in checkpoint["segments"].values()] == \
+        [(i, i + 4) for i in range(0, 40, 4)]
 
 
-def test_sigterm_stops_cleanly_and_the_rerun_finishes(tmp_path):
-    """What Slurm preemption does: SIGTERM to torchrun, which passes it to every rank."""
-    clip = make_clip(tmp_path / "clip.mp4", frames=40, size=(64, 48), audio=True)
+def already_done(output: Path) -> int:
+    """Finished shards the last run found, over all ranks: each rank log's last
+    'N unit(s) for this rank, M already done' line (the logs are appended across reruns)."""
+    total = 0
+    for log in sorted((output / ".vsr_ddp" / "logs").glob("rank*.log")):
+        found = re.findall(r"\d+ unit\(s\) for this rank, (\d+) already done",
+                           log.read_text(encoding="utf-8"))
+        assert found, f"{log} has no unit count"
+        total += int(found[-1])
+    return total
+
+
+def shard_files(wdir: Path) -> dict[str, tuple[bytes, int]]:
+    """Every finished shard and its sidecar: name -> (bytes, inode)."""
+    files = {}
+    for side in sorted(wdir.glob("segment_????.json")):
+        for f in (side, wdir / json.loads(side.read_text())["shard"]):
+            files[f.name] = (f.read_bytes(), f.stat().st_ino)
+    return files
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def srun_ranks(overrides: list[str], n: int = 2) -> list[subprocess.Popen]:
+    """n tasks of ``srun --ntasks=n python -m vsr_ddp ...`` (no torchrun: Slurm's variables only)."""
+    procs, port = [], free_port()
+    for rank in range(n):
+        env = {**job_env(), "SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_PROCID": str(rank),
+               "SLURM_LOCALID": str(rank), "SLURM_NTASKS": str(n), "SLURM_NNODES": "1", "SLURM_NODEID": "0",
+               "SLURM_STEP_TASKS_PER_NODE": str(n), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
+            env.pop(var, None)
+        procs.append(subprocess.Popen(job_cmd(overrides), cwd=ROOT, env=env, start_new_session=True,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+# How Slurm stops a job: scancel --signal=TERM (or the batch script's preempt() in launch/*.sbatch)
+# signals every process of the step, torchrun, its ranks and their ffmpeg encoders; --signal=USR1
+# reaches the ranks; srun without torchrun (hydra/launcher=slurm) forwards a signal to each task.
+PREEMPTIONS = ["SIGTERM-torchrun-step", "SIGUSR1-torchrun-ranks", "SIGTERM-srun-tasks", "SIGUSR1-srun-tasks"]
+
+
+@pytest.mark.parametrize("how", PREEMPTIONS)
+def test_preemption_exits_128_plus_n_keeps_finished_shards_and_the_rerun_completes(tmp_path, how):
+    signame, launcher, target = how.split("-")
+    sig = signal.Signals[signame]
+    clip = make_clip(tmp_path / "clip.mp4", frames=24, size=(64, 48), audio=True)
+    # A compact model slow enough (one frame per batch) that the job is still running when signalled.
     model = save_srvgg(tmp_path / "m.pth", scale=2, seed=8, num_feat=32, num_conv=16)
-    args = ["job=upscale", f"input={clip}", f"output={tmp_path / 'out'}", f"job.model={model}",
+    out = tmp_path / "out"
+    args = ["job=upscale", f"input={clip}", f"output={out}", f"job.model={model}",
             "work.segment_frames=4", "job.batch_size=1", "work.read_chunk=1"]
-    wdir = tmp_path / "out" / ".vsr_ddp" / "clip_2x"
-    proc = subprocess.Popen(job_cmd(args, nproc=2), cwd=ROOT, env=job_env(), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while len(list(wdir.glob("segment_????.json"))) < 2:
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)  # to torchrun only, as Slurm does
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode != 0
-    assert "rerun the same command to resume" in err
-    assert not list(wdir.glob("*.partial")), "a partial shard was left behind"
+    wdir = out / ".vsr_ddp" / "clip_2x"
+    procs = [subprocess.Popen(job_cmd(args, nproc=2), cwd=ROOT, env=job_env(), start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             ] if launcher == "torchrun" else srun_ranks(args)
+    try:
+        deadline = time.monotonic() + 180
+        while not list(wdir.glob("segment_????.json")):
+            assert all(p.poll() is None for p in procs), "the job ended before it was signalled"
+            assert time.monotonic() < deadline, "no shard after 180 s"
+            time.sleep(0.05)
+        if target == "step":
+            os.killpg(procs[0].pid, sig)
+        elif target == "ranks":  # torchrun's workers
+            ranks = subprocess.run(["pgrep", "-P", str(procs[0].pid)], capture_output=True, text=True).stdout
+            assert len(ranks.split()) == 2, ranks
+            for pid in ranks.split():
+                os.kill(int(pid), sig)
+        else:
+            for p in procs:
+                p.send_signal(sig)
+        errs = [p.communicate(timeout=120)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+    status = 128 + sig.value
+    if launcher == "srun":
+        assert [p.returncode for p in procs] == [status, status], errs[0][-3000:]
+    elif target == "ranks":  # torchrun fails (1) and names each rank's exit status
+        assert procs[0].returncode == 1
+        exits = sorted(re.findall(r"rank\s+: (\d) \(local_rank.*\n\s*exitcode\s+: (\d+)", errs[0]))
+        assert exits == [("0", str(status)), ("1", str(status))], errs[0][-3000:]
+    else:  # torchrun itself ends with 1 on SIGTERM (its SignalException); the ranks stopped on their own
+        assert procs[0].returncode != 0
+    for rank in (0, 1):
+        log = (out / ".vsr_ddp" / "logs" / f"rank{rank}.log").read_text(encoding="utf-8")
+        assert f"received {signame}" in log, f"rank {rank} did not see {signame}"
+        assert "stopped early on request; rerun the same command to resume" in log
+        assert "Traceback" not in log
+    assert "rerun the same command to resume" in errs[0]
+    assert not list(out.rglob("*.partial")), "a partial file was left behind"
     assert not list(wdir.glob("*.failed.json")), "preemption was recorded as a failure"
+    assert not (out / "clip.mp4").exists()
+    finished = shard_files(wdir)
     for side in wdir.glob("segment_????.json"):  # every sidecar left describes a complete shard
-        assert (wdir / json.loads(side.read_text())["shard"]).stat().st_size == json.loads(side.read_text())["size"]
-    assert not (tmp_path / "out" / "clip.mp4").exists()
-    run_job(args, nproc=2)
-    assert decode_indices(read_frames(tmp_path / "out" / "clip.mp4")) == list(range(40))
+        meta = json.loads(side.read_text())
+        assert (wdir / meta["shard"]).stat().st_size == meta["size"]
+    assert 2 <= len(finished) < 12, sorted(finished)
+
+    run_job(args, nproc=2)  # the same command again, as a requeue does
+    assert already_done(out) == len(finished) // 2
+    after = shard_files(wdir)
+    assert {name: after[name] for name in finished} == finished, "a finished shard was redone"
+    assert decode_indices(read_frames(out / "clip.mp4")) == list(range(24))
+    assert read_report(out)["videos"][0]["status"] == "ok"
+    checkpoint = json.loads((wdir / "checkpoint.json").read_text())
+    assert [s["status"] for s in checkpoint["segments"].values()] == ["done"] * 6

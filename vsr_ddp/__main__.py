@@ -22,6 +22,18 @@ log = logging.getLogger("vsr_ddp")
 
 # Errors a user can fix from the message alone: one line on the console, exit status 2.
 USER_ERRORS = (dist.DistError, ValueError, FileNotFoundError)
+CONFIG_ERROR = 2
+
+
+def config_dir() -> str:
+    """conf/ lives at the top of the repository; a built wheel carries it as vsr_ddp/conf
+    (setup.cfg's package_dir). The installed copy first, then the checkout's."""
+    here = Path(__file__).resolve().parent
+    for d in (here / "conf", here.parent / "conf"):
+        if (d / "config.yaml").is_file():
+            return str(d)
+    raise SystemExit(f"error: vsr_ddp's conf/ is in neither {here / 'conf'} nor {here.parent / 'conf'}: "
+                     "reinstall vsr_ddp")
 
 
 def run(cfg: DictConfig) -> int:
@@ -38,16 +50,59 @@ def run(cfg: DictConfig) -> int:
         log.error("stopped before any work: %s", e, exc_info=True, extra={"console": False})
         if ctx is None or ctx.is_main:
             print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return CONFIG_ERROR
     finally:
         dist.teardown(ctx)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> None:
+class SweepPointFailed(RuntimeError):
+    """A sweep point run away from the sweeping process (hydra/launcher=slurm) that exited non-zero:
+    raised so that the sweep, which only sees the point's result, fails too."""
+
+    def __init__(self, status: int, point: str = ""):
+        super().__init__(status, point)  # its arguments: the exception is pickled back to the sweep
+        self.status, self.point = status, point
+
+    def __str__(self) -> str:
+        return f"sweep point {self.point} exited with status {self.status}"
+
+
+_SWEEP_PID = os.getpid()   # the process that runs `python -m vsr_ddp -m ...`
+_sweep: list[int] = []      # exit status of each sweep point run in that process
+
+
+def sweep_status(statuses: list[int]) -> int:
+    """A sweep's exit status: that of its most serious point. 128 + N when one was stopped by a
+    signal, 2 when one had a configuration error, 1 when one failed, else 0."""
+    failed = [s for s in statuses if s]
+    if not failed:
+        return 0
+    stopped = [s for s in failed if s > 128]
+    if stopped:
+        return stopped[0]
+    return CONFIG_ERROR if CONFIG_ERROR in failed else 1
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
+def main(cfg: DictConfig) -> int:
     status = run(cfg)
-    if _multirun():
-        return  # the sweep goes on to its next job in this process
+    if not _multirun():
+        _leave(status)
+        return status
+    if os.getpid() != _SWEEP_PID:  # a launcher ran this point elsewhere: its status reaches the sweep only so
+        if status:
+            from hydra.core.hydra_config import HydraConfig
+
+            hc = HydraConfig.get()
+            raise SweepPointFailed(status, f"#{hc.job.num} ({' '.join(hc.overrides.task)})")
+        return status
+    _sweep.append(status)
+    if status > 128:  # stopped by a signal (preemption): so is the sweep, its later points included
+        _leave(status)
+    return status  # the sweep goes on to its next point in this process
+
+
+def _leave(status: int) -> None:
     if "TORCHELASTIC_RUN_ID" in os.environ:
         # A torchrun worker whose work, logs and report are done leaves now: the C++ destructors
         # of interpreter shutdown could still abort it ("terminate called without an active
@@ -66,5 +121,16 @@ def _multirun() -> bool:
     return HydraConfig.get().mode.name == "MULTIRUN"
 
 
+def cli() -> None:
+    """``python -m vsr_ddp``: a single run exits from main(); a sweep (-m) here, once every point ran."""
+    try:
+        main()
+    except SweepPointFailed as e:  # HYDRA_FULL_ERROR=1 lets it through; without it, Hydra exits 1
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        _leave(e.status)
+    if _sweep:
+        _leave(sweep_status(_sweep))
+
+
 if __name__ == "__main__":
-    main()
+    cli()

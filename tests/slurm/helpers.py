@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -53,8 +54,8 @@ def check(out: Path, videos: list[str], report: str | None, no_report: list[str]
         stems = sorted(Path(v["input"]).stem for v in data["videos"])
         want = sorted(spec.split("=")[0] for spec in videos)
         if stems != want or any(v["status"] != "ok" for v in data["videos"]):
-            fail(f"{out / report}: {[(Path(v['input']).stem, v['status'], v['reason']) for v in data['videos']]}, "
-                 f"expected {want} all ok")
+            got = [(Path(v["input"]).stem, v["status"], v["reason"]) for v in data["videos"]]
+            fail(f"{out / report}: {got}, expected {want} all ok")
     for name in no_report:
         if (out / name).exists():
             fail(f"{out / name} exists but should not")
@@ -73,7 +74,20 @@ def snapshot(wdir: Path, file: Path) -> None:
     print(f"{len(snap)} shard(s) done before the stop: {', '.join(snap)}")
 
 
-def compare(wdir: Path, file: Path) -> None:
+def already_done(logs: Path) -> int:
+    """Finished shards the last run found, over all ranks: each rank log's last
+    'N unit(s) for this rank, M already done' line (rank logs are appended across requeues)."""
+    total = 0
+    for log in sorted(logs.glob("rank*.log")):
+        found = re.findall(r"\d+ unit\(s\) for this rank, (\d+) already done",
+                           log.read_text(encoding="utf-8"))
+        if not found:
+            fail(f"{log} has no unit count")
+        total += int(found[-1])
+    return total
+
+
+def compare(wdir: Path, file: Path, logs: Path | None = None) -> None:
     before, after = json.loads(file.read_text()), sidecars(wdir)
     kept = [k for k in before if after.get(k) == before[k]]
     changed = [k for k in before if k in after and after[k] != before[k]]
@@ -81,8 +95,14 @@ def compare(wdir: Path, file: Path) -> None:
     total = len(json.loads((wdir / "checkpoint.json").read_text())["segments"])
     print(f"{len(kept)} shard(s) kept from before the stop, {len(redone)} done after the requeue, "
           f"{len(changed)} redone although finished; {total} in all")
-    if changed or len(kept) != len(before) or not before or len(kept) + len(redone) != total or len(redone) >= total:
+    if (changed or len(kept) != len(before) or not before or len(kept) + len(redone) != total
+            or len(redone) >= total):
         fail("the requeued run did not resume from the finished shards")
+    if logs is not None:
+        found = already_done(logs)
+        print(f"the requeued run's rank logs: {found} unit(s) already done")
+        if found != len(before):
+            fail(f"the requeued run found {found} finished shard(s), not the {len(before)} kept")
 
 
 def main() -> None:
@@ -98,6 +118,9 @@ def main() -> None:
         s = sub.add_parser(name)
         s.add_argument("wdir", type=Path)
         s.add_argument("file", type=Path)
+        if name == "compare":
+            s.add_argument("--logs", type=Path,
+                           help="rank logs folder: check the rerun's 'already done' counts")
     args = ap.parse_args()
     if args.cmd == "inputs":
         inputs(args.work)
@@ -106,7 +129,7 @@ def main() -> None:
     elif args.cmd == "snapshot":
         snapshot(args.wdir, args.file)
     else:
-        compare(args.wdir, args.file)
+        compare(args.wdir, args.file, args.logs)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@
 # stop with one clear error), srun without torchrun (Slurm variables -> RANK/WORLD_SIZE/...), and
 # the Hydra submitit multirun (skipped when hydra-submitit-launcher is not installed). Prints a
 # PASS/FAIL line per case with its duration, and always tears the daemons down.
-# Knobs: PYTHON (default .venv/bin/python), VSR_SLURM_WORK (default a new /tmp/vsr_slurm.XXXXXX).
+# Knobs: PYTHON (default .venv/bin/python), VSR_SLURM_WORK (default a new /tmp/vsr_slurm.XXXXXX),
+# VSR_SLURM_CASES (default all: single multi array preempt misset private_output srun_direct multirun
+# multirun_fail).
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -123,11 +125,12 @@ case_preempt() {
     # Slurm holds a requeued job for about two minutes (BeginTime); no need to wait for that here.
     scontrol update JobId="$j" StartTime=now || return 1
     wait_ok "$j" 600 || return 1
-    helper compare "$wdir" "$WORK/preempt_snapshot.json" || return 1
+    # The kept shards are the ones snapshotted, unchanged, and the requeued run's rank logs count
+    # exactly those as already done.
+    helper compare "$wdir" "$WORK/preempt_snapshot.json" --logs "$out/.vsr_ddp/logs" || return 1
     helper check "$out" --video long=240 --report run_report.json || return 1
     grep "USR2: stopping the ranks" "$log" || return 1
     grep "restart 1" "$log" || return 1
-    grep "already done" "$out/.vsr_ddp/logs/rank0.log" | tail -n 1 || return 1
 }
 
 case_misset() {
@@ -165,7 +168,7 @@ case_srun_direct() {
 }
 
 case_multirun() {
-    local out=$WORK/out/sweep
+    local out=$WORK/out/sweep sweep
     # shellcheck disable=SC2016  # ${job.scale} is Hydra's, not the shell's
     timeout 900 "$PYTHON" -m vsr_ddp -m hydra/launcher=slurm hydra.launcher.gpus_per_node=null \
         hydra.launcher.tasks_per_node=2 hydra.launcher.cpus_per_task=1 hydra.launcher.timeout_min=15 \
@@ -173,15 +176,43 @@ case_multirun() {
         work.segment_frames=8 || return 1
     helper check "$out/s2" --video clip=48 --report run_report.json || return 1
     helper check "$out/s3" --video clip=48 --report run_report.json || return 1
-    ls "$out"/s2/.vsr_ddp/logs/*/rank1.log || ls "$out"/s2/.vsr_ddp/logs/rank1.log || return 1
+    # A sweep's rank logs are not under its outputs: conf/config.yaml's hydra.sweep.dir
+    # (multirun/<date>/<time>, relative to the folder the sweep started in, here $WORK) and
+    # log.dir = hydra.runtime.output_dir put point k's logs in <sweep dir>/<k>/rank<N>.log
+    # (vsr_ddp/logs.py); submitit's own files go to <sweep dir>/.submitit/<job id>/.
+    sweep=$(ls -td "$WORK"/multirun/*/*/ 2>/dev/null | head -n 1)
+    [ -n "$sweep" ] || { echo "no sweep folder under $WORK/multirun"; return 1; }
+    ls "$sweep"0/rank0.log "$sweep"0/rank1.log "$sweep"1/rank0.log "$sweep"1/rank1.log || return 1
+    grep -l "output=$out/s2\$" "$sweep"0/rank0.log || return 1
+    grep -l "output=$out/s3\$" "$sweep"1/rank0.log || return 1
+    ls -d "$sweep".submitit || return 1
+}
+
+case_multirun_fail() {
+    # One bad sweep point (job.scale=0 with lanczos: a configuration error on Slurm): the sweep must
+    # fail, and the other point still runs to the end.
+    local out=$WORK/out/sweepfail status
+    # shellcheck disable=SC2016  # ${job.scale} is Hydra's, not the shell's
+    timeout 900 "$PYTHON" -m vsr_ddp -m hydra/launcher=slurm hydra.launcher.gpus_per_node=null \
+        hydra.launcher.tasks_per_node=2 hydra.launcher.cpus_per_task=1 hydra.launcher.timeout_min=15 \
+        "${JOB[@]}" input="$WORK/in/one" "output=$out/s\${job.scale}" job.model=lanczos job.scale=0,2 \
+        work.segment_frames=8 2>"$WORK/logs/multirun_fail.stderr"
+    status=$?
+    cat "$WORK/logs/multirun_fail.stderr"
+    [ $status = 1 ] || { echo "expected exit status 1, got $status"; return 1; }
+    grep "sweep point #0 (.*job.scale=0.*) exited with status 2" "$WORK/logs/multirun_fail.stderr" || return 1
+    helper check "$out/s2" --video clip=48 --report run_report.json || return 1
+    [ ! -e "$out/s0/run_report.json" ] || { echo "the bad point did work"; return 1; }
 }
 
 RESULTS=()
 FAILED=0
+CASES=" ${VSR_SLURM_CASES:-single multi array preempt misset private_output srun_direct multirun multirun_fail} "
 run_case() {  # NAME DESCRIPTION
     local name=$1 what=$2 t=$SECONDS status
+    case $CASES in *" $name "*) ;; *) return ;; esac
     echo "== $name: $what"
-    if [ "$name" = multirun ] && ! "$PYTHON" -c "import hydra_plugins.hydra_submitit_launcher" 2>/dev/null; then
+    if [ "${name%_fail}" = multirun ] && ! "$PYTHON" -c "import hydra_plugins.hydra_submitit_launcher" 2>/dev/null; then
         RESULTS+=("$(printf 'SKIP  %-15s %-62s %5s' "$name" "$what" "-") (pip install 'vsr_ddp[slurm]')")
         return
     fi
@@ -195,7 +226,8 @@ run_case() {  # NAME DESCRIPTION
         RESULTS+=("$(printf 'FAIL  %-15s %-62s %4d s' "$name" "$what" "$d")")
         echo "-- $name failed; its log ($WORK/logs/$name.log):"
         tail -n 30 "$WORK/logs/$name.log"
-        for f in $(ls -t "$WORK"/out/"$name"*/.vsr_ddp/logs/slurm-*.out 2>/dev/null | head -n 2); do
+        for f in $(ls -t "$WORK"/out/"$name"*/.vsr_ddp/logs/slurm-*.out "$WORK"/multirun/*/*/.submitit/*/*.err \
+                2>/dev/null | head -n 2); do
             echo "-- $f:"
             tail -n 30 "$f"
         done
@@ -211,6 +243,7 @@ run_case misset "2 torchrun tasks on 1 node: one clear error, no work"
 run_case private_output "output folder not shared between ranks: one clear error"
 run_case srun_direct "srun without torchrun: 2 tasks, Slurm variables"
 run_case multirun "Hydra multirun, hydra/launcher=slurm, job.scale=2,3"
+run_case multirun_fail "Hydra multirun on Slurm, one bad point: exit 1, the other done"
 
 echo
 echo "== make test-slurm: $(date -Is), $(sinfo --version), node $NODE ($(nproc --all) CPUs, no GPU), work in $WORK"
