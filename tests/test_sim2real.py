@@ -542,15 +542,12 @@ def test_prompts_and_overrides_by_stem(tmp_path, models):
         job.video_options("car_02")
 
 
-class SkippingJob:
+class SkippingJob(jobs.Job):
     """Copies frames; leaves out videos whose name starts with 'x'."""
 
     name, streaming, uses_context = "skipper", False, False
 
     def __init__(self, cfg, device):
-        pass
-
-    def setup(self):
         pass
 
     def tag(self):
@@ -559,16 +556,10 @@ class SkippingJob:
     def settings(self):
         return {"job": self.name}
 
-    def output_size(self, w, h):
-        return w, h
-
     def plan_video(self, info, vi):
         if info.stem.startswith("x"):
             raise SkipVideo("no prompt for it")
         return [Unit(vi, 0, 0, info.frames, 0, info.frames)]
-
-    def begin(self, info):
-        pass
 
     def process_unit(self, frames, unit, info):
         return frames

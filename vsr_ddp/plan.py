@@ -309,9 +309,11 @@ def _bit_depth(pix_fmt: str) -> int:
     return 8
 
 
-def plan_units(videos: list[VideoInfo], unit: str, segment_frames: int, overlap: int) -> list[Unit]:
+def plan_units(videos: list[VideoInfo], unit: str, segment_frames: int, overlap: int,
+               first_index: int = 0) -> list[Unit]:
     """Cut every video into units. ``unit=video``: one unit per video; ``segment``: owned
-    ranges of ``segment_frames`` frames, each read with ``overlap`` context frames per side."""
+    ranges of ``segment_frames`` frames, each read with ``overlap`` context frames per side.
+    ``videos[k]`` is the plan's video ``first_index + k``."""
     if unit not in ("video", "segment"):
         raise ValueError(f"work.unit must be 'video' or 'segment', not {unit!r}")
     if unit == "segment" and segment_frames < 1:
@@ -319,7 +321,7 @@ def plan_units(videos: list[VideoInfo], unit: str, segment_frames: int, overlap:
     if overlap < 0:
         raise ValueError("work.overlap must be >= 0")
     units = []
-    for vi, info in enumerate(videos):
+    for vi, info in enumerate(videos, first_index):
         n = info.frames
         step = n if unit == "video" else segment_frames
         for seg_idx in range(math.ceil(n / step)):

@@ -159,25 +159,23 @@ class Runner:
                 stems[res.stem] = path
                 videos.append(res)
         w = self.cfg.work
-        plan_video = getattr(self.job, "plan_video", None)
-        skipped = {}
-        if plan_video is None:
-            units = plan_units(videos, w.unit, w.segment_frames, w.overlap)
-        else:
-            # The job cuts its own units (key intervals, whole videos) and may reject a video
-            # (missing keys, say) with a reason of its own.
-            kept, units = [], []
-            for info in videos:
-                try:
-                    units += plan_video(info, len(kept))
-                    kept.append(info)
-                except SkipVideo as e:  # left out on purpose (no prompt for it, say): not a failure
-                    skipped[info.path] = str(e)
-                    log.warning("%s: skipped: %s", info.path, e)
-                except InputError as e:
-                    failed[info.path] = str(e)
-                    log.error("%s: %s", info.path, e)
-            videos = kept
+        skipped, kept, units = {}, [], []
+        for info in videos:
+            # The job may cut its own units (key intervals, whole videos, retimed segments) and
+            # reject a video (missing keys, say) with a reason of its own; else work.* segments.
+            try:
+                mine = self.job.plan_video(info, len(kept))
+                if mine is None:
+                    mine = plan_units([info], w.unit, w.segment_frames, w.overlap, first_index=len(kept))
+                units += mine
+                kept.append(info)
+            except SkipVideo as e:  # left out on purpose (no prompt for it, say): not a failure
+                skipped[info.path] = str(e)
+                log.warning("%s: skipped: %s", info.path, e)
+            except InputError as e:
+                failed[info.path] = str(e)
+                log.error("%s: %s", info.path, e)
+        videos = kept
         log.info("plan: %d video(s), %d unit(s), %d failed to probe", len(videos), len(units), len(failed))
         return Plan(videos=videos, failed=failed, units=units, inputs=[str(p) for p in inputs],
                     skipped=skipped)
@@ -191,7 +189,7 @@ class Runner:
         """
         if not plan.videos:
             return None
-        if not getattr(self.job, "streaming", True):
+        if not self.job.streaming:
             # A whole-unit job's time depends on its units' content (key intervals, prompts):
             # timing a few frames would mislead.
             return f"estimate: job.calibrate times streaming jobs (upscale), not job={self.job.name}"
@@ -224,16 +222,6 @@ class Runner:
                 f"(model {min(fps):.2f}-{max(fps):.2f} frames/s per rank at {info.width}x{info.height}; "
                 f"slowest rank {max(range(len(per_rank)), key=per_rank.__getitem__)})")
 
-    def output_info(self, info: VideoInfo) -> VideoInfo:
-        """The output's frames and timeline: the input's, unless the job retimes (job=interpolate)."""
-        out = getattr(self.job, "output_info", None)
-        return info if out is None else out(info)
-
-    def unit_counts(self) -> dict:
-        """What the job counted in the unit just made (scene cuts, held frames): sidecar and report."""
-        counts = getattr(self.job, "unit_counts", None)
-        return {} if counts is None else counts()
-
     def deinterlace(self, info: VideoInfo) -> bool:
         """``decode.deinterlace``: auto (when the stream flags interlaced frames), on, off."""
         mode = str(self.cfg.decode.deinterlace)
@@ -261,12 +249,10 @@ class Runner:
     def sig_of(self, info: VideoInfo, unit: Unit) -> str:
         """The signature a unit's sidecar must carry: the run's settings, plus what the job says
         this unit alone depends on (``unit_settings``: a prompt, two keyframes)."""
-        own = getattr(self.job, "unit_settings", None)
-        if own is None:
-            return self.sig
         key = (info.path, unit.key, unit.start, unit.end)  # keys are hashed once per run, not per poll
         if key not in self._unit_sigs:
-            self._unit_sigs[key] = signature({"run": self.sig, "unit": own(info, unit)})
+            own = self.job.unit_settings(info, unit)
+            self._unit_sigs[key] = signature({"run": self.sig, "unit": own}) if own else self.sig
         return self._unit_sigs[key]
 
     def write_checkpoint(self, plan: Plan, vi: int, output: str | None = None) -> None:
@@ -297,42 +283,18 @@ class Runner:
         encode = pick_pix_fmt(encode, info.bit_depth)
         # 16-bit frames from decoder to encoder when the input has more than 8 bits, the output
         # format keeps them and the job computes in more than 8 bits (upscale)
-        deep = info.bit_depth > 8 and pix_fmt_depth(encode["pix_fmt"]) > 8 and getattr(self.job, "deep_frames", False)
+        deep = info.bit_depth > 8 and pix_fmt_depth(encode["pix_fmt"]) > 8 and self.job.deep_frames
         reader = self.reader(info, deep=deep)
         gpu = self.ctx.device.index if self.ctx.device.type == "cuda" else None
-        writer = ShardWriter(shards.shard_path(wdir, unit), out_w, out_h, self.output_info(info).fps, encode,
+        writer = ShardWriter(shards.shard_path(wdir, unit), out_w, out_h, self.job.output_info(info).fps, encode,
                              info.color, gpu=gpu, sar=output_sar(info, made_w, made_h), deep=deep)
 
         self.job.begin(info)
-        if getattr(self.job, "streaming", True):
-            source = reader.read(start, end)
-            position = [start]  # absolute index of the next frame into the model stage
+        source = self.job.unit_pieces(reader.read, unit, info)
 
-            def model(frames):  # (n, H, W, 3) uint8 -> (n, H', W', 3) uint8, H' and W' even
-                out = self.job.process(frames, position[0])
-                position[0] += len(frames)
-                return pad_even(out)
-        elif hasattr(self.job, "unit_pieces"):
-            # Whole-unit jobs that read their unit themselves, in pieces (sim2real: passes over a
-            # video, then one key interval at a time), so memory does not grow with its length.
-            source = self.job.unit_pieces(reader.read, unit, info)
-
-            def model(piece):  # a piece -> the next owned frames, in order (maybe none)
-                out = self.job.process_piece(piece, unit, info)
-                return pad_even(out) if len(out) else out
-        else:
-            # Whole-unit jobs (propagation) need every frame of the read range at once; their
-            # units are bounded (a key interval) by their own planning.
-            def whole():
-                yield np.concatenate(list(reader.read(start, end)))  # (T, H, W, 3) uint8
-
-            source = whole()
-
-            def model(frames):  # read range -> owned frames
-                out = self.job.process_unit(frames, unit, info)
-                if len(out) != unit.frames:
-                    raise RuntimeError(f"{self.job.name} made {len(out)} frames for {unit.frames} owned")
-                return pad_even(out)
+        def model(piece):  # a piece -> the unit's next output frames, in order (maybe none)
+            out = self.job.process_piece(piece, unit, info)
+            return pad_even(out) if len(out) else out
 
         def sink(frames):
             if len(frames):
@@ -353,7 +315,7 @@ class Runner:
         shards.write_sidecar(wdir, unit, signature=self.sig_of(info, unit), encode=encode,
                              rank=self.ctx.rank, host=self.ctx.host, seconds=seconds,
                              extra={"read_start": start, "read_end": end, "width": out_w, "height": out_h,
-                                    "reader": reader.backend, "stages": stages, "counts": self.unit_counts(),
+                                    "reader": reader.backend, "stages": stages, "counts": self.job.unit_counts(),
                                     **resource_peaks(self.ctx.device)})
         log.info("%s %s: frames [%d, %d) in %.1f s (%.2f frames/s)", info.stem, unit.key, unit.start,
                  unit.end, seconds, unit.frames / max(seconds, 1e-9))
@@ -420,7 +382,7 @@ class Runner:
         shards.check_coverage([Unit(vi, s["seg_idx"], s["start"], s["end"], s["read_start"], s["read_end"])
                                for s in sides], info.frames)
         out = self.output / f"{info.stem}.mp4"
-        out_info = self.output_info(info)
+        out_info = self.job.output_info(info)
         t0 = time.monotonic()
         ordered = [(wdir / s["shard"], s.get("out_start", s["start"]), s["frames_written"])
                    for s in sorted(sides, key=lambda s: s["start"])]
@@ -437,12 +399,10 @@ class Runner:
             for key, value in (s.get("counts") or {}).items():
                 counts[key] = counts.get(key, 0) + value
         result.update(counts)
-        extra = getattr(self.job, "finish_video", None)  # e.g. upscale's side-by-side preview
-        if extra is not None:
-            try:
-                result.update(extra(info, out, self.reader(info)) or {})
-            except Exception as e:  # noqa: BLE001 - the video itself is done and fine
-                log.warning("%s: %s after the merge failed: %s", info.path, self.job.name, e)
+        try:  # e.g. upscale's side-by-side preview
+            result.update(self.job.finish_video(info, out, self.reader(info)) or {})
+        except Exception as e:  # noqa: BLE001 - the video itself is done and fine
+            log.warning("%s: %s after the merge failed: %s", info.path, self.job.name, e)
         return result
 
 

@@ -26,13 +26,12 @@ import torch
 from ..models import interpolation as interp
 from ..models.interpolation import InterpolationError
 from ..plan import InputError, Unit, VideoInfo
+from .base import Job
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("rife-hdv3", "flow", "blend")
 
-
-class InterpolateJob:
+class InterpolateJob(Job):
     name = "interpolate"
     streaming = False  # reads its unit itself, piece by piece (unit_pieces / process_piece)
     uses_context = True
@@ -109,9 +108,6 @@ class InterpolateJob:
                 "scale": float(self.cfg.get("scale") or 1.0), "scene_threshold": self.threshold,
                 "vfr": str(self.cfg.get("vfr", "error")), "dtype": str(getattr(self.engine, "dtype", "float32")),
                 "flow_weights": str(self.cfg.get("flow_weights")), "flow_preset": str(self.cfg.get("flow_preset"))}
-
-    def output_size(self, width: int, height: int) -> tuple[int, int]:
-        return width, height
 
     # -- planning ---------------------------------------------------------------------------------
     def fps_out(self, info: VideoInfo) -> Fraction:

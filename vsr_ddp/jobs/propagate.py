@@ -26,6 +26,7 @@ from ..models.ebsynth import GuideWeights, SynthParams
 from ..models.flow import FlowEstimator
 from ..models.propagation import Propagator
 from ..plan import InputError, Unit, VideoInfo
+from .base import Job
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ def key_units(keys: list[int], frames: int, video: int) -> list[Unit]:
 
 # --- The job -------------------------------------------------------------------------------------
 
-class PropagateJob:
+class PropagateJob(Job):
     name = "propagate"
     streaming = False      # the runner reads a unit's whole read range and calls process_unit
     uses_context = True    # the right key's source frame is read beyond the owned range

@@ -34,6 +34,7 @@ from ..models import fresco
 from ..models.ebsynth import SynthParams
 from ..models.propagation import Propagator, key_intervals, propagate_interval
 from ..plan import InputError, SkipVideo, Unit, VideoInfo
+from .base import Job
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def _fingerprint(path: Path) -> str:
     return f"{path}:{h.hexdigest()[:16]}"
 
 
-class Sim2RealJob:
+class Sim2RealJob(Job):
     name = "sim2real"
     streaming = False      # whole videos, read in pieces by unit_pieces, made by process_piece
     uses_context = False   # one unit per video: nothing outside it

@@ -12,6 +12,7 @@ import torch
 
 from ..models.sr import CLASSICAL, Upscaler
 from ..plan import VideoInfo
+from .base import Job
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def span_frames(spans, info: VideoInfo) -> list[tuple[int, int]]:
     return out
 
 
-class UpscaleJob:
+class UpscaleJob(Job):
     name = "upscale"
     streaming = True
     uses_context = False  # single-image SR: each frame stands alone
