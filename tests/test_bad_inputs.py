@@ -37,7 +37,8 @@ def test_bad_inputs_are_reported_and_the_batch_goes_on(tmp_path):
         assert needle in entry["reason"], (name, entry["reason"])
         assert "\n" not in entry["reason"]
         # the console names the file and the cause on one line
-        assert any(name in ln and needle in ln for ln in proc.stderr.splitlines()), (name, proc.stderr[-3000:])
+        lines = proc.stderr.splitlines()
+        assert any(name in ln and needle in ln for ln in lines), (name, proc.stderr[-3000:])
     # no final file for a failed input, and nothing half-written anywhere
     assert sorted(p.name for p in out.glob("*.mp4")) == ["good.mp4"]
     assert not list(out.rglob("*.partial"))

@@ -19,9 +19,9 @@ def test_yaml_opens_with_its_command(path):
 def test_config_composes_with_design_keys(extra):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=["input=a.mp4", "output=out", "job.model=lanczos", *extra])
-    for key in ("job.name", "job.model", "job.scale", "job.outscale", "job.tile", "job.tile_pad", "job.precision",
-                "work.unit", "work.segment_frames", "work.overlap", "encode.codec", "encode.crf", "encode.preset",
-                "dry_run", "input", "output"):
+    for key in ("job.name", "job.model", "job.scale", "job.outscale", "job.tile", "job.tile_pad",
+                "job.precision", "work.unit", "work.segment_frames", "work.overlap", "encode.codec",
+                "encode.crf", "encode.preset", "dry_run", "input", "output"):
         assert OmegaConf.select(cfg, key, default="<absent>") != "<absent>", key
     assert cfg.job.name == "upscale"
 

@@ -66,12 +66,13 @@ def test_subtitles_and_non_mp4_audio_are_muxed(clips, tmp_path):
 
 def test_dry_run_prints_the_plan_and_writes_nothing(clips, tmp_path):
     out = tmp_path / "out"
-    proc = run_job(["job=upscale", f"input={clips['av']}", f"output={out}", "job.model=lanczos", "job.scale=2",
-                    "work.segment_frames=20", "dry_run=true", "job.calibrate=true"], nproc=2)
+    proc = run_job(["job=upscale", f"input={clips['av']}", f"output={out}", "job.model=lanczos",
+                    "job.scale=2", "work.segment_frames=20", "dry_run=true", "job.calibrate=true"], nproc=2)
     assert "rank 0: 2 unit(s), 28 frames" in proc.stdout
     assert "rank 1: 1 unit(s), 20 frames" in proc.stdout
     assert "owns [20, 40) reads [20, 40)" in proc.stdout
-    assert re.search(r"estimate: about \d+ s on 2 CPU ranks \(model [\d.]+-[\d.]+ frames/s per rank", proc.stdout)
+    assert re.search(r"estimate: about \d+ s on 2 CPU ranks \(model [\d.]+-[\d.]+ frames/s per rank",
+                     proc.stdout)
     assert not (out / "av.mp4").exists() and not (out / "run_report.json").exists()
 
 

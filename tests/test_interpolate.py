@@ -111,7 +111,8 @@ def test_two_ranks_equal_one_rank_and_a_rerun_keeps_finished_shards(tmp_path):
 def test_bad_settings_and_inputs(tmp_path, rife_models):
     src = make_clip(tmp_path / "c.mp4", frames=8, size=(64, 48), fps="24", audio=False)
     # a midpoint model cannot make thirds: a configuration error before any work
-    proc = interpolate(src, tmp_path / "x", "job.model=rife-hdv3", "job.factor=3", f"models_dir={rife_models}",
+    proc = interpolate(src, tmp_path / "x", "job.model=rife-hdv3", "job.factor=3",
+                       f"models_dir={rife_models}",
                        check=False)
     assert proc.returncode == 2 and "job.model=flow" in proc.stderr
     # ... and per video, when the rate is given: that video fails, the others go on
@@ -120,7 +121,8 @@ def test_bad_settings_and_inputs(tmp_path, rife_models):
     folder.mkdir()
     (folder / "c.mp4").write_bytes(src.read_bytes())
     (folder / "d.mp4").write_bytes(other.read_bytes())
-    proc = interpolate(folder, tmp_path / "y", "job.model=rife-hdv3", "job.fps=60", f"models_dir={rife_models}",
+    proc = interpolate(folder, tmp_path / "y", "job.model=rife-hdv3", "job.fps=60",
+                       f"models_dir={rife_models}",
                        check=False)
     status = {v["input"].split("/")[-1]: v for v in read_report(tmp_path / "y")["videos"]}
     assert proc.returncode == 1 and status["d.mp4"]["status"] == "ok"
@@ -129,6 +131,7 @@ def test_bad_settings_and_inputs(tmp_path, rife_models):
     vfr, _ = make_vfr(tmp_path / "vfr.mp4", audio=False)
     proc = interpolate(vfr, tmp_path / "z", "job.model=blend", check=False)
     report = read_report(tmp_path / "z")["videos"][0]
-    assert proc.returncode == 1 and "variable frame rate" in report["reason"] and "job.vfr=cfr" in report["reason"]
+    assert proc.returncode == 1
+    assert "variable frame rate" in report["reason"] and "job.vfr=cfr" in report["reason"]
     interpolate(vfr, tmp_path / "w", "job.model=blend", "job.vfr=cfr")
     assert read_report(tmp_path / "w")["videos"][0]["frames"] == 90

@@ -1,6 +1,5 @@
 """Planning, manifest and bookkeeping units (no video decoding, no torch)."""
 from fractions import Fraction
-from pathlib import Path
 
 import pytest
 
@@ -57,7 +56,8 @@ def test_sidecar_marks_a_shard_done_only_when_it_matches(tmp_path):
     shard = shards.shard_path(tmp_path, unit)
     shard.write_bytes(b"\x00" * 1000)
     assert not shards.shard_done(tmp_path, unit, "sig")  # no sidecar yet
-    side = shards.write_sidecar(tmp_path, unit, signature="sig", encode={"crf": 18}, rank=1, host="h", seconds=1.5)
+    side = shards.write_sidecar(tmp_path, unit, signature="sig", encode={"crf": 18}, rank=1, host="h",
+                                seconds=1.5)
     assert side["start"] == 30 and side["end"] == 40 and side["frames_written"] == 10
     assert side["shard"] == "segment_0003.mp4" and side["size"] == 1000
     assert shards.shard_done(tmp_path, unit, "sig")
@@ -85,6 +85,7 @@ def test_inputs_are_listed_by_extension(tmp_path):
 
 
 @pytest.mark.parametrize("seconds,text", [(5, "5 s"), (59.6, "1 min"), (720, "12 min"), (3780, "1 h 3 min"),
-                                          (7200, "2 h"), (7500, "2 h 5 min"), (90000, "1 d 1 h"), (None, "?")])
+                                          (7200, "2 h"), (7500, "2 h 5 min"), (90000, "1 d 1 h"),
+                                          (None, "?")])
 def test_human_eta(seconds, text):
     assert human_duration(seconds) == text

@@ -358,7 +358,8 @@ def test_two_ranks_from_the_command_line(tmp_path):
     before = {p.name: p.read_text() for p in sidecars}
     restyled = 255 - styled[9]
     cv2.imwrite(str(tmp_path / "keys" / "good" / "00009.png"), cv2.cvtColor(restyled, cv2.COLOR_RGB2BGR))
-    run_job(["job=propagate", f"input={videos / 'good.mp4'}", f"output={out}", f"job.keys={tmp_path / 'keys'}",
+    run_job(["job=propagate", f"input={videos / 'good.mp4'}", f"output={out}",
+             f"job.keys={tmp_path / 'keys'}",
              "job.keys_layout=per_video", *FAST_CLI, "device=cpu", "log.progress=false"])
     after = {p.name: p.read_text() for p in sidecars}
     kept = [n for n in before if before[n] == after[n]]

@@ -36,7 +36,8 @@ class TemporalMean(jobs.Job):
         if info.frames < 10:
             raise InputError("too short for this job")
         cuts = [0, 7, 19, info.frames]  # uneven units, like key intervals
-        return [Unit(vi, i, a, b, max(0, a - 1), min(info.frames, b + 1)) for i, (a, b) in enumerate(zip(cuts, cuts[1:]))]
+        return [Unit(vi, i, a, b, max(0, a - 1), min(info.frames, b + 1))
+                for i, (a, b) in enumerate(zip(cuts, cuts[1:]))]
 
     def process_unit(self, frames, unit, info):
         self.calls.append((unit.read_start, unit.read_end, len(frames)))

@@ -19,8 +19,8 @@ from vsr_ddp.plan import Unit
 def finished(clips, tmp_path_factory):
     """A real run over the two session clips (48 + 36 frames), 12-frame segments: 4 + 3 shards."""
     out = tmp_path_factory.mktemp("status") / "out"
-    run_job(["job=upscale", f"input={clips['av'].parent}", f"output={out}", "job.model=lanczos", "job.scale=2",
-             "work.segment_frames=12", "encode.preset=ultrafast", "log.progress=false"])
+    run_job(["job=upscale", f"input={clips['av'].parent}", f"output={out}", "job.model=lanczos",
+             "job.scale=2", "work.segment_frames=12", "encode.preset=ultrafast", "log.progress=false"])
     assert [v["status"] for v in read_report(out)["videos"]] == ["ok", "ok"]
     return out
 
@@ -35,8 +35,9 @@ def test_finished_run(finished):
     assert [(v["stem"], v["state"], v["shards_done"], v["shards_total"], v["frames_done"], v["frames_total"])
             for v in st["videos"]] == [("av", "merged", 4, 4, 48, 48), ("sub", "merged", 3, 3, 36, 36)]
     assert all(v["eta_s"] == 0 and v["fps"] > 0 and not v["failures"] for v in st["videos"])
-    assert st["total"] | {"fps": None} == {"videos": 2, "merged": 2, "failed": 0, "shards_done": 7, "shards_total": 7,
-                                          "frames_done": 84, "frames_total": 84, "fps": None, "eta_s": 0.0}
+    assert st["total"] | {"fps": None} == {"videos": 2, "merged": 2, "failed": 0, "shards_done": 7,
+                                           "shards_total": 7, "frames_done": 84, "frames_total": 84,
+                                           "fps": None, "eta_s": 0.0}
 
     table = cli(f"output={finished}")
     assert table.returncode == 0, table.stderr
@@ -82,15 +83,18 @@ def test_half_done_run_with_a_failure(finished, tmp_path):
 
     st = status.collect(out)
     v_av, v_sub = st["videos"]
-    assert (v_av["state"], v_av["shards_done"], v_av["shards_total"], v_av["frames_done"]) == ("failed", 2, 4, 24)
+    assert (v_av["state"], v_av["shards_done"], v_av["shards_total"],
+            v_av["frames_done"]) == ("failed", 2, 4, 24)
     assert v_av["failures"] == [{"segment": "segment_0002", "seg_idx": 2, "start": 24, "end": 36,
                                  "reason": "CUDA out of memory", "rank": 1, "host": "gpu-node-7"}]
     assert v_av["fps"] == 6.0  # 24 frames over 4 busy seconds: the hour in the queue does not count
     assert v_av["eta_s"] is None  # a failed video gets no ETA
-    assert (v_sub["state"], v_sub["shards_done"], v_sub["shards_partial"], v_sub["frames_done"]) == ("partial", 1, 1, 12)
+    assert (v_sub["state"], v_sub["shards_done"], v_sub["shards_partial"],
+            v_sub["frames_done"]) == ("partial", 1, 1, 12)
     assert v_sub["fps"] == 2.0 and v_sub["eta_s"] == 12.0  # 24 frames left at 2 frames/s
     assert st["total"] == {"videos": 2, "merged": 0, "failed": 1, "shards_done": 3, "shards_total": 7,
-                           "frames_done": 36, "frames_total": 84, "fps": 4.5, "eta_s": 5.3}  # 36 frames / 8 busy s; 24 left in sub
+                           "frames_done": 36, "frames_total": 84, "fps": 4.5,
+                           "eta_s": 5.3}  # 36 frames / 8 busy s; 24 left in sub
 
     table = cli("--output", out)
     assert table.returncode == 0, table.stderr
@@ -104,7 +108,8 @@ def test_half_done_run_with_a_failure(finished, tmp_path):
 def test_a_folder_without_a_run_is_a_clear_error(tmp_path):
     res = cli(f"output={tmp_path}")
     assert res.returncode == 2
-    assert res.stderr.strip() == f"error: {tmp_path}: no .vsr_ddp folder (not a vsr_ddp output folder, or nothing ran yet)"
+    assert res.stderr.strip() == (f"error: {tmp_path}: no .vsr_ddp folder (not a vsr_ddp output folder, "
+                                  f"or nothing ran yet)")
 
 
 def test_busy_seconds_is_the_union_of_the_intervals():

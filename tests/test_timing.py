@@ -13,8 +13,8 @@ from fractions import Fraction
 
 import av
 import pytest
-from builders import (FFMPEG, SUBTITLE_TEXTS, audio_onset, decode_indices, ffmpeg_decode, frame_times, make_clip,
-                      probe_streams, read_frames, subtitle_cues, with_beep)
+from builders import (FFMPEG, SUBTITLE_TEXTS, audio_onset, decode_indices, ffmpeg_decode, frame_times,
+                      make_clip, probe_streams, read_frames, subtitle_cues, with_beep)
 from conftest import read_report, run_job
 
 from vsr_ddp.plan import probe

@@ -158,14 +158,16 @@ def test_transformer_checkpoint_with_size_requirements(tmp_path):
     from spandrel.architectures.SwinIR.__arch.SwinIR import SwinIR
 
     torch.manual_seed(0)
-    net = SwinIR(upscale=2, in_chans=3, img_size=16, window_size=4, img_range=1.0, depths=[1, 1], embed_dim=12,
-                 num_heads=[2, 2], mlp_ratio=2, upsampler="pixelshuffle", resi_connection="1conv")
+    net = SwinIR(upscale=2, in_chans=3, img_size=16, window_size=4, img_range=1.0, depths=[1, 1],
+                 embed_dim=12, num_heads=[2, 2], mlp_ratio=2, upsampler="pixelshuffle",
+                 resi_connection="1conv")
     path = tmp_path / "swinir_x2.pth"
     torch.save({"params": net.state_dict()}, path)
     up = Upscaler(str(path), device=torch.device("cpu"))
     frames = np.random.default_rng(0).integers(0, 256, (2, 30, 45, 3), dtype=np.uint8)
     assert np.abs(up(frames).astype(int) - spandrel_direct(path, frames).astype(int)).max() <= 1
-    small = np.random.default_rng(1).integers(0, 256, (1, 12, 14, 3), dtype=np.uint8)  # below the 16-px minimum
+    # below the 16-px minimum
+    small = np.random.default_rng(1).integers(0, 256, (1, 12, 14, 3), dtype=np.uint8)
     assert up(small).shape == (1, 24, 28, 3)
 
 

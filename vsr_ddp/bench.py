@@ -107,7 +107,8 @@ def main(argv=None) -> int:
     ap.add_argument("--nproc", type=int, default=2, help="ranks for the multi-rank run")
     ap.add_argument("--frames", type=int, default=96)
     ap.add_argument("--size", default="256x144", help="input size WxH")
-    ap.add_argument("--model", default="compact", help="'compact' (random weights, built here) or a checkpoint")
+    ap.add_argument("--model", default="compact",
+                    help="'compact' (random weights, built here) or a checkpoint")
     ap.add_argument("--scale", type=int, default=2, help="scale of the built compact model")
     ap.add_argument("--feat", type=int, default=32, help="features of the built compact model")
     ap.add_argument("--conv", type=int, default=16, help="conv layers of the built compact model")
@@ -122,12 +123,14 @@ def main(argv=None) -> int:
     root = Path(args.dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    dev_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                else f"CPU ({os.cpu_count()} cores)")
     model = args.model
     if model == "compact":
         model = str(make_compact(root / "compact.safetensors", args.scale, args.feat, args.conv))
     fps = "30000/1001"
-    short = make_pattern(root / "short.mp4", seconds=args.frames * 1001 / 30000 + 0.001, size=args.size, fps=fps)
+    short = make_pattern(root / "short.mp4", seconds=args.frames * 1001 / 30000 + 0.001, size=args.size,
+                         fps=fps)
     n_short = probe(short).frames
     seg = max(1, -(-n_short // (2 * max(2, args.nproc))))  # about two segments per rank
     results = {"device": dev_name, "model": args.model if args.model != "compact" else
@@ -317,7 +320,7 @@ def bench_upscale(args, root: Path, model: str, short: Path, n_short: int, seg: 
     if many is None:
         print(f"N-rank run skipped: {torch.cuda.device_count()} GPU here", flush=True)
     longclip = make_pattern(root / "long.mp4", seconds=args.long * args.frames * 1001 / 30000 + 0.001,
-                           size=args.size, fps=fps)
+                            size=args.size, fps=fps)
     # same segment size: only the video length differs
     long1 = run_job(model, longclip, root / "out_long", 1, args.batch, seg, dev_arg, args.precision)
     results.update({"one_rank": one, "n_ranks": many, "long_one_rank": long1})
@@ -328,16 +331,19 @@ def bench_upscale(args, root: Path, model: str, short: Path, n_short: int, seg: 
             continue
         rows = [("frames", r["frames"]), ("end-to-end frames/s (steady, from sidecars)", r["fps_steady"]),
                 ("end-to-end frames/s (wall, incl. start-up + merge)", r["fps_wall"]),
-                ("stage share of unit wall time", ", ".join(f"{k[:-2]} {v:.0%}" for k, v in r["stage_share"].items())),
+                ("stage share of unit wall time",
+                 ", ".join(f"{k[:-2]} {v:.0%}" for k, v in r["stage_share"].items())),
                 ("peak host RSS per rank", f"{r['peak_rss_mb']:.0f} MB"),
                 ("peak GPU memory", f"{r['peak_gpu_mb']:.0f} MB" if r["peak_gpu_mb"] else "n/a"),
                 ("merge", f"{r['merge_s']:.2f} s = {r['merge_share']:.1%} of job wall")]
         if r["ranks"] == 1:
             rows.insert(2, ("end-to-end / model-only", f"{r['fps_steady'] / m:.3f}"))
         else:
-            rows.insert(2, ("scaling efficiency vs N x 1 rank", f"{r['fps_steady'] / (r['ranks'] * one['fps_steady']):.3f}"))
+            rows.insert(2, ("scaling efficiency vs N x 1 rank",
+                            f"{r['fps_steady'] / (r['ranks'] * one['fps_steady']):.3f}"))
         print(table(name, rows), flush=True)
-    print(table("model only (pre-decoded frames)", [("frames/s", m), ("frames", results["model_only"]["frames"])]))
+    print(table("model only (pre-decoded frames)",
+                [("frames/s", m), ("frames", results["model_only"]["frames"])]))
     growth = long1["peak_rss_mb"] / one["peak_rss_mb"] - 1
     print(table("memory over video length", [("peak RSS short / long", f"{one['peak_rss_mb']:.0f} / "
                                               f"{long1['peak_rss_mb']:.0f} MB ({growth:+.1%})")]))

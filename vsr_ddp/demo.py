@@ -52,7 +52,8 @@ def make_sample(path: Path, frames: int = 100, size: tuple[int, int] = (320, 180
     cmd = [ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y",
            "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-framerate", fps, "-i", "pipe:0",
            "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000",
-           "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "18", "-g", "30", "-c:a", "aac", "-shortest", str(path)]
+           "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "18", "-g", "30", "-c:a", "aac", "-shortest",
+           str(path)]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE)
     for frame in natural_frames(frames, size):
         proc.stdin.write(frame.tobytes())

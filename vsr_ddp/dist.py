@@ -138,8 +138,8 @@ class Dist:
         if blind:
             who = "; ".join(f"rank {r} on {peers[r][0]} cannot see rank(s) "
                             + ", ".join(f"{m} ({peers[m][0]})" for m in miss) for r, miss in blind[:8])
-            raise DistError(f"output folder {output} is not shared between the nodes ({who}): put output= on a "
-                            f"filesystem every node mounts at the same path")
+            raise DistError(f"output folder {output} is not shared between the nodes ({who}): put output= "
+                            f"on a filesystem every node mounts at the same path")
 
 
 def _env_int(name: str, default: int) -> int:
@@ -188,7 +188,8 @@ def slurm_env() -> None:
         return
     node_id, nnodes = _env_int("SLURM_NODEID", 0), max(1, _env_int("SLURM_NNODES", 1))
     local_world = (_env_int("SLURM_NTASKS_PER_NODE", 0)
-                   or _tasks_on_node(env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", ""),
+                   or _tasks_on_node(env.get("SLURM_STEP_TASKS_PER_NODE")
+                                     or env.get("SLURM_TASKS_PER_NODE", ""),
                                      node_id)
                    or -(-ntasks // nnodes))
     env["RANK"] = env["SLURM_PROCID"]

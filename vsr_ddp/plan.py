@@ -194,7 +194,8 @@ def probe(path: str | Path) -> VideoInfo:
     try:
         container = av.open(str(path))
     except (av.error.FFmpegError, UnicodeDecodeError) as e:
-        raise InputError(f"not a readable video ({e.__class__.__name__}: {getattr(e, 'strerror', None) or e})")
+        raise InputError(f"not a readable video "
+                         f"({e.__class__.__name__}: {getattr(e, 'strerror', None) or e})")
     with container:
         vstreams = [s for s in container.streams.video if s.codec_context is not None]
         if not vstreams:
@@ -222,7 +223,8 @@ def probe(path: str | Path) -> VideoInfo:
                           ("color_trc", "color_trc")):
             value = getattr(cc, attr, None)
             name = getattr(value, "name", value)
-            if isinstance(name, int) and name not in (0, 2, 3):  # PyAV >= 14: ffmpeg's numbers (2: unspecified)
+            # PyAV >= 14: ffmpeg's numbers (2: unspecified)
+            if isinstance(name, int) and name not in (0, 2, 3):
                 color[key] = str(name)
             elif isinstance(name, str) and name.lower() not in ("unspecified", "reserved", "unknown", ""):
                 color[key] = name.lower()
@@ -290,7 +292,8 @@ def _first_frame(path: Path) -> tuple[int, bool, str]:
             for frame in container.decode(vs):
                 rotation = round(frame.rotation or 0) % 360
                 if rotation % 90:
-                    raise InputError(f"display rotation of {rotation} degrees (only multiples of 90 are supported)")
+                    raise InputError(f"display rotation of {rotation} degrees "
+                                     f"(only multiples of 90 are supported)")
                 return rotation, bool(frame.interlaced_frame), frame.format.name
     except av.error.FFmpegError as e:
         raise InputError(f"cannot decode its first frame ({e.__class__.__name__}: {e})") from None

@@ -115,8 +115,10 @@ class Runner:
                     return
                 reason = str(e) or e.__class__.__name__
                 log.error("%s: %s failed: %s", info.path, unit.key, reason)
-                self.failures.setdefault(info.path, f"{unit.key} (frames [{unit.start}, {unit.end})): {reason}")
-                shards.write_failure(self.wdir(info), unit, reason=reason, rank=self.ctx.rank, host=self.ctx.host)
+                self.failures.setdefault(info.path,
+                                         f"{unit.key} (frames [{unit.start}, {unit.end})): {reason}")
+                shards.write_failure(self.wdir(info), unit, reason=reason, rank=self.ctx.rank,
+                                     host=self.ctx.host)
             if self.ctx.is_main:
                 self.merge_ready(plan)
 
@@ -216,7 +218,8 @@ class Runner:
             px = sum(u.frames * plan.videos[u.video].width * plan.videos[u.video].height for u in mine)
             per_rank.append(px * rate)
         fps = [1 / (r * info.width * info.height) for r in rates]
-        device = f"{self.ctx.world} GPU{'s' if self.ctx.world > 1 else ''}" if self.ctx.device.type == "cuda" \
+        device = f"{self.ctx.world} GPU{'s' if self.ctx.world > 1 else ''}" \
+            if self.ctx.device.type == "cuda" \
             else f"{self.ctx.world} CPU rank{'s' if self.ctx.world > 1 else ''}"
         return (f"estimate: about {human_duration(max(per_rank))} on {device} "
                 f"(model {min(fps):.2f}-{max(fps):.2f} frames/s per rank at {info.width}x{info.height}; "
@@ -286,8 +289,8 @@ class Runner:
         deep = info.bit_depth > 8 and pix_fmt_depth(encode["pix_fmt"]) > 8 and self.job.deep_frames
         reader = self.reader(info, deep=deep)
         gpu = self.ctx.device.index if self.ctx.device.type == "cuda" else None
-        writer = ShardWriter(shards.shard_path(wdir, unit), out_w, out_h, self.job.output_info(info).fps, encode,
-                             info.color, gpu=gpu, sar=output_sar(info, made_w, made_h), deep=deep)
+        writer = ShardWriter(shards.shard_path(wdir, unit), out_w, out_h, self.job.output_info(info).fps,
+                             encode, info.color, gpu=gpu, sar=output_sar(info, made_w, made_h), deep=deep)
 
         self.job.begin(info)
         source = self.job.unit_pieces(reader.read, unit, info)
@@ -315,7 +318,8 @@ class Runner:
         shards.write_sidecar(wdir, unit, signature=self.sig_of(info, unit), encode=encode,
                              rank=self.ctx.rank, host=self.ctx.host, seconds=seconds,
                              extra={"read_start": start, "read_end": end, "width": out_w, "height": out_h,
-                                    "reader": reader.backend, "stages": stages, "counts": self.job.unit_counts(),
+                                    "reader": reader.backend, "stages": stages,
+                                    "counts": self.job.unit_counts(),
                                     **resource_peaks(self.ctx.device)})
         log.info("%s %s: frames [%d, %d) in %.1f s (%.2f frames/s)", info.stem, unit.key, unit.start,
                  unit.end, seconds, unit.frames / max(seconds, 1e-9))

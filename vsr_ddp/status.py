@@ -68,11 +68,13 @@ def video_status(wdir: Path) -> dict | None:
     video = ck.get("video") or {}
     segments = ck["segments"]
     # the frames the output gets (a retiming job makes more or fewer than the input has)
-    frames_total = sum(s.get("frames", s["end"] - s["start"]) for s in segments.values()) or video.get("frames", 0)
+    frames_total = (sum(s.get("frames", s["end"] - s["start"]) for s in segments.values())
+                    or video.get("frames", 0))
     done, frames_done, partial, failures, intervals, seconds = 0, 0, 0, [], [], 0.0
     for key, seg in sorted(segments.items(), key=lambda kv: kv[1]["start"]):
         side = shards.read_sidecar(wdir, key)
-        if shards.sidecar_matches(wdir, side, seg["start"], seg["end"], seg.get("signature", ck.get("signature")),
+        if shards.sidecar_matches(wdir, side, seg["start"], seg["end"],
+                                  seg.get("signature", ck.get("signature")),
                                   verify_checksum=False, frames=seg.get("frames")):
             done += 1
             frames_done += int(side.get("frames_written", seg["end"] - seg["start"]))
@@ -117,7 +119,8 @@ def collect(output: str | Path) -> dict:
     output = Path(output).expanduser()
     root = output / ".vsr_ddp"
     if not root.is_dir():
-        raise FileNotFoundError(f"{output}: no .vsr_ddp folder (not a vsr_ddp output folder, or nothing ran yet)")
+        raise FileNotFoundError(f"{output}: no .vsr_ddp folder "
+                                f"(not a vsr_ddp output folder, or nothing ran yet)")
     videos = [v for d in sorted(p for p in root.iterdir() if p.is_dir()) if (v := video_status(d))]
     # Inputs that never got a work folder (failed to probe, or skipped by the job) are only in the
     # run reports.
@@ -144,12 +147,15 @@ def collect(output: str | Path) -> dict:
     for v in videos:
         left = v["frames_total"] - v["frames_done"]
         rate = v["fps"] or run_rate
-        v["eta_s"] = 0.0 if left == 0 else (round(left / rate, 1) if rate and v["state"] != "failed" else None)
-    left = sum(v["frames_total"] - v["frames_done"] for v in videos if v["state"] != "failed")  # the rest waits
+        v["eta_s"] = 0.0 if left == 0 else (round(left / rate, 1)
+                                            if rate and v["state"] != "failed" else None)
+    # the rest waits
+    left = sum(v["frames_total"] - v["frames_done"] for v in videos if v["state"] != "failed")
     total = {
         "videos": len(videos), "merged": sum(v["state"] == "merged" for v in videos),
         "failed": sum(v["state"] == "failed" for v in videos),
-        "shards_done": sum(v["shards_done"] for v in videos), "shards_total": sum(v["shards_total"] for v in videos),
+        "shards_done": sum(v["shards_done"] for v in videos),
+        "shards_total": sum(v["shards_total"] for v in videos),
         "frames_done": frames_done, "frames_total": frames_total,
         "fps": None if run_rate is None else round(run_rate, 3),
         "eta_s": 0.0 if left == 0 else (round(left / run_rate, 1) if run_rate else None),
@@ -168,7 +174,8 @@ def format_table(status: dict) -> str:
     head = ["video", "shards", "frames", "frames/s", "ETA", "state", "failures"]
     rows = []
     for v in status["videos"]:
-        rows.append([v["stem"], f"{v['shards_done']}/{v['shards_total']}", f"{v['frames_done']}/{v['frames_total']}",
+        rows.append([v["stem"], f"{v['shards_done']}/{v['shards_total']}",
+                     f"{v['frames_done']}/{v['frames_total']}",
                      f"{v['fps']:.1f}" if v["fps"] else "-", _eta(v), v["state"],
                      str(len(v["failures"]) or int(v["state"] == "failed" and bool(v.get("reason"))))])
     t = status["total"]
@@ -180,11 +187,13 @@ def format_table(status: dict) -> str:
     right = {1, 2, 3, 4, 6}  # numbers align right
 
     def line(r):
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(r, widths))).rstrip()
 
     out = [line(head), *(line(r) for r in rows[:-1]), "-" * len(line(head)), line(rows[-1])]
     fails = [(v, f) for v in status["videos"] for f in v["failures"]]
-    reasons = [v for v in status["videos"] if v.get("reason") and not v["failures"] and v["state"] == "failed"]
+    reasons = [v for v in status["videos"]
+               if v.get("reason") and not v["failures"] and v["state"] == "failed"]
     if fails or reasons:
         out.append("")
         out.append("failures:")
@@ -199,7 +208,8 @@ def format_table(status: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # Accept the job's own spelling, output=DIR, as well as --output DIR.
-    argv = [a for arg in argv for a in (["--output", arg[len("output="):]] if arg.startswith("output=") else [arg])]
+    argv = [a for arg in argv
+            for a in (["--output", arg[len("output="):]] if arg.startswith("output=") else [arg])]
     ap = argparse.ArgumentParser(prog="python -m vsr_ddp.status", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output", required=True, help="the run's output folder (output= of the job)")

@@ -124,7 +124,8 @@ class FrameReader:
                 # decord also fails on some sound files (it rejects frame sizes whose rows it pads,
                 # e.g. 48x64 portrait: "from_size == to_size"): PyAV goes on from the same frame,
                 # and a really damaged stream fails there too.
-                log.warning("%s: decord failed at frame %d (%s); reading on with PyAV", self.info.path, got, e)
+                log.warning("%s: decord failed at frame %d (%s); reading on with PyAV",
+                            self.info.path, got, e)
                 self.backend = "pyav"
         if got < end:
             for chunk in self._read_pyav(got, end):
@@ -157,7 +158,8 @@ class FrameReader:
             for s in range(start, end, self.chunk):
                 yield vr.get_batch(list(range(s, min(end, s + self.chunk)))).asnumpy()  # (n, H, W, 3) uint8
         except decord.DECORDError as e:
-            raise DecodeError(f"truncated or corrupt: decoding failed near frame {s} ({_first_line(e)})") from None
+            raise DecodeError(f"truncated or corrupt: decoding failed near frame {s} "
+                              f"({_first_line(e)})") from None
 
     def _read_pyav(self, start: int, end: int) -> Iterator[np.ndarray]:
         """# (n, H, W, 3) uint8 chunks of [start, end) as stored (not yet rotated).
@@ -215,13 +217,15 @@ class FrameReader:
                     if idx < expected:
                         continue
                     if idx > expected:
-                        raise DecodeError(f"truncated or corrupt: frames [{expected}, {idx}) are missing from the stream")
+                        raise DecodeError(f"truncated or corrupt: frames [{expected}, {idx}) "
+                                          f"are missing from the stream")
                     yield frame
                     expected += 1
                     if expected == end:
                         return
             except av.error.FFmpegError as e:
-                raise DecodeError(f"truncated or corrupt: decoding failed at frame {expected} ({_first_line(e)})") from None
+                raise DecodeError(f"truncated or corrupt: decoding failed at frame {expected} "
+                                  f"({_first_line(e)})") from None
 
 
 def _rotate(chunk: np.ndarray, turns: int) -> np.ndarray:
@@ -300,7 +304,8 @@ def encoder_works(codec: str) -> bool:
     cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-f", "lavfi",
            "-i", "color=black:size=256x256:duration=0.1", "-frames:v", "2", "-c:v", codec, "-f", "null", "-"]
     try:
-        return subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60).returncode == 0
+        return subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              timeout=60).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
 
@@ -399,7 +404,8 @@ class ShardWriter:
         color = color or {}
         filters = []
         if sar != 1:  # anamorphic (a DVD's 720x576 shown 16:9): the pixels keep their shape
-            filters.append(f"setsar=r={sar.numerator}/{sar.denominator}:max={max(sar.numerator, sar.denominator, 100)}")
+            filters.append(f"setsar=r={sar.numerator}/{sar.denominator}"
+                           f":max={max(sar.numerator, sar.denominator, 100)}")
         tags = [f"{key}={color[key]}" for key in ("color_primaries", "color_trc") if key in color]
         if tags:
             filters.append("setparams=" + ":".join(tags))
@@ -409,7 +415,8 @@ class ShardWriter:
             cmd += ["-colorspace", color["colorspace"]]
         cmd += ["-f", "mp4", str(self.tmp)]
         self._stderr = tempfile.TemporaryFile()
-        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._stderr)
+        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                      stderr=self._stderr)
 
     def _error(self, what: str) -> EncodeError:
         self._stderr.seek(0)
@@ -513,7 +520,8 @@ def merge(shards: list[tuple[Path, int, int]], info: VideoInfo, out: Path) -> No
             if a["codec"] in MP4_AUDIO_COPY:
                 codecs += [f"-c:a:{n}", "copy"]
             else:
-                log.info("%s: audio stream %d is %s, re-encoding it to AAC for mp4", info.path, a["index"], a["codec"])
+                log.info("%s: audio stream %d is %s, re-encoding it to AAC for mp4",
+                         info.path, a["index"], a["codec"])
                 codecs += [f"-c:a:{n}", "aac", f"-b:a:{n}", "192k"]
         n_sub = 0
         for s in info.subtitles:
@@ -560,7 +568,8 @@ def _write_joined(path: Path, shards: list[tuple[Path, int, int]], info: VideoIn
     tb = Fraction(1, timeline.scale)
     ostream, extradata = None, None
     decoded = 0  # packets written so far: the decode position in the joined stream
-    with av.open(str(path), "w", format="mp4", options={"video_track_timescale": str(timeline.scale)}) as joined:
+    with av.open(str(path), "w", format="mp4",
+                 options={"video_track_timescale": str(timeline.scale)}) as joined:
         for shard, start, frames in shards:
             with av.open(str(shard)) as c:
                 vs = c.streams.video[0]
@@ -570,7 +579,8 @@ def _write_joined(path: Path, shards: list[tuple[Path, int, int]], info: VideoIn
                 elif vs.codec_context.extradata != extradata:
                     # One set of codec headers serves the joined stream: a shard encoded with other
                     # parameters would decode as garbage.
-                    raise EncodeError(f"{shard.name} was encoded with other codec parameters than the first shard")
+                    raise EncodeError(f"{shard.name} was encoded with other codec parameters "
+                                      f"than the first shard")
                 t0, shard_tb = vs.start_time or 0, vs.time_base
                 count = 0
                 for pkt in c.demux(vs):
@@ -619,11 +629,11 @@ def check_timeline(path: Path, info: VideoInfo) -> None:
     if not info.vfr:
         for n, (_, duration) in enumerate(packets):
             if duration * tb != 1 / info.fps:
-                raise EncodeError(f"merged video's frame {n} (decode order) lasts {float(duration * tb):.6f} s, "
+                raise EncodeError(f"merged video's frame {n} (decode order) lasts "
+                                  f"{float(duration * tb):.6f} s, "
                                   f"not one frame ({float(1 / info.fps):.6f} s)")
 
 
 def output_sar(info: VideoInfo, width: int, height: int) -> Fraction:
     """The pixel aspect that shows ``width`` x ``height`` frames at the input's display aspect."""
     return (info.sar * info.width * height / (info.height * width)).limit_denominator(65535)
-

@@ -22,7 +22,8 @@ def env(monkeypatch, tmp_path):
     bindir = tmp_path / "bin"
     bindir.mkdir()
     scontrol = bindir / "scontrol"
-    scontrol.write_text('#!/bin/sh\n[ "$1 $2 $3" = "show hostnames gpu[03-04]" ] && printf "gpu03\\ngpu04\\n"\n')
+    scontrol.write_text('#!/bin/sh\n'
+                        '[ "$1 $2 $3" = "show hostnames gpu[03-04]" ] && printf "gpu03\\ngpu04\\n"\n')
     scontrol.chmod(0o755)
     fake = {"PATH": f"{bindir}:/usr/bin:/bin"}
     monkeypatch.setattr(os, "environ", fake)
@@ -54,7 +55,8 @@ def test_node_list_without_scontrol(env):
     assert env["MASTER_ADDR"] == "n1"
     env.clear()
     env.update(SRUN_TASK, PATH="/nonexistent")
-    with pytest.raises(dist.DistError, match=r"cannot expand SLURM_JOB_NODELIST=gpu\[03-04\].*set MASTER_ADDR"):
+    with pytest.raises(dist.DistError,
+                       match=r"cannot expand SLURM_JOB_NODELIST=gpu\[03-04\].*set MASTER_ADDR"):
         dist.slurm_env()
 
 
@@ -65,8 +67,9 @@ def test_tasks_per_node_spec():
 def test_world_size_must_match_the_allocation(env):
     env.update(SLURM_JOB_ID="7", SLURM_NNODES="2", TORCHELASTIC_RUN_ID="7")
     dist.check_slurm_world(16, 8)  # 2 nodes x 8
-    with pytest.raises(dist.DistError, match=r"^WORLD_SIZE=8 does not match the Slurm allocation: 2 node\(s\) x 8 "
-                                             r"rank\(s\) per node = 16; launch one torchrun per node"):
+    with pytest.raises(dist.DistError,
+                       match=r"^WORLD_SIZE=8 does not match the Slurm allocation: 2 node\(s\) x 8 "
+                             r"rank\(s\) per node = 16; launch one torchrun per node"):
         dist.check_slurm_world(8, 8)  # torchrun --standalone on each node: two worlds
     env.update(SLURM_NNODES="1", SLURM_STEP_ID="0", SLURM_STEP_NUM_TASKS="8")
     with pytest.raises(dist.DistError, match=r"^srun started 8 torchrun task\(s\) on 1 node\(s\)"):
@@ -100,7 +103,7 @@ def test_shared_folder(tmp_path):
     # cannot see rank 0's either.
     with pytest.raises(dist.DistError) as e:
         FakeGather("t2", [0]).check_shared_folder(tmp_path, wait_s=0.1)
-    assert str(e.value) == (f"output folder {tmp_path} is not shared between the nodes (rank 0 on node-a cannot "
-                            f"see rank(s) 1 (node-b); rank 1 on node-b cannot see rank(s) 0 (node-a)): put output= "
-                            f"on a filesystem every node mounts at the same path")
+    assert str(e.value) == (f"output folder {tmp_path} is not shared between the nodes (rank 0 on node-a "
+                            f"cannot see rank(s) 1 (node-b); rank 1 on node-b cannot see rank(s) 0 "
+                            f"(node-a)): put output= on a filesystem every node mounts at the same path")
     assert json.loads((hosts / "0.json").read_text())["host"] == "node-a"

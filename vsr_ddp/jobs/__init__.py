@@ -8,7 +8,8 @@ from .propagate import PropagateJob
 from .sim2real import Sim2RealJob
 from .upscale import UpscaleJob
 
-JOBS = {"upscale": UpscaleJob, "propagate": PropagateJob, "sim2real": Sim2RealJob, "interpolate": InterpolateJob}
+JOBS = {"upscale": UpscaleJob, "propagate": PropagateJob, "sim2real": Sim2RealJob,
+        "interpolate": InterpolateJob}
 
 
 def make_job(cfg, device) -> Job:

@@ -56,7 +56,8 @@ class InterpolateJob(Job):
         if model == "blend":
             self.engine = interp.Blend()
         elif model == "flow":
-            self.engine = interp.FlowInterp(self.device, c.get("flow_weights"), c.get("flow_preset", "medium"))
+            self.engine = interp.FlowInterp(self.device, c.get("flow_weights"),
+                                            c.get("flow_preset", "medium"))
         else:
             self.model_file = self._rife_file(model)
             self.engine = interp.Rife(self.model_file, self.device, float(c.get("scale") or 1.0), dtype)
@@ -77,12 +78,12 @@ class InterpolateJob(Job):
         else:
             path = Path(model).expanduser()
             if not path.is_file():
-                raise InterpolationError(f"job.model: {path} does not exist (rife-hdv3, a RIFE flownet.pkl, flow "
-                                         f"or blend)")
+                raise InterpolationError(f"job.model: {path} does not exist (rife-hdv3, a RIFE flownet.pkl, "
+                                         f"flow or blend)")
         variant = rife_variant(path)
         if variant != "hdv3":
-            raise InterpolationError(f"job.model: {path} is a {variant} RIFE checkpoint; this version runs RIFE "
-                                     f"HDv3 (rife-hdv3); use job.model=flow or blend for other models")
+            raise InterpolationError(f"job.model: {path} is a {variant} RIFE checkpoint; this version runs "
+                                     f"RIFE HDv3 (rife-hdv3); use job.model=flow or blend for other models")
         return path
 
     def _check_midpoints(self, ratio: Fraction, what: str) -> None:
@@ -92,8 +93,8 @@ class InterpolateJob(Job):
         if q & (q - 1):
             raise InterpolationError(
                 f"{what} needs frames at thirds or fifths of a frame interval, which {self.cfg.model} (a "
-                f"midpoint model: 2x, 4x, 8x) cannot make exactly; use job.model=flow or blend, or a power-of-two "
-                f"factor")
+                f"midpoint model: 2x, 4x, 8x) cannot make exactly; use job.model=flow or blend, or a "
+                f"power-of-two factor")
 
     def tag(self) -> str:
         rate = f"x{self.factor}" if self.factor is not None else f"{self.fps}fps"
@@ -106,8 +107,10 @@ class InterpolateJob(Job):
             model = f"{self.model_file.resolve()}:{st.st_size}:{int(st.st_mtime)}"
         return {"job": self.name, "model": model, "factor": str(self.factor), "fps": str(self.fps),
                 "scale": float(self.cfg.get("scale") or 1.0), "scene_threshold": self.threshold,
-                "vfr": str(self.cfg.get("vfr", "error")), "dtype": str(getattr(self.engine, "dtype", "float32")),
-                "flow_weights": str(self.cfg.get("flow_weights")), "flow_preset": str(self.cfg.get("flow_preset"))}
+                "vfr": str(self.cfg.get("vfr", "error")),
+                "dtype": str(getattr(self.engine, "dtype", "float32")),
+                "flow_weights": str(self.cfg.get("flow_weights")),
+                "flow_preset": str(self.cfg.get("flow_preset"))}
 
     # -- planning ---------------------------------------------------------------------------------
     def fps_out(self, info: VideoInfo) -> Fraction:
@@ -120,8 +123,8 @@ class InterpolateJob(Job):
 
     def plan_video(self, info: VideoInfo, video_index: int) -> list[Unit]:
         if info.vfr and str(self.cfg.get("vfr", "error")) == "error":
-            raise InputError(f"variable frame rate (average {float(info.fps):.3f} fps): retiming needs a constant "
-                             f"rate; job.vfr=cfr treats it as constant at its average rate")
+            raise InputError(f"variable frame rate (average {float(info.fps):.3f} fps): retiming needs a "
+                             f"constant rate; job.vfr=cfr treats it as constant at its average rate")
         fps_out = self.fps_out(info)
         if self.engine.midpoint_only and self.fps is not None:
             try:

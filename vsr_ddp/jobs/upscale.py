@@ -85,7 +85,8 @@ class UpscaleJob(Job):
         return {"job": self.name, "model": model, "scale": up.scale, "outscale": up.outscale,
                 # tiling and precision change pixels only at noise level, but they do change them
                 "tile": c.tile, "tile_pad": c.tile_pad, "dtype": str(up.dtype),
-                "spans": list(c.get("spans") or []), "fallback": str(c.get("fallback")) if c.get("spans") else None}
+                "spans": list(c.get("spans") or []),
+                "fallback": str(c.get("fallback")) if c.get("spans") else None}
 
     def output_size(self, width: int, height: int) -> tuple[int, int]:
         return self.upscaler.output_size(width, height)
@@ -118,5 +119,6 @@ class UpscaleJob(Job):
             use_model |= (idx >= a) & (idx < b)
         # consecutive runs of the same choice, in order
         cuts = [0, *(np.flatnonzero(np.diff(use_model.astype(np.int8))) + 1), len(frames)]
-        parts = [(self.upscaler if use_model[a] else self.fallback)(frames[a:b]) for a, b in zip(cuts, cuts[1:])]
+        parts = [(self.upscaler if use_model[a] else self.fallback)(frames[a:b])
+                 for a, b in zip(cuts, cuts[1:])]
         return np.concatenate(parts) if len(parts) > 1 else parts[0]

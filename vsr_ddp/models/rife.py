@@ -91,7 +91,8 @@ def rife_variant(path: Path) -> str:
     if shapes.get("block0.conv0.0.0.weight") == (45, 11, 3, 3) and "block_tea.conv0.0.0.weight" in shapes \
             and not any(k.startswith("block3.") for k in shapes):
         return "hdv3"
-    if any(k.startswith(("encode.", "block3.", "block4.")) for k in shapes) or "block0.lastconv.0.weight" in shapes:
+    if any(k.startswith(("encode.", "block3.", "block4.")) for k in shapes) \
+            or "block0.lastconv.0.weight" in shapes:
         return "4.x"
     return "unknown"
 

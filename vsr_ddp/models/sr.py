@@ -21,9 +21,9 @@ CLASSICAL = ("lanczos", "bicubic")
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "weights" / "compact_x2.safetensors"
 
 
-WEIGHTS_HELP = ("Real-ESRGAN's weights by name: `python -m vsr_ddp.models fetch realesrgan-x4plus` (also "
-                "realesrgan-x4plus-anime, realesr-animevideov3), then job.model=realesrgan-x4plus; by path, any "
-                "checkpoint spandrel supports (Real-ESRGAN's .pth files: "
+WEIGHTS_HELP = ("Real-ESRGAN's weights by name: `python -m vsr_ddp.models fetch realesrgan-x4plus` "
+                "(also realesrgan-x4plus-anime, realesr-animevideov3), then job.model=realesrgan-x4plus; by "
+                "path, any checkpoint spandrel supports (Real-ESRGAN's .pth files: "
                 "https://github.com/xinntao/Real-ESRGAN/releases)")
 
 
@@ -40,7 +40,8 @@ def model_path(model: str, models_dir: str | Path | None = None) -> Path:
         return DEFAULT_MODEL
     if model in published.MODELS:
         if not published.MODELS[model].scale:
-            raise ModelError(f"job.model={model} is a frame interpolation model (job=interpolate), not an upscaler")
+            raise ModelError(f"job.model={model} is a frame interpolation model (job=interpolate), "
+                             f"not an upscaler")
         try:
             return published.weights_path(model, published.models_dir(models_dir))
         except FileNotFoundError as e:
@@ -78,7 +79,8 @@ def load_descriptor(path: Path):
         raise ModelError(f"job.model: {path} is not a super-resolution checkpoint spandrel knows ({e}). "
                          f"{WEIGHTS_HELP}") from None
     if not isinstance(desc, spandrel.ImageModelDescriptor):
-        raise ModelError(f"job.model: {path} is a {desc.architecture.name} model, not an image-to-image model")
+        raise ModelError(f"job.model: {path} is a {desc.architecture.name} model, "
+                         f"not an image-to-image model")
     if desc.input_channels != 3 or desc.output_channels != 3:
         raise ModelError(f"job.model: {path} takes {desc.input_channels} and gives {desc.output_channels} "
                          "channels; only RGB models are supported")
