@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import time
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -116,8 +117,9 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--long", type=int, default=10, help="the long clip is this many times the short one")
-    ap.add_argument("--jobs", default="upscale,reader,propagate,sim2real",
-                    help="which to measure; sim2real runs only on CUDA (SD 1.5-sized random weights)")
+    ap.add_argument("--jobs", default="upscale,reader,propagate,interpolate,sim2real",
+                    help="which to measure; sim2real runs only on CUDA (SD 1.5-sized random weights); "
+                         "interpolate times rife-hdv3 when it is fetched")
     args = ap.parse_args(argv)
     jobs = set(args.jobs.split(","))
     root = Path(args.dir).resolve()
@@ -148,6 +150,11 @@ def main(argv=None) -> int:
     if "propagate" in jobs:
         r = results["propagate"] = bench_propagation(size=512, frames=2, device=device)
         print(table("propagate (EbSynth) at 512x512", [(k, v) for k, v in r.items()]), flush=True)
+    if "interpolate" in jobs:
+        size = (1920, 1080) if device.type == "cuda" else (320, 180)
+        r = results["interpolate"] = bench_interpolate(size, device)
+        print(table(f"interpolate (midpoints of a real pan) at {size[0]}x{size[1]}",
+                    [(k, v) for k, v in r.items()]), flush=True)
     if "sim2real" in jobs and device.type == "cuda":
         r = results["sim2real"] = bench_sim2real(size=512, frames=8, steps=20, device=device)
         print(table("sim2real (FRESCO keyframes, SD 1.5-sized random weights) at 512x512, batch 8",
@@ -158,6 +165,42 @@ def main(argv=None) -> int:
 
 
 # --- Propagation and sim2real: the model stages alone ---------------------------------------------
+
+def bench_interpolate(size: tuple[int, int], device: torch.device, pairs: int = 8, batch: int = 4) -> dict:
+    """Interpolated frames/s of each engine (t = 1/2, pairs batched as the job does) on a camera pan
+    over scikit-image's astronaut photograph, after one untimed batch. rife-hdv3 only when fetched."""
+    import cv2
+    import skimage.data
+
+    from .models import interpolation as interp
+    from .models import published
+
+    w, h = size
+    photo = cv2.resize(skimage.data.astronaut(), (w * 2, h * 2), interpolation=cv2.INTER_CUBIC)
+    frames = np.stack([np.ascontiguousarray(photo[k:k + h, 2 * k:2 * k + w]) for k in range(pairs + 1)])
+    a, b = frames[:-1], frames[1:]  # (pairs, H, W, 3) uint8
+    engines = {"blend": lambda: interp.Blend(), "flow": lambda: interp.FlowInterp(device)}
+    try:
+        path = published.weights_path("rife-hdv3", published.models_dir())
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        engines["rife-hdv3"] = lambda: interp.Rife(path, device, 1.0 if max(size) <= 2048 else 0.5, dtype)
+    except FileNotFoundError as e:
+        print(f"interpolate: rife-hdv3 skipped ({e})", flush=True)
+    out = {}
+    for name, make in engines.items():
+        engine = make()
+        half = [Fraction(1, 2)] * batch
+        engine(a[:batch], b[:batch], half)  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for s in range(0, pairs, batch):
+            engine(a[s:s + batch], b[s:s + batch], half[:len(a[s:s + batch])])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        out[f"{name} frames/s"] = round(pairs / (time.perf_counter() - t0), 3)
+    return out
+
 
 def bench_propagation(size: int = 512, frames: int = 2, device: str | torch.device | None = None,
                       params: SynthParams | None = None, warmup: bool = True) -> dict:
