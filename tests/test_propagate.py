@@ -4,6 +4,9 @@ command line."""
 from __future__ import annotations
 
 import contextlib
+import signal
+import subprocess
+import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -12,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from builders import make_clip, read_frames
-from conftest import read_report, run_job
+from conftest import ROOT, job_cmd, job_env, read_report, run_job
 from omegaconf import OmegaConf
 
 from vsr_ddp.jobs.propagate import PropagateJob, key_units
@@ -366,3 +369,37 @@ def test_two_ranks_from_the_command_line(tmp_path):
     assert kept == [sidecars[0].name], kept  # segment_0000 is [0, 3)
     result = read_frames(out / "good.mp4")
     assert psnr(result[9], restyled) > 30 and psnr(result[3], styled[3]) > 30
+
+
+@pytest.mark.slow
+def test_a_stop_signal_ends_a_long_unit_within_seconds(tmp_path):
+    """SIGTERM while a unit that takes minutes is in hand (EbSynth at its default settings on
+    256x192 frames): the rank leaves within 30 s, as Slurm's USR2-then-TERM two minutes before the
+    limit needs, with 128 + 15 and no partial shard; the stop is checked between EbSynth passes."""
+    videos, keys, out = tmp_path / "videos", tmp_path / "keys" / "v", tmp_path / "out"
+    src = read_frames(make_clip(videos / "v.mp4", frames=12, size=(256, 192), fps="25", audio=False))
+    keys.mkdir(parents=True)
+    cv2.imwrite(str(keys / "00000.png"), cv2.cvtColor(stylize(src[0]), cv2.COLOR_RGB2BGR))
+    cmd = job_cmd(["job=propagate", f"input={videos}", f"output={out}", f"job.keys={tmp_path / 'keys'}",
+                   "device=cpu", "log.progress=false"])
+    proc = subprocess.Popen(cmd, env=job_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    log = out / ".vsr_ddp" / "logs" / "rank0.log"
+    deadline = time.monotonic() + 120
+    while not (log.exists() and "unit(s) for this rank" in log.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.2)
+    time.sleep(3)  # well inside the unit's first EbSynth syntheses
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        status = proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    elapsed = time.monotonic() - t0
+    assert status == 128 + signal.SIGTERM, proc.stderr.read()[-3000:]
+    assert elapsed < 30, f"the rank took {elapsed:.1f} s to stop"
+    leftovers = [p.name for p in out.glob(".vsr_ddp/*/*") if p.suffix in (".partial", ".mp4")
+                 or p.name.startswith("segment_")]
+    assert leftovers == [], leftovers
+    assert not (out / "v.mp4").exists()

@@ -31,6 +31,14 @@ def _handler(signum, frame):
                 signal.Signals(signum).name)
 
 
+def check() -> None:
+    """Raise Preempted when a stop was requested: called between the iterations of long loops
+    (EbSynth's search-vote passes, FRESCO's denoising steps), so a rank inside a unit that takes
+    minutes still leaves within seconds of the signal, before Slurm's hard kill."""
+    if requested.is_set():
+        raise Preempted("stop requested")
+
+
 def install() -> None:
     if threading.current_thread() is not threading.main_thread():
         return

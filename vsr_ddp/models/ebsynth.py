@@ -32,6 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import preempt
+
 
 # annotations are strings here (from __future__ import annotations)
 PLAIN_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "tuple": tuple}
@@ -375,6 +377,7 @@ def synthesize(style: torch.Tensor, guides: list[Guide], params: SynthParams = S
         nnf = lvl.random_nnf(gen) if prev is None else lvl.upsample_nnf(nnf, prev)
         target = lvl.vote(nnf)
         for _ in range(params.search_vote_iters):
+            preempt.check()
             lvl.set_target_style(target)
             nnf, _ = lvl.patchmatch(nnf, params.patchmatch_iters, gen)
             target = lvl.vote(nnf)

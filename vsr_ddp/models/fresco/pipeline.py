@@ -11,6 +11,7 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
+from ... import preempt
 from ..ebsynth import typed_config
 from .attention import FrescoControl, fresco_levels, install_fresco_processors
 from .checks import _check_filled, _single_file, check_model_paths
@@ -258,6 +259,7 @@ class FrescoPipeline:
 
             # 8. Denoising loop
             for i, t in enumerate(timesteps[start:]):
+                preempt.check()
                 c.spatial = s.spatial_attn and i < s.spatial_attn_steps
                 c.temporal = s.temporal_attn and int(t) >= s.temporal_attn_min_t
                 c.optimize = s.feature_opt and start + i < opt_end
