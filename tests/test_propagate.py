@@ -4,6 +4,7 @@ command line."""
 from __future__ import annotations
 
 import contextlib
+import re
 import signal
 import subprocess
 import time
@@ -372,16 +373,17 @@ def test_two_ranks_from_the_command_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_stop_signal_ends_a_long_unit_within_seconds(tmp_path):
-    """SIGTERM while a unit that takes minutes is in hand (EbSynth at its default settings on
-    256x192 frames): the rank leaves within 30 s, as Slurm's USR2-then-TERM two minutes before the
-    limit needs, with 128 + 15 and no partial shard; the stop is checked between EbSynth passes."""
+def test_a_long_unit_shows_progress_and_a_stop_signal_ends_it_within_seconds(tmp_path):
+    """A unit that takes minutes (EbSynth at its default settings on 256x192 frames): its frames
+    are counted as they are synthesized, so the rank's log shows frames before the unit ends; then
+    SIGTERM: the rank leaves within 30 s, as Slurm's USR2-then-TERM two minutes before the limit
+    needs, with 128 + 15 and no partial shard (the stop is checked between EbSynth passes)."""
     videos, keys, out = tmp_path / "videos", tmp_path / "keys" / "v", tmp_path / "out"
     src = read_frames(make_clip(videos / "v.mp4", frames=12, size=(256, 192), fps="25", audio=False))
     keys.mkdir(parents=True)
     cv2.imwrite(str(keys / "00000.png"), cv2.cvtColor(stylize(src[0]), cv2.COLOR_RGB2BGR))
     cmd = job_cmd(["job=propagate", f"input={videos}", f"output={out}", f"job.keys={tmp_path / 'keys'}",
-                   "device=cpu", "log.progress=false"])
+                   "device=cpu", "log.progress=false", "log.every_s=1"])
     proc = subprocess.Popen(cmd, env=job_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
     log = out / ".vsr_ddp" / "logs" / "rank0.log"
@@ -389,7 +391,12 @@ def test_a_stop_signal_ends_a_long_unit_within_seconds(tmp_path):
     while not (log.exists() and "unit(s) for this rank" in log.read_text()):
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
         time.sleep(0.2)
-    time.sleep(3)  # well inside the unit's first EbSynth syntheses
+    # progress inside the unit: "this rank N frames" with N > 0 while no shard is finished
+    moving = re.compile(r"this rank [1-9]\d* frames \([\d.]+ frames/s\); all ranks \d+/12 frames, ETA \d")
+    while not moving.search(log.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline + 60, log.read_text()[-2000:]
+        time.sleep(0.5)
+    assert not list(out.glob(".vsr_ddp/*/segment_*.json"))
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     try:

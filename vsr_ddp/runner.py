@@ -65,7 +65,8 @@ class Runner:
         todo = [u for u in mine if not shards.shard_done(self.wdir(plan.videos[u.video]), u,
                                                          self.sig_of(plan.videos[u.video], u))]
         log.info("%d unit(s) for this rank, %d already done", len(mine), len(mine) - len(todo))
-        progress = Progress(self.ctx, show_bar=self.ctx.is_main and self.cfg.log.progress)
+        progress = Progress(self.ctx, show_bar=self.ctx.is_main and self.cfg.log.progress,
+                            log_every_s=float(self.cfg.log.get("every_s", 30)))
         progress.add_total(sum(u.out_frames for u in todo))
         progress.start()
         try:
@@ -292,6 +293,15 @@ class Runner:
         writer = ShardWriter(shards.shard_path(wdir, unit), out_w, out_h, self.job.output_info(info).fps,
                              encode, info.color, gpu=gpu, sar=output_sar(info, made_w, made_h), deep=deep)
 
+        counted = [0, 0]  # frames of this unit on the bar, frames written
+
+        def count(frames_done: float) -> None:
+            n = min(int(frames_done), unit.out_frames) - counted[0]
+            if n > 0:
+                progress.advance(n)
+                counted[0] += n
+
+        self.job.progress = count
         self.job.begin(info)
         source = self.job.unit_pieces(reader.read, unit, info)
 
@@ -302,7 +312,8 @@ class Runner:
         def sink(frames):
             if len(frames):
                 writer.write(frames)
-                progress.advance(len(frames))
+                counted[1] += len(frames)
+                count(counted[1])
 
         try:
             stages = run_stages(source, model, sink,

@@ -37,6 +37,11 @@ class Job(Protocol):
     uses_context: bool = False  # True: the read range (owned frames plus work.overlap) is passed in
     deep_frames: bool = False  # True: takes uint16 frames of a >8-bit video (a 10-bit output keeps them)
 
+    def progress(self, frames_done: float) -> None:
+        """The runner sets this before each unit: a job whose frames only come out at the end of a
+        long unit (propagate) calls it with how many of the unit's frames it has as good as
+        finished, so the bar and the rank logs move within seconds. Written frames count anyway."""
+
     # -- once per rank ----------------------------------------------------------------------------
     def setup(self) -> None:
         """Load models, once per rank, before any work. Raise for a missing model file."""

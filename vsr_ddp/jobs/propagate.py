@@ -185,7 +185,8 @@ class PropagateJob(Job):
             if key is not None and key.shape != frames.shape[1:]:
                 raise InputError(f"{keys[idx]}: keyframe is {key.shape[1]}x{key.shape[0]}, "
                                  f"the video is {frames.shape[2]}x{frames.shape[1]}")
-        out = self.propagator(frames, left, right)
+        out = self.propagator(frames, left, right,
+                              on_progress=lambda share: self.progress(share * unit.frames))
         if len(out) != unit.frames:
             raise RuntimeError(f"made {len(out)} frames for [{unit.start}, {unit.end})")
         return out

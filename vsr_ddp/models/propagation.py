@@ -7,7 +7,7 @@ No files and no runner here: the jobs decide where frames and keys come from.
 """
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -38,23 +38,37 @@ class Propagator:
         targets = [frames[j] for j in order[1:]]
         return propagate(key, frames[order[0]], targets, flow_to_prev, self.params, self.weights, self.device)
 
-    def __call__(self, frames: np.ndarray, left: np.ndarray | None, right: np.ndarray | None) -> np.ndarray:
+    def __call__(self, frames: np.ndarray, left: np.ndarray | None, right: np.ndarray | None,
+                 on_progress: Callable[[float], None] | None = None) -> np.ndarray:
         """frames: (T, H, W, 3) uint8 RGB. ``left`` is the key of frames[0], ``right`` of frames[-1]
         (either may be None). Returns the owned frames: (T - 1 if right else T, H, W, 3) uint8 -
-        the left key itself, then the synthesized frames; the right key's frame is not included."""
+        the left key itself, then the synthesized frames; the right key's frame is not included.
+        ``on_progress(fraction)`` after each synthesis: the share of this interval's work done."""
         t = len(frames)
         if left is None and right is None:
             raise ValueError("an interval needs at least one key")
+        fwd = list(range(t)) if right is None else list(range(t - 1))
+        bwd = [] if right is None else list(range(t - 1, -1 if left is None else 0, -1))
+        total = max(1, (len(fwd) - 1 if left is not None else 0) + max(0, len(bwd) - 1))
+        done = [0]
+
+        def counted(results):  # the syntheses of one pass, reported as they finish
+            for r in results:
+                done[0] += 1
+                if on_progress is not None:
+                    on_progress(done[0] / total)
+                yield r
+
         if right is None:                                   # after the last key: forward only
-            outs = [o for o, _ in self._pass(left, frames, list(range(t)))]
+            outs = [o for o, _ in counted(self._pass(left, frames, fwd))]
             return np.stack([left, *outs])
         # backward from the right key first: kept (with errors) for the blend
-        back = list(self._pass(right, frames, list(range(t - 1, -1 if left is None else 0, -1))))[::-1]
+        back = list(counted(self._pass(right, frames, bwd)))[::-1]
         if left is None:                                    # before the first key: backward only
             return np.stack([o for o, _ in back])
         blend = IntervalBlender(t - 2, poisson=self.poisson, patch=self.params.patch_size)
         out = [left]
-        for (fo, fe), (bo, be) in zip(self._pass(left, frames, list(range(t - 1))), back):
+        for (fo, fe), (bo, be) in zip(counted(self._pass(left, frames, fwd)), back):
             out.append(blend(fo, bo, fe, be))
         return np.stack(out)
 
