@@ -410,3 +410,18 @@ def test_a_long_unit_shows_progress_and_a_stop_signal_ends_it_within_seconds(tmp
                  or p.name.startswith("segment_")]
     assert leftovers == [], leftovers
     assert not (out / "v.mp4").exists()
+
+
+def test_calibrate_estimates_a_propagate_run_before_it_starts(tmp_path):
+    """dry_run=true job.calibrate=true times one EbSynth synthesis on the video's own frames and
+    prints an estimate for the whole run (EbSynth at its default settings), writing nothing."""
+    videos, keys, out = tmp_path / "videos", tmp_path / "keys" / "v", tmp_path / "out"
+    src = read_frames(make_clip(videos / "v.mp4", frames=10, size=(64, 48), fps="25", audio=False))
+    keys.mkdir(parents=True)
+    cv2.imwrite(str(keys / "00000.png"), cv2.cvtColor(stylize(src[0]), cv2.COLOR_RGB2BGR))
+    proc = run_job(["job=propagate", f"input={videos}", f"output={out}", f"job.keys={tmp_path / 'keys'}",
+                    "device=cpu", "dry_run=true", "job.calibrate=true"])
+    m = re.search(r"estimate: about (.+) on 1 CPU rank \(model ([\d.]+)-[\d.]+ frames/s per rank at 64x48",
+                  proc.stdout)
+    assert m, proc.stdout[-2000:]
+    assert float(m.group(2)) > 0 and not (out / "v.mp4").exists()

@@ -661,3 +661,16 @@ def test_two_ranks_three_videos_through_the_command_line(tmp_path, models):
     after = {p.parent.name: p.read_text() for p in (out / ".vsr_ddp").glob("*/segment_0000.json")}
     assert after["a_sim2real"] == before["a_sim2real"] and after["c_sim2real"] != before["c_sim2real"]
     assert probe_streams(out / "c.mp4")["frames"] == 8
+
+
+def test_calibrate_estimates_a_sim2real_run_and_says_what_it_leaves_out(tmp_path, models):
+    src = make_clip(tmp_path / "in" / "a.mp4", frames=6, size=(64, 48), audio=False)
+    (tmp_path / "prompts").mkdir()
+    (tmp_path / "prompts" / "a.txt").write_text("a red car")
+    proc = run_job(["job=sim2real", f"input={src}", f"output={tmp_path / 'out'}",
+                    f"job.prompts={tmp_path / 'prompts'}", f"job.base_model={models['sd']}",
+                    f"job.controlnet={models['cn']}", "job.short_side=64", "dry_run=true",
+                    "job.calibrate=true", "device=cpu"])
+    assert "estimate: about" in proc.stdout and "frames/s per rank at 64x48" in proc.stdout
+    assert "propagation only" in proc.stderr and "SD 1.5 translation" in proc.stderr
+    assert not (tmp_path / "out" / "a.mp4").exists()

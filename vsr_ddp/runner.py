@@ -183,40 +183,31 @@ class Runner:
         return Plan(videos=videos, failed=failed, units=units, inputs=[str(p) for p in inputs],
                     skipped=skipped)
 
-    def calibrate(self, plan: Plan, warmup: int = 1, timed: int = 3) -> str | None:
-        """Time the model on real frames on every rank's device and estimate the run.
+    def calibrate(self, plan: Plan) -> str | None:
+        """Time the job on real frames on every rank's device and estimate the run.
 
-        Each rank runs ``warmup`` + ``timed`` batches of the first video's frames; the time per
-        pixel scales to the other videos' sizes. Decoding and encoding overlap the model, so
-        the model's time is the run's time in steady state.
+        Each rank asks the job for its seconds per output frame on the first video's first frames
+        (``job.seconds_per_frame``: a few model batches for upscale, one EbSynth synthesis for
+        propagate and sim2real); the time per pixel scales to the other videos' sizes. Decoding
+        and encoding overlap the model, so the model's time is the run's time in steady state.
         """
         if not plan.videos:
             return None
-        if not self.job.streaming:
-            # A whole-unit job's time depends on its units' content (key intervals, prompts):
-            # timing a few frames would mislead.
-            return f"estimate: job.calibrate times streaming jobs (upscale), not job={self.job.name}"
         info = plan.videos[0]
         batch = int(self.cfg.job.get("batch_size", 4))
         frames = np.concatenate(list(self.reader(info).read(0, min(info.frames, batch))))
         if len(frames) < batch:
             frames = np.concatenate([frames] * (batch // len(frames) + 1))[:batch]
         self.job.begin(info)
-        for _ in range(warmup):
-            self.job.process(frames, 0)
-        if self.ctx.device.type == "cuda":
-            torch.cuda.synchronize(self.ctx.device)
-        t0 = time.perf_counter()
-        for _ in range(timed):
-            self.job.process(frames, 0)
-        if self.ctx.device.type == "cuda":
-            torch.cuda.synchronize(self.ctx.device)
-        s_per_px = (time.perf_counter() - t0) / (timed * len(frames) * info.width * info.height)
+        try:
+            s_per_px = self.job.seconds_per_frame(frames, info) / (info.width * info.height)
+        except NotImplementedError as e:
+            return f"estimate: {e}"
         rates = self.ctx.all_gather_object(s_per_px)
         per_rank = []
         for rank, rate in enumerate(rates):
             mine = plan.units_for_rank(rank, self.ctx.world)
-            px = sum(u.frames * plan.videos[u.video].width * plan.videos[u.video].height for u in mine)
+            px = sum(u.out_frames * plan.videos[u.video].width * plan.videos[u.video].height for u in mine)
             per_rank.append(px * rate)
         fps = [1 / (r * info.width * info.height) for r in rates]
         device = f"{self.ctx.world} GPU{'s' if self.ctx.world > 1 else ''}" \

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
 import numpy as np
+import torch
 
 from ..plan import Unit, VideoInfo
 
@@ -106,6 +108,21 @@ class Job(Protocol):
     def process_unit(self, frames: np.ndarray, unit: Unit, info: VideoInfo) -> np.ndarray:
         """Whole-unit jobs: # (T, H, W, 3) read range -> (unit.out_frames, H', W', 3) owned frames."""
         raise NotImplementedError(f"job={self.name} makes frames piece by piece or streaming")
+
+    def seconds_per_frame(self, frames: np.ndarray, info: VideoInfo) -> float:
+        """job.calibrate: seconds this rank needs per output frame of ``info``, measured on a few
+        of its first frames # (B, H, W, 3). Default (streaming jobs): one warm-up and three timed
+        calls of :meth:`process`."""
+        if not self.streaming:
+            raise NotImplementedError(f"job.calibrate cannot time job={self.name} yet")
+        self.process(frames, 0)  # warm-up: allocations, autotuning
+        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(3):
+            self.process(frames, 0)
+        sync()
+        return (time.perf_counter() - t0) / (3 * len(frames))
 
     def unit_counts(self) -> dict:
         """What the job counted in the unit just made (scene cuts, ...): into its sidecar and,

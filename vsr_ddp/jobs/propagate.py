@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -171,6 +172,14 @@ class PropagateJob(Job):
 
     def begin(self, info: VideoInfo) -> None:
         self.video_keys(info)
+
+    def seconds_per_frame(self, frames: np.ndarray, info: VideoInfo) -> float:
+        """job.calibrate: one EbSynth synthesis timed (frames[1] from frames[0] as its own key); a
+        frame between two keys takes two, one from each side, and a blend."""
+        pair = frames[:2] if len(frames) > 1 else np.concatenate([frames, frames])
+        t0 = time.perf_counter()
+        self.propagator(pair, pair[0], None)
+        return 2 * (time.perf_counter() - t0)
 
     def process_unit(self, frames: np.ndarray, unit: Unit, info: VideoInfo) -> np.ndarray:
         """# (T, H, W, 3) uint8 of [read_start, read_end) -> (end - start, H, W, 3) uint8."""

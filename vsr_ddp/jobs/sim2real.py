@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Iterator
@@ -251,6 +252,20 @@ class Sim2RealJob(Job):
         yield "keys", opts, keys, dict(frames(keys[-1] + 1, set(keys)))
         for a, b, interval in key_intervals((f for _, f in frames(total)), keys, total):
             yield "interval", a, b, interval
+
+    def seconds_per_frame(self, frames: np.ndarray, info: VideoInfo) -> float:
+        """job.calibrate: the propagation part, timed as for job=propagate at the working size (two
+        EbSynth syntheses a frame). The keyframes' SD 1.5 translation comes on top (logged)."""
+        size = fresco.work_size(info.width, info.height, int(self.cfg.short_side))
+        pair = frames[:2] if len(frames) > 1 else np.concatenate([frames, frames])
+        pair = fresco.resize_frames(pair, size)
+        t0 = time.perf_counter()
+        self.propagator(pair, pair[0], None)
+        seconds = 2 * (time.perf_counter() - t0)
+        log.warning("job.calibrate times sim2real's propagation only (%.1f s a frame at %dx%d); the "
+                    "keyframes' SD 1.5 translation (%d steps a batch) comes on top", seconds, *size,
+                    int(self.cfg.steps))
+        return seconds
 
     def process_piece(self, piece: tuple, unit: Unit, info: VideoInfo) -> np.ndarray:
         """The model stage: translate the keyframes (no frames out yet), then each interval's owned
