@@ -372,16 +372,23 @@ def test_two_ranks_from_the_command_line(tmp_path):
     assert psnr(result[9], restyled) > 30 and psnr(result[3], styled[3]) > 30
 
 
+def one_keyed_video(tmp_path: Path, size: tuple[int, int], frames: int) -> Path:
+    """``<tmp>/videos/v.mp4`` with one stylized key for frame 0 in ``<tmp>/keys/v/``: a single
+    forward-only unit. Returns the videos folder."""
+    videos, keys = tmp_path / "videos", tmp_path / "keys" / "v"
+    src = read_frames(make_clip(videos / "v.mp4", frames=frames, size=size, fps="25", audio=False))
+    keys.mkdir(parents=True)
+    cv2.imwrite(str(keys / "00000.png"), cv2.cvtColor(stylize(src[0]), cv2.COLOR_RGB2BGR))
+    return videos
+
+
 @pytest.mark.slow
 def test_a_long_unit_shows_progress_and_a_stop_signal_ends_it_within_seconds(tmp_path):
     """A unit that takes minutes (EbSynth at its default settings on 256x192 frames): its frames
     are counted as they are synthesized, so the rank's log shows frames before the unit ends; then
     SIGTERM: the rank leaves within 30 s, as Slurm's USR2-then-TERM two minutes before the limit
     needs, with 128 + 15 and no partial shard (the stop is checked between EbSynth passes)."""
-    videos, keys, out = tmp_path / "videos", tmp_path / "keys" / "v", tmp_path / "out"
-    src = read_frames(make_clip(videos / "v.mp4", frames=12, size=(256, 192), fps="25", audio=False))
-    keys.mkdir(parents=True)
-    cv2.imwrite(str(keys / "00000.png"), cv2.cvtColor(stylize(src[0]), cv2.COLOR_RGB2BGR))
+    videos, out = one_keyed_video(tmp_path, size=(256, 192), frames=12), tmp_path / "out"
     cmd = job_cmd(["job=propagate", f"input={videos}", f"output={out}", f"job.keys={tmp_path / 'keys'}",
                    "device=cpu", "log.progress=false", "log.every_s=1"])
     proc = subprocess.Popen(cmd, env=job_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -415,10 +422,7 @@ def test_a_long_unit_shows_progress_and_a_stop_signal_ends_it_within_seconds(tmp
 def test_calibrate_estimates_a_propagate_run_before_it_starts(tmp_path):
     """dry_run=true job.calibrate=true times one EbSynth synthesis on the video's own frames and
     prints an estimate for the whole run (EbSynth at its default settings), writing nothing."""
-    videos, keys, out = tmp_path / "videos", tmp_path / "keys" / "v", tmp_path / "out"
-    src = read_frames(make_clip(videos / "v.mp4", frames=10, size=(64, 48), fps="25", audio=False))
-    keys.mkdir(parents=True)
-    cv2.imwrite(str(keys / "00000.png"), cv2.cvtColor(stylize(src[0]), cv2.COLOR_RGB2BGR))
+    videos, out = one_keyed_video(tmp_path, size=(64, 48), frames=10), tmp_path / "out"
     proc = run_job(["job=propagate", f"input={videos}", f"output={out}", f"job.keys={tmp_path / 'keys'}",
                     "device=cpu", "dry_run=true", "job.calibrate=true"])
     m = re.search(r"estimate: about (.+) on 1 CPU rank \(model ([\d.]+)-[\d.]+ frames/s per rank at 64x48",
