@@ -68,11 +68,10 @@ def test_dry_run_prints_the_plan_and_writes_nothing(clips, tmp_path):
     out = tmp_path / "out"
     proc = run_job(["job=upscale", f"input={clips['av']}", f"output={out}", "job.model=lanczos",
                     "job.scale=2", "work.segment_frames=20", "dry_run=true", "job.calibrate=true"], nproc=2)
-    assert "rank 0: 2 unit(s), 28 frames" in proc.stdout
-    assert "rank 1: 1 unit(s), 20 frames" in proc.stdout
+    assert "units, claimed in this order by whichever rank is free: 3 unit(s), 48 frames" in proc.stdout
     assert "owns [20, 40) reads [20, 40)" in proc.stdout
-    assert re.search(r"estimate: about \d+ s on 2 CPU ranks \(model [\d.]+-[\d.]+ frames/s per rank",
-                     proc.stdout)
+    assert re.search(r"estimate: about \d+ s on 2 CPU ranks \(model [\d.]+-[\d.]+ frames/s per rank at "
+                     r"64x48; units claimed dynamically\)", proc.stdout)
     assert not (out / "av.mp4").exists() and not (out / "run_report.json").exists()
 
 
@@ -187,9 +186,14 @@ def test_rank_that_finishes_early_outlives_the_collective_timeout(tmp_path):
     assert [v["status"] for v in report["videos"]] == ["ok", "ok"]
     long_s = [v["seconds"] for v in report["videos"]][0]
     assert long_s > 6, f"the long video took {long_s:.1f} s: not long enough to prove anything"
-    # Rank 0 merged the videos as they completed, before the end-of-run meeting.
-    log0 = (out / ".vsr_ddp" / "logs" / "rank0.log").read_text()
-    assert log0.index("a_long.mp4 ->") < log0.index("units done; waiting for the other ranks")
+    # Each video was merged by the rank that made it, as it completed: the short one while the
+    # other rank was still at work on the long one, which the short one's rank then waited for.
+    wdirs = {v: out / ".vsr_ddp" / f"{v}_2x" for v in ("a_long", "b_short")}
+    made_by = {v: json.loads((w / "segment_0000.json").read_text())["rank"] for v, w in wdirs.items()}
+    assert sorted(made_by.values()) == [0, 1]
+    assert {v: json.loads((w / "merged.json").read_text())["rank"] for v, w in wdirs.items()} == made_by
+    log = (out / ".vsr_ddp" / "logs" / f"rank{made_by['b_short']}.log").read_text()
+    assert log.index("b_short.mp4 ->") < log.index("waiting for 1 unit(s) and 0 merge(s) in other hands")
 
 
 def test_default_model_with_preview(clips, tmp_path):

@@ -70,7 +70,7 @@ def test_half_done_run_with_a_failure(finished, tmp_path):
                          reason="CUDA out of memory", rank=1, host="gpu-node-7")
     # sub: shard 0 done, shard 1 in the middle of being written, shard 2 not started.
     (sub / "segment_0001.json").unlink()
-    (sub / "segment_0001.mp4").rename(sub / "segment_0001.mp4.partial")
+    (sub / "segment_0001.mp4").rename(sub / "segment_0001.mp4.0123456789ab-r1.partial")
     (sub / "segment_0002.json").unlink()
     # Fixed times: sub's shard took 6 s; av's two shards took 2 s each, an hour apart (a requeue).
     t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)

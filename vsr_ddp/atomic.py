@@ -3,18 +3,28 @@
 Shards, sidecars, checkpoint.json, reports, the final videos and fetched models all go through
 here, so a kill at any moment leaves either the complete file or a ``*.partial`` leftover that
 the next run removes or overwrites, never a half-written file under a name that is read.
+
+Temporary names are unique per writer (``segment_0003.mp4.<writer>.partial``): launches that share
+an output folder never write into each other's files, and the last rename wins whole.
 """
 from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 
 TMP_SUFFIX = ".partial"
 
 
-def tmp_path(path: Path) -> Path:
-    return path.with_name(path.name + TMP_SUFFIX)
+def tmp_path(path: Path, writer: str | None = None) -> Path:
+    """``<name>.<writer>.partial``; a fresh random writer name when none is given."""
+    return path.with_name(f"{path.name}.{writer or uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
+
+
+def partials(path: Path) -> list[Path]:
+    """Every writer's temporary file of ``path``."""
+    return sorted(path.parent.glob(f"{path.name}.*{TMP_SUFFIX}"))
 
 
 def fsync_file(path: Path) -> None:

@@ -62,11 +62,11 @@ def model_only(model: str, clip: Path, batch: int, device: torch.device, precisi
 
 
 def run_job(model: str, clip: Path, out: Path, nproc: int, batch: int, segment_frames: int,
-            device: str, precision: str) -> dict:
+            device: str, precision: str, extra: tuple[str, ...] = ()) -> dict:
     """The job through its command line; figures from the wall clock, the sidecars, the report."""
     args = ["job=upscale", f"input={clip}", f"output={out}", f"job.model={model}", f"job.batch_size={batch}",
             f"job.precision={precision}", f"work.segment_frames={segment_frames}", f"device={device}",
-            "log.progress=false"]
+            "log.progress=false", *extra]
     if nproc == 1:
         cmd = [sys.executable, "-m", "vsr_ddp", *args]
     else:
@@ -94,7 +94,32 @@ def run_job(model: str, clip: Path, out: Path, nproc: int, batch: int, segment_f
         "merge_share": round((report.get("merge_seconds") or 0) / wall, 4),
         "peak_rss_mb": max(s["peak_rss_mb"] for s in sides),
         "peak_gpu_mb": max((s.get("peak_gpu_mb", 0) for s in sides), default=0) or None,
+        "busy_s_per_rank": {r: round(busy, 2) for r, busy in sorted(per_rank.items())},
+        "frames_per_rank": {r: sum(s["frames_written"] for s in sides if s["rank"] == r)
+                            for r in sorted(per_rank)},
     }
+
+
+def bench_balance(args, root: Path, model: str, device: torch.device) -> dict:
+    """Load balance on a batch whose videos' lengths differ ``args.long`` times (long, short, long,
+    short): whole-video units claimed rank-strided (rank 0 gets both long ones) and dynamically.
+    The figure: the busiest rank's work over the ideal, total work / ranks."""
+    batch = root / "balance_in"
+    batch.mkdir(exist_ok=True)
+    short_s = max(1, args.frames // args.long) * 1001 / 30000 + 0.001
+    for n, seconds in enumerate((args.long * short_s, short_s, args.long * short_s, short_s)):
+        make_pattern(batch / f"v{n}.mp4", seconds=seconds, size=args.size, fps="30000/1001")
+    dev_arg = "cuda" if device.type == "cuda" else "cpu"
+    nproc = min(args.nproc, torch.cuda.device_count()) if device.type == "cuda" else args.nproc
+    out = {}
+    for claim in ("strided", "dynamic"):
+        r = run_job(model, batch, root / f"out_balance_{claim}", nproc, args.batch, 10 ** 6, dev_arg,
+                    args.precision, extra=("work.unit=video", f"work.claim={claim}"))
+        busy = r["busy_s_per_rank"]
+        ideal = sum(busy.values()) / nproc
+        out[claim] = {"frames_per_rank": r["frames_per_rank"], "busy_s_per_rank": busy,
+                      "busiest_over_ideal": round(max(busy.values()) / ideal, 3), "wall_s": r["wall_s"]}
+    return out
 
 
 def table(title: str, rows: list[tuple[str, object]]) -> str:
@@ -117,7 +142,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--long", type=int, default=10, help="the long clip is this many times the short one")
-    ap.add_argument("--jobs", default="upscale,reader,propagate,interpolate,sim2real",
+    ap.add_argument("--jobs", default="upscale,balance,reader,propagate,interpolate,sim2real",
                     help="which to measure; sim2real runs only on CUDA (SD 1.5-sized random weights); "
                          "interpolate times rife-hdv3 when it is fetched")
     args = ap.parse_args(argv)
@@ -142,6 +167,10 @@ def main(argv=None) -> int:
 
     if "upscale" in jobs:
         bench_upscale(args, root, model, short, n_short, seg, device, results)
+    if "balance" in jobs:
+        r = results["balance"] = bench_balance(args, root, model, device)
+        print(table(f"load balance: 4 whole videos (long, short, long, short; {args.long}x apart) on "
+                    f"{args.nproc} ranks", [(k, v) for k, v in r.items()]), flush=True)
     if "reader" in jobs:
         r = results["reader"] = bench_reader(root)
         print(table("reading 600 frames of 1280x720 at 80 frames/s (a consumer slower than decoding)",

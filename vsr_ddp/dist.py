@@ -97,23 +97,24 @@ class Dist:
             dist.barrier(group=self._group)
 
     # -- start-up checks --------------------------------------------------------------------
-    def check_shared_folder(self, output: str | Path, wait_s: float = 20.0) -> None:
+    def check_shared_folder(self, output: str | Path, wait_s: float = 20.0, run: str = "") -> None:
         """Fail before any work when ``output`` is not one folder for every rank.
 
         Shards written on one node must be visible to rank 0 for the merge, and resuming
         relies on every rank seeing every sidecar. A node-local path (``/tmp/out``, a local
         scratch disk) passes on one node and silently breaks on several, so: every rank writes
-        ``<output>/.vsr_ddp/hosts/<rank>.json`` with a fresh token, and after a gather (the
-        barrier) looks for every other rank's token. Network filesystems may show a new file a
-        little late, hence the short grace period. Every rank raises the same error, naming
-        who cannot see whom.
+        ``<output>/.vsr_ddp/hosts/<run>/<rank>.json`` with a fresh token (each launch on the
+        folder in its own ``run`` folder, so concurrent launches never overwrite each other's),
+        and after a gather (the barrier) looks for every other rank's token. Network filesystems
+        may show a new file a little late, hence the short grace period. Every rank raises the
+        same error, naming who cannot see whom.
         """
         if not self.distributed:
             return
-        folder = Path(output).expanduser() / ".vsr_ddp" / "hosts"
+        folder = Path(output).expanduser() / ".vsr_ddp" / "hosts" / run
         folder.mkdir(parents=True, exist_ok=True)
         token = uuid.uuid4().hex
-        tmp = folder / f"{self.rank}.json.partial"
+        tmp = folder / f"{self.rank}.json.{token[:8]}.partial"
         tmp.write_text(json.dumps({"rank": self.rank, "host": self.host, "pid": os.getpid(), "token": token}))
         os.replace(tmp, folder / f"{self.rank}.json")
         peers = self.all_gather_object((self.host, token))  # [(host, token)] per rank

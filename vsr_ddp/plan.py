@@ -334,8 +334,8 @@ def plan_units(videos: list[VideoInfo], unit: str, segment_frames: int, overlap:
     return units
 
 
-def format_plan(plan: Plan, world: int) -> str:
-    """The dry-run text: per rank, its units and frame ranges."""
+def format_plan(plan: Plan, world: int, claim: str = "dynamic") -> str:
+    """The dry-run text: the units and frame ranges, per rank when claims are strided."""
     lines = [f"{len(plan.videos)} video(s), {len(plan.units)} unit(s), {world} rank(s)"]
     for info in plan.videos:
         lines.append(f"  {info.path}: {info.frames} frames, {info.width}x{info.height}, "
@@ -345,11 +345,18 @@ def format_plan(plan: Plan, world: int) -> str:
         lines.append(f"  {path}: FAILED: {reason}")
     for path, reason in plan.skipped.items():
         lines.append(f"  {path}: SKIPPED: {reason}")
-    for rank in range(world):
-        mine = plan.units_for_rank(rank, world)
-        frames = sum(u.frames for u in mine)
-        lines.append(f"rank {rank}: {len(mine)} unit(s), {frames} frames")
-        for u in mine:
-            lines.append(f"  {plan.videos[u.video].stem} {u.key}: owns [{u.start}, {u.end}) "
-                         f"reads [{u.read_start}, {u.read_end})")
+
+    def unit_lines(units):
+        return [f"  {plan.videos[u.video].stem} {u.key}: owns [{u.start}, {u.end}) "
+                f"reads [{u.read_start}, {u.read_end})" for u in units]
+
+    if claim == "strided":
+        for rank in range(world):
+            mine = plan.units_for_rank(rank, world)
+            lines.append(f"rank {rank}: {len(mine)} unit(s), {sum(u.frames for u in mine)} frames")
+            lines += unit_lines(mine)
+    else:
+        lines.append(f"units, claimed in this order by whichever rank is free: {len(plan.units)} unit(s), "
+                     f"{sum(u.frames for u in plan.units)} frames")
+        lines += unit_lines(plan.units)
     return "\n".join(lines)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -9,7 +10,8 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from . import preempt, shards
+from . import claims, preempt, shards
+from .atomic import partials
 from .atomic import atomic_write_json
 from .dist import Dist
 from .jobs import make_job
@@ -31,9 +33,10 @@ class Runner:
         self.encode = self.resolve_encoder(OmegaConf.to_container(cfg.encode, resolve=True))
         self.job = make_job(cfg, ctx.device)
         self.failures: dict[str, str] = {}  # input path -> first reason, on this rank
-        self.merged: dict[int, dict] = {}  # rank 0: video index -> merge result, as videos complete
-        self._units_by_video: dict | None = None
-        self._last_merge_scan = float("-inf")
+        self.merged: dict[int, dict] = {}  # video index -> merge result, once known to this rank
+        self.claim = str(cfg.work.get("claim", "dynamic"))
+        if self.claim not in ("dynamic", "strided"):
+            raise ValueError(f"work.claim must be dynamic or strided, not {self.claim!r}")
         self._unit_sigs: dict[tuple, str] = {}
         self._told_deinterlace: set[str] = set()
 
@@ -41,47 +44,57 @@ class Runner:
         """Returns the process exit status: 0 when every input is ok, 1 when any failed."""
         # 1. The model, once per rank. A missing or unreadable model fails here, before any work.
         self.job.setup()
-        self.sig = signature({**self.job.settings(), "encode": self.encode,
-                              "decode": OmegaConf.to_container(self.cfg.decode, resolve=True)})
+        self.settings = {**self.job.settings(), "encode": self.encode,
+                         "decode": OmegaConf.to_container(self.cfg.decode, resolve=True)}
+        self.sig = signature(self.settings)
         self.tag = self.job.tag()
+        # Which launch this is: several may share the output folder (claims.py).
+        self.run_id = self.ctx.all_gather_object(claims.new_run_id())[0]
 
         # 2. Probe the inputs (each rank a share) and plan the same units on every rank.
-        self.ctx.check_shared_folder(self.output)
+        self.ctx.check_shared_folder(self.output, run=self.run_id)
         plan = self.make_plan()
         if self.cfg.dry_run:
             estimate = self.calibrate(plan) if self.cfg.job.get("calibrate") else None
             if self.ctx.is_main:
-                print(format_plan(plan, self.ctx.world), flush=True)
+                print(format_plan(plan, self.ctx.world, self.claim), flush=True)
                 if estimate:
                     print(estimate, flush=True)
             return 0
         self.output.mkdir(parents=True, exist_ok=True)
-        if self.ctx.is_main:
-            for vi, info in enumerate(plan.videos):
-                self.write_checkpoint(plan, vi)
+        self.leases = claims.Leases(self.run_id, self.ctx.rank, self.ctx.host,
+                                    timeout_s=float(self.cfg.work.get("lease_timeout_s", 300)),
+                                    runs=claims.runs_dir(self.output))
+        try:
+            return self._run(plan)
+        finally:
+            self.leases.close()  # our run file and any lease still held go
+            if self.ctx.is_main:
+                shutil.rmtree(self.output / ".vsr_ddp" / "hosts" / self.run_id, ignore_errors=True)
 
-        # 3. Work: this rank's units, decode/model/encode overlapped.
-        mine = plan.units_for_rank(self.ctx.rank, self.ctx.world)
-        todo = [u for u in mine if not shards.shard_done(self.wdir(plan.videos[u.video]), u,
-                                                         self.sig_of(plan.videos[u.video], u))]
-        log.info("%d unit(s) for this rank, %d already done", len(mine), len(mine) - len(todo))
+    def _run(self, plan: Plan) -> int:
+        self.join_folder()
         progress = Progress(self.ctx, show_bar=self.ctx.is_main and self.cfg.log.progress,
                             log_every_s=float(self.cfg.log.get("every_s", 30)))
-        progress.add_total(sum(u.out_frames for u in todo))
+        if self.ctx.is_main:
+            progress.add_total(sum(u.out_frames for u in plan.units))  # less what is found done
+        self.ctx.barrier()  # the total is in before any rank takes units off it
+        if self.ctx.is_main:
+            for vi in range(len(plan.videos)):
+                self.write_checkpoint(plan, vi)
+
+        # 3. Work: units claimed in plan order by whichever rank is free, decode/model/encode
+        #    overlapped; each video merged by the rank that completes it.
         progress.start()
         try:
-            self.work(plan, todo, progress)
-            # 4. Every rank arrives here when its units are done, however long the others take;
-            #    rank 0 goes on merging the videos the others complete meanwhile, and its bar
-            #    goes on counting their frames.
-            log.info("units done; waiting for the other ranks")
-            on_poll = (lambda: self.merge_ready(plan, min_interval_s=5.0)) if self.ctx.is_main else None
+            self.work(plan, progress)
+            # 4. Every unit and merge is done, by this run or another one sharing the folder.
             arrived = not preempt.requested.is_set() and self.ctx.wait_for_all(
-                "units_done", cancel=preempt.requested, on_poll=on_poll)
+                "units_done", cancel=preempt.requested)
         finally:
             progress.close()
         if not arrived:
-            # No merge: the job is being taken away. Finished shards stay for the rerun.
+            # The job is being taken away. Finished shards stay for the rerun.
             log.warning("stopped early on request; rerun the same command to resume")
             return preempt.exit_status()
         failures = {}
@@ -91,37 +104,189 @@ class Runner:
         if not self.ctx.is_main:
             return 0
 
-        # 5. Rank 0 merges each video's shards and writes the report.
+        # 5. Rank 0 writes the report.
         return self.finish(plan, failures)
 
-    def work(self, plan: Plan, todo: list[Unit], progress: Progress) -> None:
-        """This rank's units, in order. A failed unit fails its video, never the batch."""
-        for unit in todo:
-            info = plan.videos[unit.video]
+    def join_folder(self) -> None:
+        """Register this launch in ``<output>/.vsr_ddp/runs/`` (rank 0 keeps its file renewed) and
+        stop before any work when a live launch on the folder runs other settings: the two would
+        overwrite each other's videos. Launches with the same settings share the work."""
+        problem = None
+        if self.ctx.is_main:
+            claims.runs_dir(self.output).mkdir(parents=True, exist_ok=True)
+            # what the files depend on: the shards' settings, and how the videos are cut into units
+            w = self.cfg.work
+            settings = {**self.settings, "work": {"unit": w.unit, "segment_frames": w.segment_frames,
+                                                  "overlap": w.overlap}}
+            sig = signature(settings)
+            self.leases.acquire(claims.run_file(self.output, self.run_id), what="run", extra={
+                "signature": sig, "settings": settings, "world": self.ctx.world,
+                "job": self.job.name, "input": str(self.cfg.input)})
+            others = {r: h for r, h in claims.live_runs(self.output, self.leases.timeout_s).items()
+                      if r != self.run_id}
+            for holder in others.values():
+                if holder.get("signature") != sig:
+                    differ = claims.settings_difference(holder.get("settings") or {}, settings)
+                    problem = (f"output folder {self.output} is in use by {claims.holder_text(holder)} with "
+                               f"other settings ({differ}): wait for it to finish, launch with its settings "
+                               f"to join it, or use another output=")
+                    break
+            if others and problem is None:
+                log.info("joining %d run(s) already working on %s: %s; units are shared", len(others),
+                         self.output, ", ".join(claims.holder_text(h) for h in others.values()))
+            log.info("run %s: %d rank(s)", self.run_id, self.ctx.world)
+        problem = self.ctx.all_gather_object(problem)[0]
+        if problem:
+            raise ValueError(problem)
+
+    # -- claiming units -------------------------------------------------------------------------
+    def claim_order(self, plan: Plan):
+        """Unit indices for this rank to try, in plan order: ``work.claim=dynamic`` draws the next
+        one from a counter in the rendezvous store whenever this rank is free (the ranks of a run
+        never wait on each other's long units); ``strided`` takes every world-th, fixed up front."""
+        if self.claim == "strided":
+            yield from range(self.ctx.rank, len(plan.units), self.ctx.world)
+            return
+        while (i := self.ctx.add("claim", 1) - 1) < len(plan.units):
+            yield i
+
+    def work(self, plan: Plan, progress: Progress) -> None:
+        """Claim units until every unit and every merge of the plan is done, here or by another
+        launch on the same folder. A failed unit fails its video, never the batch."""
+        self._by_video: dict[int, list[int]] = {}
+        for i, u in enumerate(plan.units):
+            self._by_video.setdefault(u.video, []).append(i)
+        self._done: set[int] = set()  # units known done (shard and sidecar in place)
+        seen = {"done": 0, "held": 0}
+        drawn = 0
+        for i in self.claim_order(plan):
             if preempt.requested.is_set():
                 return
-            if info.path in self.failures:
-                continue
-            try:
-                self.process_unit(info, unit, progress)
-            except preempt.Preempted:
+            drawn += 1
+            what = self.try_unit(plan, i, progress, verify=True)
+            if what in seen:
+                seen[what] += 1
+        log.info("%d unit(s) for this rank, %d already done%s", drawn, seen["done"],
+                 f", {seen['held']} in other launches' hands" if seen["held"] else "")
+        # What is left: units other launches hold (taken over if their holder dies), failed units
+        # of runs that ended (retried), and videos whose shards are all done but not merged yet.
+        poll_s = min(2.0, self.leases.timeout_s / 10)
+        told = False
+        while not preempt.requested.is_set():
+            pending, busy = self.survey(plan)
+            if not pending and not busy:
                 return
-            except Exception as e:  # noqa: BLE001 - one broken input never stops the batch
-                # The stop signal reaches the unit's ffmpeg too (same process group), and may kill
-                # it before this process has run its own handler: an encoder killed by a signal
-                # waits a moment for the stop to show. Not a broken input; process_unit has
-                # already removed the partial shard.
-                killed = getattr(e, "signal", None) is not None
-                if preempt.requested.wait(timeout=5.0 if killed else 0.0):
-                    return
-                reason = str(e) or e.__class__.__name__
-                log.error("%s: %s failed: %s", info.path, unit.key, reason)
-                self.failures.setdefault(info.path,
-                                         f"{unit.key} (frames [{unit.start}, {unit.end})): {reason}")
-                shards.write_failure(self.wdir(info), unit, reason=reason, rank=self.ctx.rank,
-                                     host=self.ctx.host)
-            if self.ctx.is_main:
-                self.merge_ready(plan)
+            if not told:
+                log.info("waiting for %d unit(s) and %d merge(s) in other hands", len(pending), busy)
+                told = True
+            if not any(self.try_unit(plan, i, progress) == "made" for i in pending):
+                preempt.requested.wait(poll_s)
+
+    def try_unit(self, plan: Plan, i: int, progress: Progress, verify: bool = False) -> str:
+        """Make unit ``i`` unless it is done, failed in a live run or another rank's; returns what
+        it found: done, failed, held (someone else's lease), made or stopped."""
+        unit = plan.units[i]
+        info = plan.videos[unit.video]
+        wdir = self.wdir(info)
+        if i in self._done:
+            return "done"
+        if info.path in self.failures:
+            self.uncount(i, unit)
+            return "failed"
+        sig = self.sig_of(info, unit)
+        if shards.shard_done(wdir, unit, sig, verify_checksum=verify):
+            return self.found_done(i, unit)
+        failed = shards.read_json(shards.failure_path(wdir, unit))
+        if failed and self.live(failed.get("run")):
+            self.failures.setdefault(info.path, f"{unit.key} (frames [{unit.start}, {unit.end})): "
+                                                f"{failed.get('reason')}")
+            self.uncount(i, unit)
+            return "failed"
+        wdir.mkdir(parents=True, exist_ok=True)
+        lease = shards.lease_path(wdir, unit)
+        if not self.leases.acquire(lease, what=f"{info.stem} {unit.key}"):
+            return "held"
+        try:
+            if shards.shard_done(wdir, unit, sig, verify_checksum=False):  # finished as we looked
+                return self.found_done(i, unit)
+            made = self.make_unit(info, unit, lease, progress)
+        finally:
+            self.leases.release(lease)
+        if made == "made":
+            self._done.add(i)
+            if all(j in self._done or shards.shard_done(wdir, plan.units[j], self.sig_of(info, plan.units[j]),
+                                                        verify_checksum=False)
+                   for j in self._by_video[unit.video]):
+                self.try_merge(plan, unit.video)  # this rank completed the video: it merges it
+        return made
+
+    def found_done(self, i: int, unit: Unit) -> str:
+        self._done.add(i)
+        self.uncount(i, unit)
+        return "done"
+
+    def uncount(self, i: int, unit: Unit) -> None:
+        """A unit this run will not make (done before, by another launch, or its video failed)
+        leaves the progress total, once per run."""
+        if self.ctx.add(f"gone/{i}", 1) == 1:
+            self.ctx.add("frames_total", -unit.out_frames)
+
+    def live(self, run: str | None) -> bool:
+        """Is ``run`` this launch or another live one on the folder?"""
+        if run is None:
+            return False
+        if run == self.run_id:
+            return True
+        return run in claims.live_runs(self.output, self.leases.timeout_s)
+
+    def make_unit(self, info: VideoInfo, unit: Unit, lease: Path, progress: Progress) -> str:
+        """Process a unit whose lease this rank holds; failures are recorded, never raised."""
+        try:
+            self.process_unit(info, unit, progress, lease)
+            return "made"
+        except preempt.Preempted:
+            return "stopped"
+        except claims.LeaseLost as e:  # another launch took it over: its shard, not ours
+            log.warning("%s %s: %s; leaving it to them", info.stem, unit.key, e)
+            return "held"
+        except Exception as e:  # noqa: BLE001 - one broken input never stops the batch
+            # The stop signal reaches the unit's ffmpeg too (same process group), and may kill
+            # it before this process has run its own handler: an encoder killed by a signal
+            # waits a moment for the stop to show. Not a broken input; process_unit has
+            # already removed the partial shard.
+            killed = getattr(e, "signal", None) is not None
+            if preempt.requested.wait(timeout=5.0 if killed else 0.0):
+                return "stopped"
+            reason = str(e) or e.__class__.__name__
+            log.error("%s: %s failed: %s", info.path, unit.key, reason)
+            self.failures.setdefault(info.path, f"{unit.key} (frames [{unit.start}, {unit.end})): {reason}")
+            shards.write_failure(self.wdir(info), unit, reason=reason, rank=self.ctx.rank, host=self.ctx.host,
+                                 run=self.run_id)
+            return "failed"
+
+    def survey(self, plan: Plan) -> tuple[list[int], int]:
+        """What keeps this run from finishing: units not done yet (their indices), and how many
+        videos another rank is merging now. Merges videos whose shards are all done meanwhile."""
+        pending, busy = [], 0
+        for vi, info in enumerate(plan.videos):
+            if vi in self.merged or info.path in self.failures:
+                continue
+            wdir = self.wdir(info)
+            left = []
+            for i in self._by_video.get(vi, ()):
+                u = plan.units[i]
+                if i in self._done:
+                    continue
+                if shards.shard_done(wdir, u, self.sig_of(info, u), verify_checksum=False):
+                    self._done.add(i)
+                    self.uncount(i, u)
+                else:
+                    left.append(i)
+            if left:
+                pending += left
+            elif self.try_merge(plan, vi) == "busy":
+                busy += 1
+        return pending, busy
 
     def resolve_encoder(self, encode: dict) -> dict:
         """Pick the concrete encoder once per run. All ranks must agree (the merge concatenates
@@ -204,18 +369,21 @@ class Runner:
         except NotImplementedError as e:
             return f"estimate: {e}"
         rates = self.ctx.all_gather_object(s_per_px)
-        per_rank = []
-        for rank, rate in enumerate(rates):
-            mine = plan.units_for_rank(rank, self.ctx.world)
-            px = sum(u.out_frames * plan.videos[u.video].width * plan.videos[u.video].height for u in mine)
-            per_rank.append(px * rate)
+        px = [u.out_frames * plan.videos[u.video].width * plan.videos[u.video].height for u in plan.units]
+        if self.claim == "strided":
+            per_rank = [sum(px[rank::self.ctx.world]) * rate for rank, rate in enumerate(rates)]
+            total, tail = max(per_rank), f"slowest rank {max(range(len(per_rank)), key=per_rank.__getitem__)}"
+        else:
+            # Units go to whichever rank is free: the ranks' speeds add up, and the run lasts at
+            # least as long as its largest unit on the fastest rank.
+            total = max(sum(px) / sum(1 / r for r in rates), max(px, default=0) * min(rates))
+            tail = "units claimed dynamically"
         fps = [1 / (r * info.width * info.height) for r in rates]
         device = f"{self.ctx.world} GPU{'s' if self.ctx.world > 1 else ''}" \
             if self.ctx.device.type == "cuda" \
             else f"{self.ctx.world} CPU rank{'s' if self.ctx.world > 1 else ''}"
-        return (f"estimate: about {human_duration(max(per_rank))} on {device} "
-                f"(model {min(fps):.2f}-{max(fps):.2f} frames/s per rank at {info.width}x{info.height}; "
-                f"slowest rank {max(range(len(per_rank)), key=per_rank.__getitem__)})")
+        return (f"estimate: about {human_duration(total)} on {device} (model {min(fps):.2f}-{max(fps):.2f} "
+                f"frames/s per rank at {info.width}x{info.height}; {tail})")
 
     def deinterlace(self, info: VideoInfo) -> bool:
         """``decode.deinterlace``: auto (when the stream flags interlaced frames), on, off."""
@@ -261,7 +429,10 @@ class Runner:
         shards.write_checkpoint(wdir, info, units, sigs, status, output=output)
 
     # -- one unit -------------------------------------------------------------------------------
-    def process_unit(self, info: VideoInfo, unit: Unit, progress: Progress) -> None:
+    def process_unit(self, info: VideoInfo, unit: Unit, progress: Progress,
+                     lease: Path | None = None) -> None:
+        """Make one shard and its sidecar. ``lease``: this rank's lease on the unit, checked before
+        anything is committed (a rank whose lease was taken over commits nothing)."""
         t0 = time.monotonic()
         if self.ctx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.ctx.device)  # the sidecar's GPU peak is this unit's
@@ -282,7 +453,8 @@ class Runner:
         reader = self.reader(info, deep=deep)
         gpu = self.ctx.device.index if self.ctx.device.type == "cuda" else None
         writer = ShardWriter(shards.shard_path(wdir, unit), out_w, out_h, self.job.output_info(info).fps,
-                             encode, info.color, gpu=gpu, sar=output_sar(info, made_w, made_h), deep=deep)
+                             encode, info.color, gpu=gpu, sar=output_sar(info, made_w, made_h), deep=deep,
+                             writer=f"{self.run_id}-r{self.ctx.rank}")
 
         counted = [0, 0]  # frames of this unit on the bar, frames written
 
@@ -311,14 +483,15 @@ class Runner:
                                 depth=self.cfg.work.queue_depth, cancel=preempt.requested)
             if writer.frames != unit.out_frames:
                 raise RuntimeError(f"wrote {writer.frames} frames, the unit makes {unit.out_frames}")
+            if lease is not None:
+                self.leases.check(lease)
             writer.close()
         except BaseException:
-            writer.abort()
-            shards.discard_partial(wdir, unit)
+            writer.abort()  # this writer's partial file
             raise
         seconds = time.monotonic() - t0
         shards.write_sidecar(wdir, unit, signature=self.sig_of(info, unit), encode=encode,
-                             rank=self.ctx.rank, host=self.ctx.host, seconds=seconds,
+                             rank=self.ctx.rank, host=self.ctx.host, seconds=seconds, run=self.run_id,
                              extra={"read_start": start, "read_end": end, "width": out_w, "height": out_h,
                                     "reader": reader.backend, "stages": stages,
                                     "counts": self.job.unit_counts(),
@@ -326,27 +499,49 @@ class Runner:
         log.info("%s %s: frames [%d, %d) in %.1f s (%.2f frames/s)", info.stem, unit.key, unit.start,
                  unit.end, seconds, unit.frames / max(seconds, 1e-9))
 
-    # -- merge and report (rank 0) --------------------------------------------------------------
-    def merge_ready(self, plan: Plan, min_interval_s: float = 0.0) -> None:
-        """Merge every video whose shards are all present, so finished videos appear while the
-        batch goes on (a days-long run over a folder does not hold them back until the end)."""
-        now = time.monotonic()
-        if now - self._last_merge_scan < min_interval_s:
-            return
-        self._last_merge_scan = now
-        if self._units_by_video is None:
-            self._units_by_video = {}
-            for u in plan.units:
-                self._units_by_video.setdefault(u.video, []).append(u)
-        for vi, info in enumerate(plan.videos):
-            if vi in self.merged or info.path in self.failures:
-                continue
-            wdir = self.wdir(info)
-            if all(shards.sidecar_path(wdir, u).exists() for u in self._units_by_video.get(vi, ())):
-                try:
-                    self.merged[vi] = self.merge_video(plan, vi)
-                except Exception as e:  # noqa: BLE001 - retried, and reported, by finish()
-                    log.warning("%s: early merge failed (%s); will retry at the end", info.path, e)
+    # -- merge and report ------------------------------------------------------------------------
+    def try_merge(self, plan: Plan, vi: int) -> str:
+        """Merge a video whose shards are all done, once: under its merge lease, unless
+        ``merged.json`` says its output is already the merge of these very shards. Returns merged,
+        failed (here or in a live launch) or busy (another rank is merging it now)."""
+        info = plan.videos[vi]
+        wdir = self.wdir(info)
+        out = self.output / f"{info.stem}.mp4"
+        units = plan.units_of(vi)
+        result = shards.merged_result(wdir, out, [shards.read_sidecar(wdir, u) for u in units])
+        if result is not None:
+            self.merged[vi] = result
+            return "merged"
+        failed = shards.read_json(shards.merge_failure_path(wdir))
+        if failed and self.live(failed.get("run")):
+            self.failures.setdefault(info.path, f"merge: {failed.get('reason')}")
+            return "failed"
+        lock = wdir / shards.MERGE_LEASE
+        if not self.leases.acquire(lock, what=f"merge {info.stem}"):
+            return "busy"
+        try:
+            sides = [shards.read_sidecar(wdir, u) for u in units]
+            result = shards.merged_result(wdir, out, sides)  # merged as we took the lease
+            if result is None:
+                # what an interrupted merge left behind (every writer's temporary files)
+                for leftover in (*partials(out), *partials(wdir / "joined.mp4"),
+                                 shards.merge_failure_path(wdir)):
+                    leftover.unlink(missing_ok=True)
+                result = self.merge_video(plan, vi, lock)
+            self.merged[vi] = result
+            return "merged"
+        except claims.LeaseLost as e:
+            log.warning("%s: merge abandoned: %s", info.path, e)
+            return "busy"
+        except Exception as e:  # noqa: BLE001 - reported per video
+            log.error("%s: merge failed: %s", info.path, e)
+            self.failures.setdefault(info.path, f"merge: {e}")
+            atomic_write_json(shards.merge_failure_path(wdir), {
+                "reason": str(e), "run": self.run_id, "rank": self.ctx.rank, "host": self.ctx.host,
+                "failed_at": time.strftime(shards.TIME_FORMAT)})
+            return "failed"
+        finally:
+            self.leases.release(lock)
 
     def finish(self, plan: Plan, failures: dict) -> int:
         entries = {path: {"input": path, "status": "failed", "reason": reason, "output": None,
@@ -359,12 +554,14 @@ class Runner:
             entries[info.path] = entry
             if entry["reason"]:
                 continue
-            try:
-                entry.update(self.merged[vi] if vi in self.merged else self.merge_video(plan, vi))
+            # merged by whichever rank of whichever launch completed the video
+            state = self.try_merge(plan, vi) if vi not in self.merged else "merged"
+            if state == "merged":
+                entry.update(self.merged[vi])
                 entry["status"] = "ok"
-            except Exception as e:  # noqa: BLE001 - reported per video
-                entry["reason"] = f"merge: {e}"
-                log.error("%s: merge failed: %s", info.path, e)
+            else:
+                entry["reason"] = failures.get(info.path) or self.failures.get(info.path) or \
+                    "merge: another launch was still merging it when this one finished"
         report = {"videos": [entries[p] for p in plan.inputs if p in entries]}
         report_file = self.output / shards.report_name(self.cfg.work.shard_index, self.cfg.work.num_shards)
         atomic_write_json(report_file, report)
@@ -375,7 +572,7 @@ class Runner:
         log.info("%d ok, %d failed, %d skipped; report: %s", ok, len(failed), len(plan.skipped), report_file)
         return 1 if failed else 0
 
-    def merge_video(self, plan: Plan, vi: int) -> dict:
+    def merge_video(self, plan: Plan, vi: int, lock: Path | None = None) -> dict:
         info = plan.videos[vi]
         wdir = self.wdir(info)
         units = plan.units_of(vi)
@@ -392,10 +589,11 @@ class Runner:
         t0 = time.monotonic()
         ordered = [(wdir / s["shard"], s.get("out_start", s["start"]), s["frames_written"])
                    for s in sorted(sides, key=lambda s: s["start"])]
-        merge(ordered, out_info, out)
+        if lock is not None:
+            self.leases.check(lock)
+        merge(ordered, out_info, out, writer=f"{self.run_id}-r{self.ctx.rank}")
         merge_s = time.monotonic() - t0
         seconds = sum(s["seconds"] for s in sides) + merge_s
-        self.write_checkpoint(plan, vi, output=str(out))
         log.info("%s -> %s: %d frames, merged in %.2f s (work %s)", info.path, out, out_info.frames, merge_s,
                  human_duration(seconds))
         result = {"output": str(out), "frames": out_info.frames, "seconds": round(seconds, 3),
@@ -409,6 +607,8 @@ class Runner:
             result.update(self.job.finish_video(info, out, self.reader(info)) or {})
         except Exception as e:  # noqa: BLE001 - the video itself is done and fine
             log.warning("%s: %s after the merge failed: %s", info.path, self.job.name, e)
+        shards.write_merged(wdir, out, sides, result, run=self.run_id, rank=self.ctx.rank, host=self.ctx.host)
+        self.write_checkpoint(plan, vi, output=str(out))
         return result
 
 

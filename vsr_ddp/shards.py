@@ -5,6 +5,10 @@ names, checkpoint.json, report names, and the rule for "this shard is done". The
 A shard counts as done exactly when its sidecar exists and matches it (owned range, job
 signature, file size and checksum). Shards and sidecars are written atomically (atomic.py), so a
 kill at any moment leaves either a complete pair or leftovers that :func:`discard_partial` removes.
+
+Beside them, the coordination files of claims.py: ``<key>.lease`` while a rank makes the shard,
+``merge.lease`` while one merges the video, and ``merged.json`` once the final video is written
+(which shards went into which output file), so a video is merged exactly once.
 """
 from __future__ import annotations
 
@@ -13,12 +17,14 @@ import json
 import time
 from pathlib import Path
 
-from .atomic import atomic_write_json, tmp_path
+from .atomic import atomic_write_json, partials
 from .plan import Unit, VideoInfo
 
 SIDECAR_VERSION = 1
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%z"  # sidecars' finished_at, failure records' failed_at
 CHECKPOINT = "checkpoint.json"  # rank 0's manifest of one video, in its work folder
+MERGED = "merged.json"  # the merge's record, in the work folder: output, its size, the shards it joined
+MERGE_LEASE = "merge.lease"  # held by the rank merging the video (claims.py)
 REPORTS = "run_report*.json"  # every report name below, as a glob
 
 
@@ -52,6 +58,15 @@ def sidecar_path(wdir: Path, unit: Unit | str) -> Path:
 
 def failure_path(wdir: Path, unit: Unit | str) -> Path:
     return wdir / f"{getattr(unit, 'key', unit)}.failed.json"
+
+
+def lease_path(wdir: Path, unit: Unit | str) -> Path:
+    """``<key>.lease``: held by the rank making the shard (claims.py)."""
+    return wdir / f"{getattr(unit, 'key', unit)}.lease"
+
+
+def merge_failure_path(wdir: Path) -> Path:
+    return wdir / "merge.failed.json"
 
 
 def read_json(path: Path) -> dict | None:
@@ -97,21 +112,47 @@ def shard_done(wdir: Path, unit: Unit, signature: str, verify_checksum: bool = T
 
 
 def discard_partial(wdir: Path, unit: Unit) -> None:
-    """Remove whatever an earlier attempt at this unit left behind (partial or failed)."""
+    """Remove whatever earlier attempts at this unit left behind (partial or failed), every
+    writer's. Only for the holder of the unit's lease: nobody else is writing it."""
     for p in (shard_path(wdir, unit), sidecar_path(wdir, unit), failure_path(wdir, unit)):
-        for q in (p, tmp_path(p)):
+        for q in (p, *partials(p)):
             q.unlink(missing_ok=True)
 
 
-def write_failure(wdir: Path, unit: Unit, *, reason: str, rank: int, host: str) -> None:
-    """Record why a unit failed, next to where its shard would be (read by vsr_ddp.status)."""
+def write_merged(wdir: Path, output: Path, sides: list[dict], result: dict, **who) -> None:
+    """Record a finished merge: the output file, its size, and the shards (by checksum) it joined."""
+    atomic_write_json(wdir / MERGED, {
+        "version": SIDECAR_VERSION, "output": str(output), "size": output.stat().st_size,
+        "shards": {s["shard"]: s["sha256"] for s in sides}, "result": result,
+        "merged_at": time.strftime(TIME_FORMAT), **who})
+
+
+def merged_result(wdir: Path, output: Path, sides: list[dict | None]) -> dict | None:
+    """The recorded merge result when ``output`` is the merge of exactly these shards, else None."""
+    rec = read_json(wdir / MERGED)
+    if not rec or rec.get("output") != str(output) or any(s is None for s in sides):
+        return None
+    if rec.get("shards") != {s["shard"]: s["sha256"] for s in sides}:
+        return None
+    try:
+        if output.stat().st_size != rec.get("size"):
+            return None
+    except OSError:
+        return None
+    return rec.get("result") or {}
+
+
+def write_failure(wdir: Path, unit: Unit, *, reason: str, rank: int, host: str,
+                  run: str | None = None) -> None:
+    """Record why a unit failed, next to where its shard would be (read by vsr_ddp.status). While
+    ``run`` lives, launches sharing the folder take the unit as failed; a later run retries it."""
     atomic_write_json(failure_path(wdir, unit), {
         "version": SIDECAR_VERSION, "seg_idx": unit.seg_idx, "start": unit.start, "end": unit.end,
-        "reason": reason, "rank": rank, "host": host, "failed_at": time.strftime(TIME_FORMAT)})
+        "reason": reason, "rank": rank, "host": host, "run": run, "failed_at": time.strftime(TIME_FORMAT)})
 
 
 def write_sidecar(wdir: Path, unit: Unit, *, signature: str, encode: dict, rank: int, host: str,
-                  seconds: float, extra: dict | None = None) -> dict:
+                  seconds: float, run: str | None = None, extra: dict | None = None) -> dict:
     """Record a finished shard. Call after the shard itself has been committed."""
     shard = shard_path(wdir, unit)
     side = {
@@ -128,6 +169,7 @@ def write_sidecar(wdir: Path, unit: Unit, *, signature: str, encode: dict, rank:
         "sha256": sha256(shard),
         "encode": encode,
         "signature": signature,
+        "run": run,  # which launch made it (several may share the folder), and which of its ranks
         "rank": rank,
         "host": host,
         "seconds": round(seconds, 3),

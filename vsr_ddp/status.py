@@ -4,8 +4,10 @@
     python -m vsr_ddp.status --output /data/out --json
 
 Reads only the files a run leaves under ``<output>/.vsr_ddp/<work dir>/`` (checkpoint.json, shard
-sidecars, ``segment_XXXX.failed.json`` records) and ``<output>/run_report*.json``; it imports no
-torch, so it answers at once, on a login node, while the job runs or after it died.
+sidecars, ``segment_XXXX.failed.json`` records, the leases of the units in hand) and
+``<output>/run_report*.json``; it imports no torch, so it answers at once, on a login node, while
+the job runs or after it died. Units in hand are listed with the launch (run id), rank and host
+that hold them, and whether that holder still renews its lease.
 
 A shard counts as done when its sidecar names the segment's owned range, the signature that
 checkpoint.json records for the segment, and a shard file of the recorded size (the run itself
@@ -21,8 +23,8 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from . import shards
-from .atomic import tmp_path
+from . import claims, shards
+from .atomic import partials
 from .logs import human_duration
 from .shards import read_json
 
@@ -60,7 +62,17 @@ def _rate(frames: int, intervals: list[tuple[float, float]], seconds: float) -> 
     return frames / seconds if seconds > 0 else None
 
 
-def video_status(wdir: Path) -> dict | None:
+def holder(path: Path, timeout_s: float) -> dict | None:
+    """Who holds the lease ``path`` (claims.py), or None when nobody does."""
+    lease = claims.read_lease(path)
+    if lease is None:
+        return None
+    runs = path.parent.parent / claims.RUNS  # <output>/.vsr_ddp/runs
+    return {"run": lease.get("run"), "rank": lease.get("rank"), "host": lease.get("host"),
+            "since": lease.get("since"), "stale": claims.is_stale(path, lease, timeout_s, runs=runs)}
+
+
+def video_status(wdir: Path, timeout_s: float = 300.0) -> dict | None:
     """The state of one work folder, or None when it has no readable checkpoint.json."""
     ck = read_json(wdir / shards.CHECKPOINT)
     if not ck or not isinstance(ck.get("segments"), dict):
@@ -71,6 +83,7 @@ def video_status(wdir: Path) -> dict | None:
     frames_total = (sum(s.get("frames", s["end"] - s["start"]) for s in segments.values())
                     or video.get("frames", 0))
     done, frames_done, partial, failures, intervals, seconds = 0, 0, 0, [], [], 0.0
+    in_hand = []
     for key, seg in sorted(segments.items(), key=lambda kv: kv[1]["start"]):
         side = shards.read_sidecar(wdir, key)
         if shards.sidecar_matches(wdir, side, seg["start"], seg["end"],
@@ -84,13 +97,19 @@ def video_status(wdir: Path) -> dict | None:
             if end is not None:
                 intervals.append((end - sec, end))
             continue
+        held = holder(shards.lease_path(wdir, key), timeout_s)
+        if held:
+            in_hand.append({"segment": key, "start": seg["start"], "end": seg["end"], **held})
         failed = read_json(shards.failure_path(wdir, key))
         if failed:
             failures.append({"segment": key, "seg_idx": failed.get("seg_idx"), "start": failed.get("start"),
                              "end": failed.get("end"), "reason": failed.get("reason"),
                              "rank": failed.get("rank"), "host": failed.get("host")})
-        elif tmp_path(wdir / seg.get("shard", key + ".mp4")).exists():
+        elif held or partials(wdir / seg.get("shard", key + ".mp4")):
             partial += 1  # being written now, or left by a run that died (redone on resume)
+    merging = holder(wdir / shards.MERGE_LEASE, timeout_s)
+    if merging:
+        in_hand.append({"segment": "merge", "start": None, "end": None, **merging})
     output = ck.get("output")
     if output and Path(output).exists() and done == len(segments):
         state = "merged"
@@ -110,18 +129,19 @@ def video_status(wdir: Path) -> dict | None:
         "frames_done": frames_done, "frames_total": int(frames_total),
         "fps": None if rate is None else round(rate, 3), "busy_s": round(busy_seconds(intervals), 3),
         "work_s": round(seconds, 3),
-        "failures": failures, "_intervals": intervals,
+        "failures": failures, "in_hand": in_hand, "_intervals": intervals,
     }
 
 
-def collect(output: str | Path) -> dict:
-    """Everything :func:`main` prints, as one dict (what ``--json`` writes)."""
+def collect(output: str | Path, timeout_s: float = 300.0) -> dict:
+    """Everything :func:`main` prints, as one dict (what ``--json`` writes). ``timeout_s``: the
+    runs' ``work.lease_timeout_s``, after which a lease not renewed counts as its holder's death."""
     output = Path(output).expanduser()
     root = output / ".vsr_ddp"
     if not root.is_dir():
         raise FileNotFoundError(f"{output}: no .vsr_ddp folder "
                                 f"(not a vsr_ddp output folder, or nothing ran yet)")
-    videos = [v for d in sorted(p for p in root.iterdir() if p.is_dir()) if (v := video_status(d))]
+    videos = [v for d in sorted(p for p in root.iterdir() if p.is_dir()) if (v := video_status(d, timeout_s))]
     # Inputs that never got a work folder (failed to probe, or skipped by the job) are only in the
     # run reports.
     reports = sorted(output.glob(shards.REPORTS))
@@ -138,7 +158,7 @@ def collect(output: str | Path) -> dict:
                                "work_dir": None, "state": entry["status"], "reason": entry.get("reason"),
                                "output": None, "shards_done": 0, "shards_total": 0, "shards_partial": 0,
                                "frames_done": 0, "frames_total": 0, "fps": None, "busy_s": 0.0, "work_s": 0.0,
-                               "failures": [], "_intervals": []})
+                               "failures": [], "in_hand": [], "_intervals": []})
     videos.sort(key=lambda v: v["input"] or "")
     frames_done = sum(v["frames_done"] for v in videos)
     frames_total = sum(v["frames_total"] for v in videos)
@@ -160,7 +180,11 @@ def collect(output: str | Path) -> dict:
         "fps": None if run_rate is None else round(run_rate, 3),
         "eta_s": 0.0 if left == 0 else (round(left / run_rate, 1) if run_rate else None),
     }
-    return {"output": str(output), "reports": [str(r) for r in reports], "videos": videos, "total": total}
+    runs = [{"run": run, "rank0_host": r.get("host"), "world": r.get("world"), "since": r.get("since"),
+             "job": r.get("job"), "input": r.get("input")}
+            for run, r in sorted(claims.live_runs(output, timeout_s).items())]
+    return {"output": str(output), "reports": [str(r) for r in reports], "videos": videos, "total": total,
+            "runs": runs}
 
 
 def _eta(v: dict) -> str:
@@ -191,6 +215,21 @@ def format_table(status: dict) -> str:
                          for i, (c, w) in enumerate(zip(r, widths))).rstrip()
 
     out = [line(head), *(line(r) for r in rows[:-1]), "-" * len(line(head)), line(rows[-1])]
+    if status.get("runs"):
+        out.append("")
+        out.append("launches working on this folder:")
+        for r in status["runs"]:
+            out.append(f"  run {r['run']}: {r['world']} rank(s), rank 0 on {r['rank0_host']}, "
+                       f"since {r['since']}")
+    hands = [(v, h) for v in status["videos"] for h in v.get("in_hand", ())]
+    if hands:
+        out.append("")
+        out.append("in hand:")
+        for v, h in hands:
+            what = "merge" if h["segment"] == "merge" else f"{h['segment']} frames [{h['start']}, {h['end']})"
+            dead = " (not renewed: its holder died; the next launch takes it over)" if h["stale"] else ""
+            out.append(f"  {v['stem']} {what}: run {h['run']} rank {h['rank']} on {h['host']} "
+                       f"since {h['since']}{dead}")
     fails = [(v, f) for v in status["videos"] for f in v["failures"]]
     reasons = [v for v in status["videos"]
                if v.get("reason") and not v["failures"] and v["state"] == "failed"]
@@ -214,9 +253,11 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output", required=True, help="the run's output folder (output= of the job)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ap.add_argument("--lease-timeout", type=float, default=300.0,
+                    help="the runs' work.lease_timeout_s: a lease not renewed this long is a dead holder's")
     args = ap.parse_args(argv)
     try:
-        status = collect(args.output)
+        status = collect(args.output, args.lease_timeout)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

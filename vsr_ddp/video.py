@@ -19,7 +19,7 @@ from typing import Iterator
 import numpy as np
 
 from .plan import VideoInfo
-from .atomic import TMP_SUFFIX, commit, tmp_path
+from .atomic import commit, tmp_path
 
 log = logging.getLogger(__name__)
 
@@ -388,10 +388,11 @@ class ShardWriter:
     """
 
     def __init__(self, path: Path, width: int, height: int, fps: Fraction, encode, color: dict | None = None,
-                 gpu: int | None = None, sar: Fraction = Fraction(1), deep: bool = False):
+                 gpu: int | None = None, sar: Fraction = Fraction(1), deep: bool = False,
+                 writer: str | None = None):
         self.path = Path(path)
         self.dtype = np.uint16 if deep else np.uint8
-        self.tmp = tmp_path(self.path)
+        self.tmp = tmp_path(self.path, writer)  # this writer's own temporary name
         self.size = (width, height)
         self.frames = 0
         cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
@@ -488,7 +489,7 @@ class Timeline:
         return n * self.step if self._ticks is None or n < 0 else self._ticks[n]
 
 
-def merge(shards: list[tuple[Path, int, int]], info: VideoInfo, out: Path) -> None:
+def merge(shards: list[tuple[Path, int, int]], info: VideoInfo, out: Path, writer: str | None = None) -> None:
     """Join shards ``(path, first frame, frame count)``, in frame order, into ``out`` without
     re-encoding, each frame at its input time (n / fps, or the input's timestamp for variable
     rate), with the input's audio and subtitles; atomic, faststart, checked as a player sees it.
@@ -503,8 +504,8 @@ def merge(shards: list[tuple[Path, int, int]], info: VideoInfo, out: Path) -> No
     delay = max(_reorder_delay(path, info.fps) for path, _, _ in shards)
     # 1. The joined, retimed video, written by libavformat's mp4 muxer from our timestamps: it
     #    keeps both (NUT over a pipe would not: it stores no decode times and guesses the first ones).
-    joined = shards[0][0].with_name("joined.mp4" + TMP_SUFFIX)
-    tmp = tmp_path(out)
+    joined = tmp_path(shards[0][0].with_name("joined.mp4"), writer)
+    tmp = tmp_path(out, writer)
     try:
         codec = _write_joined(joined, shards, info, timeline, delay)
         # 2. ffmpeg copies it beside the input's audio and subtitles into the final mp4.

@@ -1,0 +1,302 @@
+"""Many launches, one output folder: units claimed dynamically, leases across launches, one merge
+per video, a launch with other settings turned away, and what status shows of the units in hand."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from builders import decode_indices, make_clip, probe_streams, read_frames, save_srvgg
+from conftest import ROOT, job_cmd, job_env, read_report, run_job
+
+from vsr_ddp import claims
+
+HOST = socket.gethostname()
+
+
+def dead_pid() -> int:
+    """The process id of a process that has exited (and been reaped)."""
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    return int(proc.stdout)
+
+
+def foreign_lease(path: Path, age_s: float = 0.0, **who) -> dict:
+    """A lease as another launch's rank leaves it, last renewed ``age_s`` ago."""
+    body = {"run": "0123456789ab", "rank": 1, "host": HOST, "pid": os.getpid(), "token": "theirs",
+            "since": "2026-12-05T10:00:00+0000", "what": "test", **who}
+    path.write_text(json.dumps(body))
+    if age_s:
+        t = time.time() - age_s
+        os.utime(path, (t, t))
+    return body
+
+
+# -- leases ------------------------------------------------------------------------------------
+
+def test_a_renewed_lease_is_never_taken_and_a_dead_one_is(tmp_path):
+    lease = tmp_path / "segment_0000.lease"
+    holder = claims.Leases("runA", 0, timeout_s=1.0, renew_s=0.1)
+    other = claims.Leases("runB", 0, timeout_s=1.0, renew_s=0.1)
+    try:
+        assert holder.acquire(lease)
+        deadline = time.monotonic() + 2.5  # well past the timeout: the holder's renewals keep it
+        while time.monotonic() < deadline:
+            assert not other.acquire(lease)
+            time.sleep(0.1)
+        holder.check(lease)  # still the holder's
+        # The holder stops renewing (its node is gone): after the timeout the lease changes hands,
+        # and the old holder learns it lost it before it could commit anything.
+        holder._stop.set()
+        holder._thread.join()
+        time.sleep(1.2)
+        assert other.acquire(lease)
+        assert claims.read_lease(lease)["run"] == "runB"
+        with pytest.raises(claims.LeaseLost, match="taken over by run runB rank 0"):
+            holder.check(lease)
+        holder.release(lease)  # not the holder's any more: it stays
+        assert claims.read_lease(lease)["run"] == "runB"
+    finally:
+        other.close()
+    assert not lease.exists()  # released on close
+
+
+def test_a_lease_whose_process_is_gone_from_this_host_is_taken_at_once(tmp_path):
+    leases = claims.Leases("runB", 0, timeout_s=300)
+    try:
+        lease = tmp_path / "segment_0001.lease"
+        foreign_lease(lease, pid=dead_pid())  # a rank killed a moment ago, on this host
+        assert leases.acquire(lease)
+        # alive on this host, or on another host and fresh: theirs
+        other = tmp_path / "segment_0002.lease"
+        foreign_lease(other)
+        assert not leases.acquire(other)
+        elsewhere = tmp_path / "segment_0003.lease"
+        foreign_lease(elsewhere, host="node-17", pid=dead_pid(), age_s=200)
+        assert not leases.acquire(elsewhere)
+        foreign_lease(elsewhere, host="node-17", age_s=301)  # not renewed for the timeout
+        assert leases.acquire(elsewhere)
+    finally:
+        leases.close()
+
+
+def test_the_leases_of_a_launch_that_is_gone_are_free_at_once(tmp_path):
+    """torchrun restarts its workers after a crash: the old attempt's ranks on other nodes left
+    fresh-looking leases, but its rank 0 (whose run file is on this host) is dead."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    leases = claims.Leases("newrun", 0, timeout_s=300, runs=runs)
+    try:
+        lease = tmp_path / "segment_0000.lease"
+        foreign_lease(runs / "0123456789ab.json", rank=0)  # its launch is alive (this process)
+        foreign_lease(lease, host="node-17", pid=4242)
+        assert not leases.acquire(lease)
+        foreign_lease(runs / "0123456789ab.json", rank=0, pid=dead_pid())  # ... and now it is not
+        assert leases.acquire(lease)
+        other = tmp_path / "segment_0001.lease"
+        foreign_lease(other, run="ffffffffffff", host="node-17", pid=4242)  # a launch that ended
+        assert leases.acquire(other)
+    finally:
+        leases.close()
+
+
+def test_one_taker_wins_a_stale_lease(tmp_path):
+    """Eight launches find the same dead holder's lease at once: exactly one takes it over."""
+    for trial in range(20):
+        lease = tmp_path / f"segment_{trial:04d}.lease"
+        foreign_lease(lease, host="node-17", age_s=1000)
+        takers = [claims.Leases(f"run{n}", 0, timeout_s=300) for n in range(8)]
+        start = threading.Barrier(len(takers))
+        won = []
+
+        def take(leases):
+            start.wait()
+            if leases.acquire(lease):
+                won.append(leases.run)
+
+        threads = [threading.Thread(target=take, args=(t,)) for t in takers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(won) == 1, won
+        assert claims.read_lease(lease)["run"] == won[0]
+        assert sorted(p.name for p in tmp_path.glob(f"segment_{trial:04d}*")) == [lease.name]
+        for t in takers:
+            t.close()
+
+
+# -- whole launches ----------------------------------------------------------------------------
+
+def unit_logs(output: Path) -> list[tuple[str, str]]:
+    """(video, unit) of every unit made, from every rank log of every launch on the folder."""
+    made = []
+    for log in sorted((output / ".vsr_ddp" / "logs").glob("rank*.log")):
+        made += re.findall(r"\] INFO vsr_ddp\.runner: (\S+) (segment_\d{4}): frames \[",
+                           log.read_text(encoding="utf-8"))
+    return made
+
+
+def wait_for(what, condition, procs, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        for p in procs:
+            assert p.poll() is None, f"a launch ended before {what}: {p.communicate()}"
+        assert time.monotonic() < deadline, f"no {what} after {timeout:.0f} s"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_concurrent_launches_share_the_units_and_finish_together(tmp_path):
+    """Two 2-rank launches of the same command on one folder, the second started once the first
+    has registered (seconds apart: a second sbatch of the same script)."""
+    lengths = (60, 36, 48, 40)
+    clips = [make_clip(tmp_path / "in" / f"v{n}.mp4", frames=frames, size=(128, 96), audio=n == 0, seed=n)
+             for n, frames in enumerate(lengths)]
+    model = save_srvgg(tmp_path / "realesr-general-x2.pth", scale=2, seed=7, num_feat=32, num_conv=16)
+    out = tmp_path / "out"
+    args = [f"input={tmp_path / 'in'}", f"output={out}", "job=upscale", f"job.model={model}",
+            "work.segment_frames=6", "job.batch_size=2"]
+    env = job_env()
+    runs = out / ".vsr_ddp" / "runs"
+
+    def launch():
+        return subprocess.Popen(job_cmd(args, nproc=2), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+    first = launch()
+    wait_for("first launch registered", lambda: len(list(runs.glob("*.json"))) == 1, [first])
+    second = launch()
+    results = [p.communicate(timeout=600) + (p.returncode,) for p in (first, second)]
+    for stdout, stderr, rc in results:
+        assert rc == 0, stderr[-3000:]
+    # Every unit made once, by one launch or the other; both launches worked.
+    made = unit_logs(out)
+    units = sum(-(-n // 6) for n in lengths)
+    assert len(made) == len(set(made)) == units
+    sides = [json.loads(p.read_text()) for p in out.glob(".vsr_ddp/*/segment_????.json")]
+    assert len(sides) == units
+    by_run = {s["run"] for s in sides}
+    assert len(by_run) == 2, "the second launch got no unit"
+    assert {(s["run"], s["rank"]) for s in sides} == {(r, k) for r in by_run for k in (0, 1)}
+    # Every video whole and right, merged exactly once.
+    merges = []
+    for log in (out / ".vsr_ddp" / "logs").glob("rank*.log"):
+        merges += re.findall(r"(\S+\.mp4) -> \S+: \d+ frames, merged in", log.read_text())
+    assert sorted(Path(m).name for m in merges) == [f"v{n}.mp4" for n in range(4)]
+    for n, (clip, frames) in enumerate(zip(clips, lengths)):
+        final = out / f"v{n}.mp4"
+        got = read_frames(final)
+        assert got.shape == (frames, 192, 256, 3)
+        assert decode_indices(got) == list(range(frames))
+        assert probe_streams(final)["fps"] == probe_streams(clip)["fps"]
+        assert json.loads((out / ".vsr_ddp" / f"v{n}_2x" / "merged.json").read_text())["run"] in by_run
+    assert abs(probe_streams(out / "v0.mp4")["audio_duration"] - probe_streams(clips[0])["audio_duration"]) < 0.05
+    assert [v["status"] for v in read_report(out)["videos"]] == ["ok"] * 4
+    # Nothing left behind: no lease, no partial file, no launch registered.
+    assert not list(out.rglob("*.lease")) and not list(out.rglob("*.partial"))
+    assert not list(runs.iterdir())
+    # One launch alone makes the same videos.
+    solo = tmp_path / "solo"
+    run_job([a.replace(f"output={out}", f"output={solo}") for a in args], nproc=2)
+    for n in range(4):
+        assert np.array_equal(read_frames(out / f"v{n}.mp4"), read_frames(solo / f"v{n}.mp4"))
+
+
+@pytest.mark.slow
+def test_a_merge_interrupted_by_a_kill_is_redone_and_only_the_merge(tmp_path):
+    clip = make_clip(tmp_path / "clip.mp4", frames=30, size=(64, 48), audio=True)
+    out = tmp_path / "out"
+    args = ["job=upscale", f"input={clip}", f"output={out}", "job.model=lanczos", "job.scale=2",
+            "work.segment_frames=8"]
+    run_job(args)
+    wdir = out / ".vsr_ddp" / "clip_2x"
+    sides = {p.name: p.read_text() for p in wdir.glob("segment_????.json")}
+    first = read_frames(out / "clip.mp4")
+    # What a kill in the middle of the merge leaves: the merger's lease (its process gone), its
+    # temporary files, no final video and no merge record.
+    (out / "clip.mp4").unlink()
+    (wdir / "merged.json").unlink()
+    foreign_lease(wdir / "merge.lease", pid=dead_pid())
+    (out / "clip.mp4.0123456789ab-r1.partial").write_bytes(b"\0" * 1000)
+    (wdir / "joined.mp4.0123456789ab-r1.partial").write_bytes(b"\0" * 1000)
+    proc = run_job(args)
+    assert np.array_equal(read_frames(out / "clip.mp4"), first)
+    assert {p.name: p.read_text() for p in wdir.glob("segment_????.json")} == sides  # no unit redone
+    assert unit_logs(out).count(("clip", "segment_0000")) == 1
+    assert "taking over" in (out / ".vsr_ddp" / "logs" / "rank0.log").read_text()
+    assert not list(out.rglob("*.partial")) and not list(out.rglob("*.lease"))
+    assert read_report(out)["videos"][0]["status"] == "ok"
+    # A rerun of a finished folder merges nothing again.
+    stamp = (out / "clip.mp4").stat().st_mtime_ns
+    run_job(args)
+    assert (out / "clip.mp4").stat().st_mtime_ns == stamp
+    assert proc.returncode == 0
+
+
+def test_a_launch_with_other_settings_stops_before_any_work(tmp_path):
+    clip = make_clip(tmp_path / "clip.mp4", frames=12, size=(64, 48), audio=False)
+    out = tmp_path / "out"
+    args = ["job=upscale", f"input={clip}", f"output={out}", "job.model=lanczos", "job.scale=2"]
+    # a live launch on the folder (this process renews its run file), running job.scale=4
+    runs = out / ".vsr_ddp" / "runs"
+    runs.mkdir(parents=True)
+    live = claims.Leases("0123456789ab", 0, timeout_s=300)
+    try:
+        settings = {"job": "upscale", "model": "lanczos", "scale": 4.0, "outscale": None}
+        assert live.acquire(runs / "0123456789ab.json", extra={"signature": "theirs", "settings": settings})
+        proc = run_job(args, check=False)
+        assert proc.returncode == 2
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, proc.stderr
+        assert errors[0].startswith(f"error: output folder {out} is in use by run 0123456789ab rank 0 on {HOST} "
+                                    f"with other settings (scale: 4.0 there, 2.0 here; ")
+        assert errors[0].endswith("): wait for it to finish, launch with its settings to join it, or use "
+                                  "another output=")
+        assert "frames" not in proc.stderr  # no progress bar: nothing started
+        assert not list(out.glob(".vsr_ddp/clip_*")) and not (out / "clip.mp4").exists()
+        assert [p.name for p in runs.iterdir()] == ["0123456789ab.json"]  # its own run file is gone
+    finally:
+        live.close()
+    # Once that launch is gone (its run file with it), the folder is free.
+    run_job(args)
+    assert (out / "clip.mp4").exists()
+
+
+def test_status_shows_who_holds_the_units_in_hand(tmp_path):
+    clip = make_clip(tmp_path / "clip.mp4", frames=24, size=(64, 48), audio=False)
+    out = tmp_path / "out"
+    run_job(["job=upscale", f"input={clip}", f"output={out}", "job.model=lanczos", "job.scale=2",
+             "work.segment_frames=8"])
+    wdir = out / ".vsr_ddp" / "clip_2x"
+    for name in ("segment_0001.json", "merged.json"):
+        (wdir / name).unlink()
+    (out / "clip.mp4").unlink()
+    # A launch working on the folder now: its run file, and rank 1's lease on segment 1 ...
+    runs = out / ".vsr_ddp" / "runs"
+    runs.mkdir(exist_ok=True)
+    foreign_lease(runs / "0123456789ab.json", rank=0, world=2, job="upscale", input=str(clip))
+    foreign_lease(wdir / "segment_0001.lease", rank=1, host="node-17")
+    # ... and a merge lease left by a launch that died on this host
+    foreign_lease(wdir / "merge.lease", run="ba9876543210", rank=0, pid=dead_pid())
+    proc = subprocess.run([sys.executable, "-m", "vsr_ddp.status", f"output={out}"], capture_output=True,
+                          text=True, cwd=ROOT, env=job_env(), check=True)
+    assert "run 0123456789ab: 2 rank(s), rank 0 on " + HOST in proc.stdout
+    assert "clip segment_0001 frames [8, 16): run 0123456789ab rank 1 on node-17 since" in proc.stdout
+    assert re.search(r"clip merge: run ba9876543210 rank 0 on \S+ since \S+ \(not renewed: its holder died",
+                     proc.stdout)
+    data = json.loads(subprocess.run([sys.executable, "-m", "vsr_ddp.status", f"output={out}", "--json"],
+                                     capture_output=True, text=True, cwd=ROOT, env=job_env(),
+                                     check=True).stdout)
+    held = data["videos"][0]["in_hand"]
+    assert [(h["segment"], h["run"], h["rank"], h["stale"]) for h in held] == \
+        [("segment_0001", "0123456789ab", 1, False), ("merge", "ba9876543210", 0, True)]
+    assert [r["run"] for r in data["runs"]] == ["0123456789ab"]

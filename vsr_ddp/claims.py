@@ -1,0 +1,281 @@
+"""Sharing one output folder between launches: leases on units and merges, and the runs that hold them.
+
+Within one run the ranks draw units in plan order from a counter in the rendezvous store
+(runner.py). Across runs, launched at different times, with different numbers of ranks, on other
+nodes, each unit has at most one writer at a time because writing it needs its *lease*:
+
+    <work dir>/segment_0003.lease     {"run", "rank", "host", "pid", "token", "since", "what"}
+    <work dir>/merge.lease            the same, for the rank that merges the video
+    <output>/.vsr_ddp/runs/<run>.json one per live run: its settings, world, hosts (rank 0's lease)
+
+A lease is a file created with O_CREAT | O_EXCL (one creator wins, on local disks, NFSv3+ and
+Lustre alike). Its holder renews it by touching it every ``renew_s`` from a background thread,
+so a lease whose file was not touched for ``timeout_s`` belongs to a holder that died (killed,
+node lost) and is taken over; so is one whose holder ran on this host under a process id that no
+longer exists, at once, which is what a rerun after a kill finds. Taking over renames the stale
+file to a name of the taker's own (only one rename of a file succeeds), checks that what it moved
+is the stale lease it looked at (else puts it back) and then creates its own. A holder that finds
+its lease gone or replaced when renewing has lost it, and abandons the unit before committing it.
+
+No torch here: ``python -m vsr_ddp.status`` reads the same files on a login node.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from .atomic import fsync_file
+
+log = logging.getLogger(__name__)
+
+LEASE_SUFFIX = ".lease"
+RUNS = "runs"  # <output>/.vsr_ddp/runs/<run>.json
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%z"
+
+
+class LeaseLost(RuntimeError):
+    """This rank's lease was taken over (it looked dead to another run): its work is discarded."""
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def read_lease(path: Path) -> dict | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+        return obj if isinstance(obj, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # someone else's process: alive
+    return True
+
+
+def lease_age(path: Path) -> float | None:
+    """Seconds since the lease was last renewed (by its file's mtime), or None when it is gone."""
+    try:
+        return max(0.0, time.time() - path.stat().st_mtime)
+    except OSError:
+        return None
+
+
+def is_stale(path: Path, holder: dict | None, timeout_s: float, host: str | None = None,
+             runs: Path | None = None) -> bool:
+    """The holder of ``path`` is gone: not renewed for ``timeout_s``, or it ran on this host
+    under a process id that no longer exists (a killed run, seen by its rerun), or (``runs``: the
+    folder of run files) the launch it belongs to is gone (torchrun restarted its workers: the
+    old attempt's rank 0, on this host, is dead, so the leases of its ranks on other nodes are
+    free at once, not after the timeout)."""
+    age = lease_age(path)
+    if age is None:
+        return False  # nothing to take over: create it
+    if age > timeout_s:
+        return True
+    if holder is None:
+        # Unreadable: being written this instant (a few bytes, one write), or the writer died
+        # right after creating it. Only age decides.
+        return False
+    host = host or socket.gethostname()
+    pid = holder.get("pid")
+    if holder.get("host") == host and isinstance(pid, int) and not _pid_alive(pid):
+        return True
+    if runs is not None and holder.get("run"):
+        run = runs / f"{holder['run']}.json"
+        return not run.exists() or is_stale(run, read_lease(run), timeout_s, host)
+    return False
+
+
+def holder_text(holder: dict | None) -> str:
+    if not holder:
+        return "another run"
+    return f"run {holder.get('run')} rank {holder.get('rank')} on {holder.get('host')}"
+
+
+class Leases:
+    """This rank's leases: acquire, renew in the background, release.
+
+    ``acquire`` returns True when the lease is this rank's now. ``check`` raises
+    :class:`LeaseLost` when it is not any more (call it before committing).
+    """
+
+    def __init__(self, run: str, rank: int, host: str | None = None, timeout_s: float = 300.0,
+                 renew_s: float | None = None, runs: Path | None = None):
+        self.run, self.rank = run, rank
+        self.runs = runs  # the run files' folder: a lease of a launch that is gone is free
+        self.host = host or socket.gethostname()
+        self.timeout_s = float(timeout_s)
+        self.renew_s = float(renew_s) if renew_s else max(0.2, self.timeout_s / 10)
+        self._held: dict[Path, str] = {}  # path -> our token
+        self._lost: set[Path] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- one lease -------------------------------------------------------------------------------
+    def acquire(self, path: Path, what: str = "", extra: dict | None = None) -> bool:
+        path = Path(path)
+        if self._create(path, what, extra):
+            return True
+        holder = read_lease(path)
+        if not is_stale(path, holder, self.timeout_s, self.host, self.runs):
+            return False
+        if not self._remove_stale(path, holder):
+            return False
+        log.info("%s: taking over from %s (not renewed for %.0f s, or its process is gone)", path,
+                 holder_text(holder), lease_age(path) or 0.0)
+        return self._create(path, what, extra)
+
+    def _create(self, path: Path, what: str, extra: dict | None) -> bool:
+        token = uuid.uuid4().hex
+        body = {"run": self.run, "rank": self.rank, "host": self.host, "pid": os.getpid(), "token": token,
+                "since": time.strftime(TIME_FORMAT), "what": what, **(extra or {})}
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(body, f)
+        fsync_file(path)
+        with self._lock:
+            self._held[path] = token
+            self._lost.discard(path)
+        self._start()
+        return True
+
+    def _remove_stale(self, path: Path, seen: dict | None) -> bool:
+        """Move the stale lease ``seen`` out of the way; False when someone else got there first."""
+        grave = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.stale")
+        try:
+            os.rename(path, grave)
+        except FileNotFoundError:
+            return True  # already gone: whoever creates it first wins
+        moved = read_lease(grave)
+        if seen is not None and (moved or {}).get("token") != seen.get("token"):
+            # We moved a fresh lease someone took over with a moment ago: put it back.
+            try:
+                os.link(grave, path)
+            except FileExistsError:
+                pass
+            grave.unlink(missing_ok=True)
+            return False
+        grave.unlink(missing_ok=True)
+        return True
+
+    def holds(self, path: Path) -> bool:
+        path = Path(path)
+        with self._lock:
+            token = self._held.get(path)
+        return token is not None and (read_lease(path) or {}).get("token") == token
+
+    def check(self, path: Path) -> None:
+        """Raise LeaseLost unless ``path`` is still this rank's lease."""
+        path = Path(path)
+        with self._lock:
+            lost = path in self._lost
+        if lost or not self.holds(path):
+            holder = read_lease(path)
+            raise LeaseLost(f"lease {path.name} was taken over by {holder_text(holder)}")
+
+    def release(self, path: Path) -> None:
+        """Give the lease up (its file goes, if it is still ours)."""
+        path = Path(path)
+        mine = self.holds(path)
+        with self._lock:
+            self._held.pop(path, None)
+            self._lost.discard(path)
+        if mine:
+            path.unlink(missing_ok=True)
+
+    # -- renewal ---------------------------------------------------------------------------------
+    def _start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._renew_loop, name="leases", daemon=True)
+            self._thread.start()
+
+    def _renew_loop(self) -> None:
+        while not self._stop.wait(self.renew_s):
+            self.renew()
+
+    def renew(self) -> None:
+        with self._lock:
+            held = dict(self._held)
+        for path, token in held.items():
+            if (read_lease(path) or {}).get("token") != token:
+                with self._lock:
+                    if path in self._held:
+                        self._lost.add(path)
+                log.warning("%s: lease lost (taken over by %s)", path, holder_text(read_lease(path)))
+                continue
+            try:
+                os.utime(path)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        with self._lock:
+            held = list(self._held)
+        for path in held:
+            self.release(path)
+
+
+# -- runs ------------------------------------------------------------------------------------------
+
+def runs_dir(output: Path) -> Path:
+    return Path(output) / ".vsr_ddp" / RUNS
+
+
+def run_file(output: Path, run: str) -> Path:
+    return runs_dir(output) / f"{run}.json"
+
+
+def live_runs(output: Path, timeout_s: float, host: str | None = None) -> dict[str, dict]:
+    """run id -> its run file, for the runs on ``output`` whose rank 0 still renews it."""
+    out = {}
+    folder = runs_dir(output)
+    if not folder.is_dir():
+        return out
+    for path in folder.glob("*.json"):
+        holder = read_lease(path)
+        if holder is not None and not is_stale(path, holder, timeout_s, host):
+            out[path.stem] = holder
+    return out
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def settings_difference(theirs: dict, ours: dict, limit: int = 3) -> str:
+    """``job.scale: 4 there, 2 here; ...``: the first settings that differ."""
+    a, b = flatten(theirs), flatten(ours)
+    keys = sorted((k for k in set(a) | set(b) if a.get(k) != b.get(k)),
+                  key=lambda k: (k not in a or k not in b, k))  # settings both have first
+    diffs = [f"{k}: {a.get(k, '(unset)')} there, {b.get(k, '(unset)')} here" for k in keys]
+    more = f" (and {len(diffs) - limit} more)" if len(diffs) > limit else ""
+    return "; ".join(diffs[:limit]) + more if diffs else "its settings"
