@@ -179,6 +179,8 @@ class Runner:
             if not told:
                 log.info("waiting for %d unit(s) and %d merge(s) in other hands", len(pending), busy)
                 told = True
+            if self.claim == "strided":  # the fixed assignment: no rank takes another's units
+                pending = [i for i in pending if i % self.ctx.world == self.ctx.rank]
             if not any(self.try_unit(plan, i, progress) == "made" for i in pending):
                 preempt.requested.wait(poll_s)
 
