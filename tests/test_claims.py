@@ -157,7 +157,7 @@ def wait_for(what, condition, procs, timeout: float = 120) -> None:
 @pytest.mark.slow
 def test_concurrent_launches_share_the_units_and_finish_together(tmp_path):
     """Two 2-rank launches of the same command on one folder, the second started once the first
-    has registered (seconds apart: a second sbatch of the same script)."""
+    has registered (seconds apart: a second sbatch of the same script), then a lone process."""
     lengths = (60, 36, 48, 40)
     clips = [make_clip(tmp_path / "in" / f"v{n}.mp4", frames=frames, size=(128, 96), audio=n == 0, seed=n)
              for n, frames in enumerate(lengths)]
@@ -168,14 +168,16 @@ def test_concurrent_launches_share_the_units_and_finish_together(tmp_path):
     env = job_env()
     runs = out / ".vsr_ddp" / "runs"
 
-    def launch():
-        return subprocess.Popen(job_cmd(args, nproc=2), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+    def launch(nproc=2):
+        return subprocess.Popen(job_cmd(args, nproc=nproc), cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
 
     first = launch()
     wait_for("first launch registered", lambda: len(list(runs.glob("*.json"))) == 1, [first])
     second = launch()
-    results = [p.communicate(timeout=600) + (p.returncode,) for p in (first, second)]
+    wait_for("second launch registered", lambda: len(list(runs.glob("*.json"))) == 2, [first, second])
+    third = launch(nproc=1)  # a lone process joins too
+    results = [p.communicate(timeout=600) + (p.returncode,) for p in (first, second, third)]
     for stdout, stderr, rc in results:
         assert rc == 0, stderr[-3000:]
     # Every unit made once, by one launch or the other; both launches worked.
@@ -184,9 +186,13 @@ def test_concurrent_launches_share_the_units_and_finish_together(tmp_path):
     assert len(made) == len(set(made)) == units
     sides = [json.loads(p.read_text()) for p in out.glob(".vsr_ddp/*/segment_????.json")]
     assert len(sides) == units
+    launched = re.findall(r"INFO vsr_ddp\.runner: run (\w{12}): (\d) rank\(s\)",
+                          (out / ".vsr_ddp" / "logs" / "rank0.log").read_text())
+    assert sorted(int(n) for _, n in launched) == [1, 2, 2]
+    first_run, second_run = [r for r, n in launched if n == "2"]
     by_run = {s["run"] for s in sides}
-    assert len(by_run) == 2, "the second launch got no unit"
-    assert {(s["run"], s["rank"]) for s in sides} == {(r, k) for r in by_run for k in (0, 1)}
+    assert {first_run, second_run} <= by_run <= {r for r, _ in launched}, "a 2-rank launch got no unit"
+    assert {(first_run, 0), (first_run, 1)} <= {(s["run"], s["rank"]) for s in sides}
     # Every video whole and right, merged exactly once.
     merges = []
     for log in (out / ".vsr_ddp" / "logs").glob("rank*.log"):
@@ -199,7 +205,8 @@ def test_concurrent_launches_share_the_units_and_finish_together(tmp_path):
         assert decode_indices(got) == list(range(frames))
         assert probe_streams(final)["fps"] == probe_streams(clip)["fps"]
         assert json.loads((out / ".vsr_ddp" / f"v{n}_2x" / "merged.json").read_text())["run"] in by_run
-    assert abs(probe_streams(out / "v0.mp4")["audio_duration"] - probe_streams(clips[0])["audio_duration"]) < 0.05
+    audio = [probe_streams(f)["audio_duration"] for f in (out / "v0.mp4", clips[0])]
+    assert abs(audio[0] - audio[1]) < 0.05
     assert [v["status"] for v in read_report(out)["videos"]] == ["ok"] * 4
     # Nothing left behind: no lease, no partial file, no launch registered.
     assert not list(out.rglob("*.lease")) and not list(out.rglob("*.partial"))
@@ -257,8 +264,8 @@ def test_a_launch_with_other_settings_stops_before_any_work(tmp_path):
         assert proc.returncode == 2
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1, proc.stderr
-        assert errors[0].startswith(f"error: output folder {out} is in use by run 0123456789ab rank 0 on {HOST} "
-                                    f"with other settings (scale: 4.0 there, 2.0 here; ")
+        assert errors[0].startswith(f"error: output folder {out} is in use by run 0123456789ab rank 0 on "
+                                    f"{HOST} with other settings (scale: 4.0 there, 2.0 here; ")
         assert errors[0].endswith("): wait for it to finish, launch with its settings to join it, or use "
                                   "another output=")
         assert "frames" not in proc.stderr  # no progress bar: nothing started

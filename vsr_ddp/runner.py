@@ -428,6 +428,10 @@ class Runner:
         sigs = {u.key: self.sig_of(info, u) for u in units}
         status = {u.key: "done" if shards.shard_done(wdir, u, sigs[u.key], verify_checksum=False)
                   else "pending" for u in units}
+        if output is None:  # merged already, maybe by another launch on the folder
+            out = self.output / f"{info.stem}.mp4"
+            if shards.merged_result(wdir, out, [shards.read_sidecar(wdir, u) for u in units]) is not None:
+                output = str(out)
         shards.write_checkpoint(wdir, info, units, sigs, status, output=output)
 
     # -- one unit -------------------------------------------------------------------------------
