@@ -181,7 +181,10 @@ class Runner:
                 told = True
             if self.claim == "strided":  # the fixed assignment: no rank takes another's units
                 pending = [i for i in pending if i % self.ctx.world == self.ctx.rank]
-            if not any(self.try_unit(plan, i, progress) == "made" for i in pending):
+            for i in pending:
+                if preempt.requested.is_set() or self.try_unit(plan, i, progress) == "made":
+                    break  # made one: look again from the start of the plan
+            else:
                 preempt.requested.wait(poll_s)
 
     def try_unit(self, plan: Plan, i: int, progress: Progress, verify: bool = False) -> str:
