@@ -10,7 +10,8 @@ skipped (``skipped`` in run_report.json) and the batch goes on. Beside a prompt,
 ``<stem>.yaml`` or ``<stem>.json`` overrides this video's settings (:data:`OVERRIDES`), e.g.
 ``{"strength": 0.6, "seed": 3, "negative_prompt": "blurry"}``.
 
-Each rank loads the models once; videos go to the ranks whole (one unit per video, claimed by whichever rank is free).
+Each rank loads the models once; videos go to the ranks whole (one unit per video, claimed by
+whichever rank is free).
 Per video: frames resized to the working size (short side ``job.short_side``, multiples of 64),
 keyframes chosen and translated by FRESCO (:mod:`vsr_ddp.models.fresco`), every frame filled in
 from the translated keys by job=propagate's engine (:mod:`vsr_ddp.models.propagation`) at the
