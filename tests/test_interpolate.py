@@ -2,13 +2,15 @@
 distribution and resume, through the command line."""
 from __future__ import annotations
 
+import hashlib
 import json
 from fractions import Fraction
 
 import numpy as np
 import pytest
-from builders import encode_frames, frame_times, make_clip, make_vfr, pan_frames, probe_streams, read_frames
-from conftest import read_report, run_job
+from builders import (already_done, encode_frames, frame_times, make_clip, make_vfr, pan_frames,
+                      probe_streams, read_frames, shard_files, sigkill_once_sharded)
+from conftest import ROOT, job_cmd, job_env, read_report, run_job
 
 from vsr_ddp.models.interpolation import output_count, source_of
 from vsr_ddp.models.published import fetch
@@ -106,6 +108,60 @@ def test_two_ranks_equal_one_rank_and_a_rerun_keeps_finished_shards(tmp_path):
     assert all(p.read_bytes() == data for p, data in kept.items())
     assert json.loads(sidecars[2].read_text())["frames_written"] == 12
     assert np.array_equal(read_frames(two / "p.mp4"), a)
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_without_redoing_finished_shards(tmp_path):
+    """SIGKILL the whole 2-rank torchrun job once a shard is done: nothing half-written under a
+    finished file's name, no video; the same command again keeps the finished shards as they are,
+    makes the others, and the video equals an uninterrupted run's, frame for frame."""
+    # 60 frames at 24 fps x 5/2: 12 units of 5 source frames, 12 or 13 output frames each (the
+    # retiming's out_start bookkeeping resumes too); at 400x240 a unit of flow takes under a
+    # second a rank, so the kill lands seconds before the last shard.
+    src = encode_frames(tmp_path / "p.mp4", pan_frames(60, size=(400, 240)), "24", audio=True)
+    args = lambda out: ["job=interpolate", f"input={src}", f"output={out}",  # noqa: E731
+                        "log.progress=false", "job.model=flow", "job.factor=5/2", "work.segment_frames=5"]
+    total, frames = 12, output_count(60, Fraction(24), Fraction(60))
+    assert frames == 150
+    out = tmp_path / "killed"
+    sigkill_once_sharded(job_cmd(args(out), nproc=2), out, env=job_env(), cwd=ROOT, at_least=1)
+
+    [wdir] = [d for d in (out / ".vsr_ddp").glob("p_*") if d.is_dir()]
+    units = json.loads((wdir / "checkpoint.json").read_text())["segments"]
+    assert len(units) == total
+    before = shard_files(wdir)
+    sidecars = sorted(wdir.glob("segment_????.json"))
+    assert 1 <= len(sidecars) < total, "the kill came too late: make the clip longer"
+    # no half-written file where a finished one belongs (leftovers are *.partial): every sidecar
+    # names its shard exactly, every shard under its name is whole, and there is no video
+    for side in sidecars:
+        meta = json.loads(side.read_text())
+        shard = wdir / meta["shard"]
+        assert shard.stat().st_size == meta["size"]
+        assert hashlib.sha256(shard.read_bytes()).hexdigest() == meta["sha256"]
+        assert meta["frames_written"] == units[side.stem]["frames"]
+    for shard in wdir.glob("segment_????.mp4"):  # a shard is committed whole, its sidecar after it
+        assert len(read_frames(shard)) == units[shard.stem]["frames"], shard.name
+    assert not list(out.glob("p.mp4*")) and not (out / "run_report.json").exists()
+
+    run_job(args(out), nproc=2)  # the same command again
+    assert already_done(out) == len(sidecars)
+    after = shard_files(wdir)
+    assert {name: after[name] for name in before} == before, "a finished shard was redone"
+    assert len(after) == 2 * total
+    assert not list(out.rglob("*.partial"))
+    checkpoint = json.loads((wdir / "checkpoint.json").read_text())
+    assert [s["status"] for s in checkpoint["segments"].values()] == ["done"] * total
+    report = read_report(out)["videos"][0]
+    assert report["status"] == "ok" and report["frames"] == frames
+
+    fresh = tmp_path / "fresh"
+    run_job(args(fresh), nproc=2)
+    resumed, uninterrupted = read_frames(out / "p.mp4"), read_frames(fresh / "p.mp4")
+    assert resumed.shape == (frames, 240, 400, 3)
+    assert np.array_equal(resumed, uninterrupted)
+    assert probe_streams(out / "p.mp4")["fps"] == Fraction(60)
+    assert frame_times(out / "p.mp4")[0] == [Fraction(n, 60) for n in range(frames)]
 
 
 def test_bad_settings_and_inputs(tmp_path, rife_models):

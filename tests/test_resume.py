@@ -9,11 +9,11 @@ import signal
 import socket
 import subprocess
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-from builders import decode_indices, make_clip, read_frames, save_srvgg
+from builders import (already_done, decode_indices, make_clip, read_frames, save_srvgg, shard_files,
+                      sigkill_once_sharded)
 from conftest import ROOT, job_cmd, job_env, read_report, run_job
 
 pytestmark = pytest.mark.slow
@@ -27,17 +27,8 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
                         "work.segment_frames=4", "job.batch_size=2"]
     out = tmp_path / "killed"
     wdir = out / ".vsr_ddp" / "clip_2x"
-    proc = subprocess.Popen(job_cmd(args(out), nproc=2), cwd=ROOT, env=job_env(), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while len(list(wdir.glob("segment_????.json"))) < 3:
-            assert proc.poll() is None, "the job ended before it could be killed"
-            assert time.monotonic() < deadline, "no shards after 120 s"
-            time.sleep(0.05)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the agent and both ranks, no chance to clean up
-        proc.wait()
+    # torchrun, both ranks and their encoders, once 3 shards are done: no chance to clean up
+    sigkill_once_sharded(job_cmd(args(out), nproc=2), out, env=job_env(), cwd=ROOT, at_least=3)
     done_before = {p.name: json.loads(p.read_text()) for p in wdir.glob("segment_????.json")}
     assert 3 <= len(done_before) < 10
     assert not (out / "clip.mp4").exists()
@@ -59,27 +50,6 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     assert [s["status"] for s in checkpoint["segments"].values()] == ["done"] * 10
     assert [(s["start"], s["end"]) for s in checkpoint["segments"].values()] == \
         [(i, i + 4) for i in range(0, 40, 4)]
-
-
-def already_done(output: Path) -> int:
-    """Finished shards the last run found, over all ranks: each rank log's last
-    'N unit(s) for this rank, M already done' line (the logs are appended across reruns)."""
-    total = 0
-    for log in sorted((output / ".vsr_ddp" / "logs").glob("rank*.log")):
-        found = re.findall(r"\d+ unit\(s\) for this rank, (\d+) already done",
-                           log.read_text(encoding="utf-8"))
-        assert found, f"{log} has no unit count"
-        total += int(found[-1])
-    return total
-
-
-def shard_files(wdir: Path) -> dict[str, tuple[bytes, int]]:
-    """Every finished shard and its sidecar: name -> (bytes, inode)."""
-    files = {}
-    for side in sorted(wdir.glob("segment_????.json")):
-        for f in (side, wdir / json.loads(side.read_text())["shard"]):
-            files[f.name] = (f.read_bytes(), f.stat().st_ino)
-    return files
 
 
 def free_port() -> int:

@@ -8,12 +8,14 @@ checked against it.
 
 One module per thing built: sr_models (Real-ESRGAN layouts), clips (index-coded clips and the
 reference readers), footage (rotation, VFR, interlacing, 10-bit, audio/subtitle timing, camera
-motion), bad_inputs, sd15 (SD 1.5 + ControlNet folders and single files). Tests import them all
+motion), bad_inputs, sd15 (SD 1.5 + ControlNet folders and single files), runs (killing a run
+mid-way, its finished shards and "already done" counts). Tests import them all
 from here: ``from builders import make_clip``.
 """
 from .bad_inputs import *  # noqa: F401,F403
 from .clips import *  # noqa: F401,F403
 from .common import FFMPEG  # noqa: F401
 from .footage import *  # noqa: F401,F403
+from .runs import *  # noqa: F401,F403
 from .sd15 import *  # noqa: F401,F403
 from .sr_models import *  # noqa: F401,F403
