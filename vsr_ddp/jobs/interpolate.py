@@ -80,10 +80,17 @@ class InterpolateJob(Job):
             if not path.is_file():
                 raise InterpolationError(f"job.model: {path} does not exist (rife-hdv3, a RIFE flownet.pkl, "
                                          f"flow or blend)")
-        variant = rife_variant(path)
-        if variant != "hdv3":
-            raise InterpolationError(f"job.model: {path} is a {variant} RIFE checkpoint; this version runs "
-                                     f"RIFE HDv3 (rife-hdv3); use job.model=flow or blend for other models")
+        try:
+            variant = rife_variant(path)
+        except ValueError as e:
+            raise InterpolationError(f"job.model: {e}") from None
+        if variant == "unknown":
+            raise InterpolationError(f"job.model: {path} is not a RIFE checkpoint this version runs (RIFE "
+                                     f"HDv3, or a Practical-RIFE 4.0 - 4.26 flownet.pkl: its keys and shapes "
+                                     f"fit none of their layouts); use job.model=flow or blend for other "
+                                     f"models")
+        log.info("job.model: %s is %s", path,
+                 "RIFE HDv3" if variant == "hdv3" else f"Practical-RIFE {variant} (any t)")
         return path
 
     def _check_midpoints(self, ratio: Fraction, what: str) -> None:
@@ -93,8 +100,8 @@ class InterpolateJob(Job):
         if q & (q - 1):
             raise InterpolationError(
                 f"{what} needs frames at thirds or fifths of a frame interval, which {self.cfg.model} (a "
-                f"midpoint model: 2x, 4x, 8x) cannot make exactly; use job.model=flow or blend, or a "
-                f"power-of-two factor")
+                f"midpoint model: 2x, 4x, 8x) cannot make exactly; use job.model=flow or blend, a "
+                f"Practical-RIFE 4.x flownet.pkl (any t), or a power-of-two factor")
 
     def tag(self) -> str:
         rate = f"x{self.factor}" if self.factor is not None else f"{self.fps}fps"

@@ -133,19 +133,21 @@ class FlowInterp:
 
 
 class Rife:
-    """RIFE HDv3 (``rife-hdv3``): it predicts the midpoint of a pair, so other times come from
-    bisecting again (t = 1/4: the midpoint of the first frame and the midpoint), which reaches
-    exactly the times k / 2**m (power-of-two factors). ``scale``: RIFE's flow scale (0.5 for 4K)."""
+    """A RIFE IFNet (models/rife.py's ``load_rife``). RIFE HDv3 (``rife-hdv3``) predicts the
+    midpoint of a pair, so other times come from bisecting again (t = 1/4: the midpoint of the
+    first frame and the midpoint), which reaches exactly the times k / 2**m (power-of-two factors):
+    ``midpoint_only``. Practical-RIFE 4.x takes t as an input: any t, all pairs of a batch in one
+    call. ``scale``: RIFE's flow scale (0.5 for 4K). Frames are padded to the network's multiple."""
 
     name = "rife"
-    midpoint_only = True
 
     def __init__(self, path, device: torch.device, scale: float = 1.0, dtype: torch.dtype = torch.float32):
-        from .rife import load_ifnet
+        from .rife import load_rife
 
-        self.net = load_ifnet(path, device).to(dtype)
+        self.net = load_rife(path, device).to(dtype)
         self.device, self.scale, self.dtype = device, float(scale), dtype
-        self.pad = max(32, int(32 / self.scale))
+        self.midpoint_only = not self.net.takes_time
+        self.pad = self.net.multiple(self.scale)
 
     @torch.no_grad()
     def _mid(self, x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
@@ -171,10 +173,14 @@ class Rife:
             return torch.nn.functional.pad(x, (0, pw, 0, ph))
 
         x0, x1 = tensor(a), tensor(b)
-        out = torch.empty_like(x0)
-        # pairs that share a t go through the network together (one batch per distinct t)
-        for t in sorted(set(ts)):
-            idx = [k for k, s in enumerate(ts) if s == t]
-            out[idx] = self._at(x0[idx], x1[idx], t)
+        if self.midpoint_only:
+            out = torch.empty_like(x0)
+            # pairs that share a t go through the network together (one batch per distinct t)
+            for t in sorted(set(ts)):
+                idx = [k for k, s in enumerate(ts) if s == t]
+                out[idx] = self._at(x0[idx], x1[idx], t)
+        else:
+            t = torch.tensor([float(s) for s in ts], dtype=self.dtype, device=self.device)
+            out = self.net(x0, x1, t, self.scale).clamp(0, 1)
         y = out[:, :, :h, :w].float().mul(255).round().clamp(0, 255).byte()
         return y.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3) uint8

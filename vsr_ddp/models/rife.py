@@ -5,6 +5,9 @@ Three IFBlocks refine a bidirectional flow and a blend mask coarse to fine (1/4,
 the frame, times ``scale``); each block runs on the pair both ways and averages the two
 estimates. The module and attribute names are the published state dict's (``block0.conv0.0.0``,
 ...), so the weights load strictly; ``block_tea`` is the training-time teacher, loaded, unused.
+
+``load_rife`` reads any RIFE checkpoint this project runs: this IFNet, or one of Practical-RIFE's
+4.x IFNets (models/rife4.py, which take t as an input), told apart by keys and shapes.
 """
 from __future__ import annotations
 
@@ -51,6 +54,8 @@ class IFBlock(nn.Module):
 
 
 class IFNet(nn.Module):
+    takes_time = False  # the midpoint only
+
     def __init__(self):
         super().__init__()
         self.block0 = IFBlock(7 + 4)
@@ -74,40 +79,79 @@ class IFNet(nn.Module):
         weight = torch.sigmoid(mask)
         return warped0 * weight + warped1 * (1 - weight)
 
+    def multiple(self, scale: float = 1.0) -> int:
+        """H and W must be multiples of this (frames are padded to it): RIFE's own 32."""
+        return max(32, int(32 / scale))
+
+
+def read_state(path: Path) -> dict:
+    """{key: tensor} of a RIFE checkpoint: safetensors, or RIFE's own ``flownet.pkl`` read
+    weights-only; DataParallel's ``module.`` prefix removed. ValueError (one line) if unreadable."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is one user-facing problem
+        raise ValueError(f"{path}: cannot read it as a weights-only PyTorch or safetensors file "
+                         f"({type(e).__name__})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: not a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _fits(net: nn.Module, shapes: dict) -> bool:
+    return {k: tuple(v.shape) for k, v in net.state_dict().items()} == shapes
+
+
+def identify(state: dict):
+    """(variant, the network for it on the meta device, the state to load into it), or (None,
+    None, None): ``state``'s keys and shapes are exactly those of this IFNet (``hdv3``) or of a
+    Practical-RIFE 4.x layout (its family's name; training-only keys dropped)."""
+    from .rife4 import TRAINING_ONLY, IFNet4, layout_of
+
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    with torch.device("meta"):
+        if "block_tea.conv0.0.0.weight" in shapes:
+            net = IFNet()
+            return ("hdv3", net, state) if _fits(net, shapes) else (None, None, None)
+        state = {k: v for k, v in state.items() if not k.startswith(TRAINING_ONLY)}
+        shapes = {k: shapes[k] for k in state}
+        layout = layout_of(shapes)
+        net = IFNet4(layout) if layout is not None else None
+        if net is not None and _fits(net, shapes):
+            return layout.name, net, state
+    return None, None, None
+
 
 def rife_variant(path: Path) -> str:
-    """What a RIFE checkpoint is, from its keys alone: ``hdv3`` (this module's IFNet: three
-    11-channel IFBlocks of 90 features and a teacher), ``4.x`` (Practical-RIFE's later IFNets:
-    more blocks, or an ``encode`` feature head), else ``unknown``."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
+    """What a RIFE checkpoint is, from its keys and shapes alone: ``hdv3`` (this module's IFNet:
+    three 11-channel IFBlocks of 90 features and a teacher), the Practical-RIFE 4.x family it
+    belongs to (``4.6``, ``4.13-4.19/4.24``, ``4.25/4.26`` ...: models/rife4.py's table), else
+    ``unknown``. Either of the first two loads strictly with ``load_rife``."""
+    return identify(read_state(path))[0] or "unknown"
 
-        with safe_open(str(path), "pt") as f:
-            shapes = {k.removeprefix("module."): tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    else:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-        shapes = {k.removeprefix("module."): tuple(v.shape) for k, v in state.items()}
-    if shapes.get("block0.conv0.0.0.weight") == (45, 11, 3, 3) and "block_tea.conv0.0.0.weight" in shapes \
-            and not any(k.startswith("block3.") for k in shapes):
-        return "hdv3"
-    if any(k.startswith(("encode.", "block3.", "block4.")) for k in shapes) \
-            or "block0.lastconv.0.weight" in shapes:
-        return "4.x"
-    return "unknown"
+
+def load_rife(path: Path, device: torch.device = torch.device("cpu")) -> nn.Module:
+    """The network of a RIFE checkpoint (``rife_variant``): this module's IFNet (midpoint only)
+    or a Practical-RIFE 4.x IFNet4 (``takes_time``), weights loaded strictly. A file that is
+    neither: ValueError, one line naming it."""
+    path = Path(path)
+    state = read_state(path)
+    variant, net, state = identify(state)
+    if variant is None:
+        raise ValueError(f"{path}: not a RIFE IFNet this version knows (RIFE HDv3, or Practical-RIFE "
+                         f"4.0 - 4.26: its keys and shapes fit none of their layouts)")
+    net.load_state_dict(state, strict=True, assign=True)  # the meta network takes the loaded tensors
+    return net.float().eval().to(device)
 
 
 def load_ifnet(path: Path, device: torch.device = torch.device("cpu")) -> IFNet:
     """IFNet with the weights of ``path``: safetensors (a fetched ``rife-hdv3``) or RIFE's own
     ``flownet.pkl`` (read weights-only), with or without DataParallel's ``module.`` prefix."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path), device="cpu")
-    else:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    state = {k.removeprefix("module."): v for k, v in state.items()}
     net = IFNet()
-    net.load_state_dict(state, strict=True)
+    net.load_state_dict(read_state(path), strict=True)
     return net.eval().to(device)
