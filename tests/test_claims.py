@@ -129,9 +129,9 @@ def test_one_taker_wins_a_stale_lease(tmp_path):
             t.join()
         assert len(won) == 1, won
         assert claims.read_lease(lease)["run"] == won[0]
-        assert sorted(p.name for p in tmp_path.glob(f"segment_{trial:04d}*")) == [lease.name]
         for t in takers:
             t.close()
+        assert not list(tmp_path.glob(f"segment_{trial:04d}*"))  # released: lease and marker gone
 
 
 # -- whole launches ----------------------------------------------------------------------------
@@ -156,9 +156,9 @@ def wait_for(what, condition, procs, timeout: float = 120) -> None:
 
 @pytest.mark.slow
 def test_concurrent_launches_share_the_units_and_finish_together(tmp_path):
-    """Two 2-rank launches of the same command on one folder, the second started once the first
-    has registered (seconds apart: a second sbatch of the same script), then a lone process."""
-    lengths = (60, 36, 48, 40)
+    """Two 2-rank launches of the same command on one folder, a second apart (a second sbatch of
+    the same script), then a lone process once both are at work."""
+    lengths = (60, 36, 48)
     clips = [make_clip(tmp_path / "in" / f"v{n}.mp4", frames=frames, size=(128, 96), audio=n == 0, seed=n)
              for n, frames in enumerate(lengths)]
     model = save_srvgg(tmp_path / "realesr-general-x2.pth", scale=2, seed=7, num_feat=32, num_conv=16)
@@ -173,9 +173,9 @@ def test_concurrent_launches_share_the_units_and_finish_together(tmp_path):
                                 stderr=subprocess.PIPE, text=True)
 
     first = launch()
-    wait_for("first launch registered", lambda: len(list(runs.glob("*.json"))) == 1, [first])
+    time.sleep(1)
     second = launch()
-    wait_for("second launch registered", lambda: len(list(runs.glob("*.json"))) == 2, [first, second])
+    wait_for("both launches registered", lambda: len(list(runs.glob("*.json"))) == 2, [first, second])
     third = launch(nproc=1)  # a lone process joins too
     results = [p.communicate(timeout=600) + (p.returncode,) for p in (first, second, third)]
     for stdout, stderr, rc in results:
@@ -197,7 +197,7 @@ def test_concurrent_launches_share_the_units_and_finish_together(tmp_path):
     merges = []
     for log in (out / ".vsr_ddp" / "logs").glob("rank*.log"):
         merges += re.findall(r"(\S+\.mp4) -> \S+: \d+ frames, merged in", log.read_text())
-    assert sorted(Path(m).name for m in merges) == [f"v{n}.mp4" for n in range(4)]
+    assert sorted(Path(m).name for m in merges) == [f"v{n}.mp4" for n in range(3)]
     for n, (clip, frames) in enumerate(zip(clips, lengths)):
         final = out / f"v{n}.mp4"
         got = read_frames(final)
@@ -207,14 +207,14 @@ def test_concurrent_launches_share_the_units_and_finish_together(tmp_path):
         assert json.loads((out / ".vsr_ddp" / f"v{n}_2x" / "merged.json").read_text())["run"] in by_run
     audio = [probe_streams(f)["audio_duration"] for f in (out / "v0.mp4", clips[0])]
     assert abs(audio[0] - audio[1]) < 0.05
-    assert [v["status"] for v in read_report(out)["videos"]] == ["ok"] * 4
+    assert [v["status"] for v in read_report(out)["videos"]] == ["ok"] * 3
     # Nothing left behind: no lease, no partial file, no launch registered.
     assert not list(out.rglob("*.lease")) and not list(out.rglob("*.partial"))
     assert not list(runs.iterdir())
     # One launch alone makes the same videos.
     solo = tmp_path / "solo"
     run_job([a.replace(f"output={out}", f"output={solo}") for a in args], nproc=2)
-    for n in range(4):
+    for n in range(3):
         assert np.array_equal(read_frames(out / f"v{n}.mp4"), read_frames(solo / f"v{n}.mp4"))
 
 

@@ -395,7 +395,7 @@ def test_a_long_unit_shows_progress_and_a_stop_signal_ends_it_within_seconds(tmp
                             text=True)
     log = out / ".vsr_ddp" / "logs" / "rank0.log"
     deadline = time.monotonic() + 120
-    while not (log.exists() and "unit(s) for this rank" in log.read_text()):
+    while not (log.exists() and "taking units in plan order" in log.read_text()):
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
         time.sleep(0.2)
     # progress inside the unit: "this rank N frames" with N > 0 while no shard is finished

@@ -12,10 +12,10 @@ A lease is a file created with O_CREAT | O_EXCL (one creator wins, on local disk
 Lustre alike). Its holder renews it by touching it every ``renew_s`` from a background thread,
 so a lease whose file was not touched for ``timeout_s`` belongs to a holder that died (killed,
 node lost) and is taken over; so is one whose holder ran on this host under a process id that no
-longer exists, at once, which is what a rerun after a kill finds. Taking over renames the stale
-file to a name of the taker's own (only one rename of a file succeeds), checks that what it moved
-is the stale lease it looked at (else puts it back) and then creates its own. A holder that finds
-its lease gone or replaced when renewing has lost it, and abandons the unit before committing it.
+longer exists, at once, which is what a rerun after a kill finds, and one whose launch's rank 0
+is known dead. Taking over: the first to create ``<lease>.takeover-<its token>`` (O_EXCL again)
+renames a lease of its own over the stale one; the others give up. A holder that finds its lease
+gone or replaced when renewing has lost it, and abandons the unit before committing it.
 
 No torch here: ``python -m vsr_ddp.status`` reads the same files on a login node.
 """
@@ -134,46 +134,46 @@ class Leases:
         holder = read_lease(path)
         if not is_stale(path, holder, self.timeout_s, self.host, self.runs):
             return False
-        if not self._remove_stale(path, holder):
-            return False
-        log.info("%s: taking over from %s (not renewed for %.0f s, or its process is gone)", path,
+        # Take the stale lease over. Its generation (token) gets one exclusive marker file: of all
+        # the ranks that find it stale at once, the one that creates the marker replaces the lease
+        # (a rename over it: the lease never goes missing, so nobody can create a fresh one
+        # meanwhile); the others give up. Markers go when the lease is released.
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return self._create(path, what, extra)  # released meanwhile
+        generation = (holder or {}).get("token") or f"unreadable-{st.st_ino}-{st.st_mtime_ns}"
+        marker = path.with_name(f"{path.name}.takeover-{generation}")
+        try:
+            os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        except FileExistsError:
+            return False  # another rank takes this one over
+        now = read_lease(path)
+        if (now or {}).get("token") != (holder or {}).get("token"):
+            marker.unlink(missing_ok=True)  # it changed hands as we looked
+            return False if path.exists() else self._create(path, what, extra)
+        log.info("%s: taking over from %s (not renewed for %.0f s, or its process or launch is gone)", path,
                  holder_text(holder), lease_age(path) or 0.0)
-        return self._create(path, what, extra)
+        return self._create(path, what, extra, replace=True)
 
-    def _create(self, path: Path, what: str, extra: dict | None) -> bool:
+    def _create(self, path: Path, what: str, extra: dict | None, replace: bool = False) -> bool:
         token = uuid.uuid4().hex
         body = {"run": self.run, "rank": self.rank, "host": self.host, "pid": os.getpid(), "token": token,
                 "since": time.strftime(TIME_FORMAT), "what": what, **(extra or {})}
+        target = path.with_name(f"{path.name}.{token[:8]}.new") if replace else path
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             return False
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(body, f)
-        fsync_file(path)
+        fsync_file(target)
+        if replace:
+            os.replace(target, path)
         with self._lock:
             self._held[path] = token
             self._lost.discard(path)
         self._start()
-        return True
-
-    def _remove_stale(self, path: Path, seen: dict | None) -> bool:
-        """Move the stale lease ``seen`` out of the way; False when someone else got there first."""
-        grave = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.stale")
-        try:
-            os.rename(path, grave)
-        except FileNotFoundError:
-            return True  # already gone: whoever creates it first wins
-        moved = read_lease(grave)
-        if seen is not None and (moved or {}).get("token") != seen.get("token"):
-            # We moved a fresh lease someone took over with a moment ago: put it back.
-            try:
-                os.link(grave, path)
-            except FileExistsError:
-                pass
-            grave.unlink(missing_ok=True)
-            return False
-        grave.unlink(missing_ok=True)
         return True
 
     def holds(self, path: Path) -> bool:
@@ -199,6 +199,8 @@ class Leases:
             self._held.pop(path, None)
             self._lost.discard(path)
         if mine:
+            for marker in path.parent.glob(f"{path.name}.takeover-*"):
+                marker.unlink(missing_ok=True)
             path.unlink(missing_ok=True)
 
     # -- renewal ---------------------------------------------------------------------------------

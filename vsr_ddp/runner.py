@@ -159,6 +159,7 @@ class Runner:
         self._done: set[int] = set()  # units known done (shard and sidecar in place)
         seen = {"done": 0, "held": 0}
         drawn = 0
+        log.info("taking units in plan order (work.claim=%s): %d in the plan", self.claim, len(plan.units))
         for i in self.claim_order(plan):
             if preempt.requested.is_set():
                 return
