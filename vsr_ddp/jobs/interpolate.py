@@ -25,6 +25,7 @@ import torch
 
 from ..models import interpolation as interp
 from ..models.interpolation import InterpolationError
+from ..models.sr import pick_dtype
 from ..plan import InputError, Unit, VideoInfo
 from .base import Job
 
@@ -50,9 +51,11 @@ class InterpolateJob(Job):
     def setup(self) -> None:
         c = self.cfg
         model = str(c.model)
-        dtype = torch.float32
-        if self.device.type == "cuda" and c.get("precision", "auto") in ("auto", "fp16"):
-            dtype = torch.float16
+        precision = str(c.get("precision", "auto"))
+        if precision not in ("auto", "fp32", "fp16", "bf16"):
+            raise InterpolationError(f"job.precision must be auto, fp32, fp16 or bf16, not {precision!r}")
+        # RIFE's dtype, as upscale picks its model's: fp16 on CUDA for auto, fp32 on the CPU
+        dtype = pick_dtype(precision, self.device, supports_half=True, supports_bf16=True)
         if model == "blend":
             self.engine = interp.Blend()
         elif model == "flow":
