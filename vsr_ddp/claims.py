@@ -31,6 +31,7 @@ import uuid
 from pathlib import Path
 
 from .atomic import fsync_file
+from .shards import read_json
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +49,8 @@ def new_run_id() -> str:
 
 
 def read_lease(path: Path) -> dict | None:
-    try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-        return obj if isinstance(obj, dict) else None
-    except (OSError, ValueError):
-        return None
+    """A lease's holder, or None when it is gone or being written."""
+    return read_json(path)
 
 
 def _pid_alive(pid: int) -> bool:

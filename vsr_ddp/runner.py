@@ -62,8 +62,11 @@ class Runner:
                     print(estimate, flush=True)
             return 0
         self.output.mkdir(parents=True, exist_ok=True)
-        self.leases = claims.Leases(self.run_id, self.ctx.rank, self.ctx.host,
-                                    timeout_s=float(self.cfg.work.get("lease_timeout_s", 300)),
+        timeout = float(self.cfg.work.get("lease_timeout_s", 300))
+        if timeout < 10:
+            raise ValueError(f"work.lease_timeout_s must be at least 10 s (leases are renewed every tenth "
+                             f"of it, and a network filesystem shows a renewal late), not {timeout:g}")
+        self.leases = claims.Leases(self.run_id, self.ctx.rank, self.ctx.host, timeout_s=timeout,
                                     runs=claims.runs_dir(self.output))
         try:
             return self._run(plan)

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .flow import warp
+from .rife import _resize
 
 TRAINING_ONLY = ("teacher.", "caltime.")  # in Practical-RIFE's own flownet.pkl files, unused at inference
 
@@ -152,12 +153,6 @@ def _act(kind: str, c: int) -> nn.Module:
 
 def _conv(cin: int, cout: int, act: str, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), _act(act, cout))
-
-
-def _resize(x: torch.Tensor, factor: float) -> torch.Tensor:
-    if factor == 1:
-        return x
-    return F.interpolate(x, scale_factor=factor, mode="bilinear", align_corners=False)
 
 
 class ResConv(nn.Module):
