@@ -136,12 +136,15 @@ def test_one_taker_wins_a_stale_lease(tmp_path):
 
 # -- whole launches ----------------------------------------------------------------------------
 
-def unit_logs(output: Path) -> list[tuple[str, str]]:
-    """(video, unit) of every unit made, from every rank log of every launch on the folder."""
+def unit_logs(output: Path, who: bool = False) -> list[tuple]:
+    """(video, unit) of every unit made, from every rank log of every launch on the folder; with
+    who, (video, unit, run, rank) as the line's tag says."""
     made = []
     for log in sorted((output / ".vsr_ddp" / "logs").glob("rank*.log")):
-        made += re.findall(r"\] INFO vsr_ddp\.runner: (\S+) (segment_\d{4}): frames \[",
-                           log.read_text(encoding="utf-8"))
+        for rank, run, video, unit in re.findall(
+                r"\[rank (\d+) run (\w+)\] INFO vsr_ddp\.runner: (\S+) (segment_\d{4}): frames \[",
+                log.read_text(encoding="utf-8")):
+            made.append((video, unit, run, int(rank)) if who else (video, unit))
     return made
 
 
@@ -193,6 +196,11 @@ def test_concurrent_launches_share_the_units_and_finish_together(tmp_path):
     by_run = {s["run"] for s in sides}
     assert {first_run, second_run} <= by_run <= {r for r, _ in launched}, "a 2-rank launch got no unit"
     assert {(first_run, 0), (first_run, 1)} <= {(s["run"], s["rank"]) for s in sides}
+    # The rank logs, shared by the launches, tag each line with its launch: they agree with the
+    # sidecars on who made every unit.
+    assert sorted((v, u, r, k) for v, u, r, k in unit_logs(out, who=True)) == sorted(
+        (p.parent.name.removesuffix("_2x"), p.stem, s["run"], s["rank"])
+        for p in out.glob(".vsr_ddp/*/segment_????.json") for s in [json.loads(p.read_text())])
     # Every video whole and right, merged exactly once.
     merges = []
     for log in (out / ".vsr_ddp" / "logs").glob("rank*.log"):

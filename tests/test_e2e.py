@@ -42,7 +42,10 @@ def test_two_ranks_upscale_keeps_frames_order_fps_and_audio(clips, tmp_path):
     # Both ranks worked, each logged to its own file, and only rank 0 reached the console.
     logs = out / ".vsr_ddp" / "logs"
     assert (logs / "rank0.log").exists() and (logs / "rank1.log").exists()
-    assert "[rank 1]" in (logs / "rank1.log").read_text()
+    # every line says its rank, and once the launch has its run id, which launch wrote it
+    # (concurrent launches on one folder share the rank<N>.log files)
+    text = (logs / "rank1.log").read_text()
+    assert "[rank 1]" in text and re.search(r"\[rank 1 run [0-9a-f]+\] INFO vsr_ddp\.runner: ", text)
     assert "rank 1" not in proc.stderr.replace("rank 1/2", "")
     sides = sorted((out / ".vsr_ddp" / "av_2x").glob("segment_????.json"))
     assert len(sides) == 5

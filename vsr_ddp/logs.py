@@ -10,7 +10,17 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-FORMAT = "%(asctime)s [rank %(rank)s] %(levelname)s %(name)s: %(message)s"
+FORMAT = "%(asctime)s [%(who)s] %(levelname)s %(name)s: %(message)s"
+
+# The launch's run id, once the runner knows it: concurrent launches on one output folder append
+# to the same rank<N>.log files, and each line says which launch wrote it.
+_run = ""
+
+
+def set_run(run_id: str) -> None:
+    """Tag every later log line with ``run <id>`` beside the rank."""
+    global _run
+    _run = run_id
 
 
 def human_duration(seconds: float | None) -> str:
@@ -41,7 +51,8 @@ class _TqdmHandler(logging.StreamHandler):
 
 
 def setup_logging(log_dir: Path, rank: int, level: str = "INFO") -> Path:
-    """``<log_dir>/rank<N>.log`` for every rank (appended across resumes); console for rank 0."""
+    """``<log_dir>/rank<N>.log`` for every rank (appended across resumes and shared by concurrent
+    launches: see :func:`set_run`); console for rank 0."""
     log_dir.mkdir(parents=True, exist_ok=True)
     path = log_dir / f"rank{rank}.log"
     old_factory = logging.getLogRecordFactory()
@@ -49,6 +60,7 @@ def setup_logging(log_dir: Path, rank: int, level: str = "INFO") -> Path:
     def factory(*args, **kwargs):
         record = old_factory(*args, **kwargs)
         record.rank = rank
+        record.who = f"rank {rank} run {_run}" if _run else f"rank {rank}"
         return record
 
     logging.setLogRecordFactory(factory)

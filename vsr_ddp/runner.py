@@ -16,7 +16,7 @@ from .atomic import atomic_write_json
 from .dist import Dist
 from .jobs import make_job
 from .jobs.base import signature
-from .logs import Progress, human_duration
+from .logs import Progress, human_duration, set_run
 from .pipeline import run_stages
 from .plan import InputError, Plan, SkipVideo, Unit, VideoInfo, format_plan, list_inputs, plan_units, probe
 from .video import (NVENC_MAX_SIDE, FrameReader, ShardWriter, encoder_for_size, even_size, merge, output_sar,
@@ -50,6 +50,7 @@ class Runner:
         self.tag = self.job.tag()
         # Which launch this is: several may share the output folder (claims.py).
         self.run_id = self.ctx.all_gather_object(claims.new_run_id())[0]
+        set_run(self.run_id)
 
         # 2. Probe the inputs (each rank a share) and plan the same units on every rank.
         self.ctx.check_shared_folder(self.output, run=self.run_id)
