@@ -57,8 +57,9 @@ def test_a_renewed_lease_is_never_taken_and_a_dead_one_is(tmp_path):
         # and the old holder learns it lost it before it could commit anything.
         holder._stop.set()
         holder._thread.join()
-        time.sleep(1.2)
-        assert other.acquire(lease)
+        stopped = time.monotonic()
+        taken = take_when_free(other, lease)
+        assert 0.9 <= taken - stopped < 2.5  # the timeout (less one renewal period), then taken
         assert claims.read_lease(lease)["run"] == "runB"
         with pytest.raises(claims.LeaseLost, match="taken over by run runB rank 0"):
             holder.check(lease)
@@ -82,10 +83,77 @@ def test_a_lease_whose_process_is_gone_from_this_host_is_taken_at_once(tmp_path)
         elsewhere = tmp_path / "segment_0003.lease"
         foreign_lease(elsewhere, host="node-17", pid=dead_pid(), age_s=200)
         assert not leases.acquire(elsewhere)
-        foreign_lease(elsewhere, host="node-17", age_s=301)  # not renewed for the timeout
-        assert leases.acquire(elsewhere)
     finally:
         leases.close()
+
+
+def test_a_lease_not_renewed_for_the_timeout_is_taken_once_seen_unchanged(tmp_path):
+    """Its mtime says 301 s: taken once this rank has also seen it unchanged for three renewal
+    periods (its own clock's word, not only the file's)."""
+    leases = claims.Leases("runB", 0, timeout_s=300, renew_s=0.2)
+    try:
+        lease = tmp_path / "segment_0003.lease"
+        foreign_lease(lease, host="node-17", age_s=301)
+        assert not leases.acquire(lease)
+        time.sleep(0.7)
+        assert leases.acquire(lease)
+        assert claims.read_lease(lease)["run"] == "runB"
+    finally:
+        leases.close()
+
+
+def skewed_holder(path: Path, skew_s: float, stop: threading.Event) -> threading.Thread:
+    """Another host's rank whose clock is ``skew_s`` off: it renews its lease every 0.1 s, and
+    the times it writes are its clock's."""
+    foreign_lease(path, host="node-17", pid=4242)
+
+    def renew():
+        while not stop.wait(0.1):
+            t = time.time() + skew_s
+            os.utime(path, (t, t))
+
+    t = time.time() + skew_s
+    os.utime(path, (t, t))
+    thread = threading.Thread(target=renew, daemon=True)
+    thread.start()
+    return thread
+
+
+def take_when_free(leases: claims.Leases, lease: Path, within_s: float = 10.0) -> float:
+    """Poll for ``lease`` as the runner does; the monotonic time it was taken."""
+    deadline = time.monotonic() + within_s
+    while not leases.acquire(lease):
+        assert time.monotonic() < deadline, f"{lease.name} not taken within {within_s} s"
+        time.sleep(0.02)
+    return time.monotonic()
+
+
+@pytest.mark.parametrize("skew_s", [-1000.0, 1000.0])
+def test_hosts_whose_clocks_disagree_neither_steal_live_leases_nor_wait_forever(tmp_path, skew_s):
+    """A holder on a host whose clock is 1000 s behind (or ahead of) this one, with a 1 s timeout:
+    while it renews, its lease stays its own although its mtimes look 1000 s old (behind); once
+    it stops, the lease is taken about one timeout later although its mtimes lie 1000 s in the
+    future (ahead)."""
+    lease = tmp_path / "segment_0000.lease"
+    stop = threading.Event()
+    holder = skewed_holder(lease, skew_s, stop)
+    other = claims.Leases("runB", 0, timeout_s=1.0, renew_s=0.1)
+    try:
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            assert not other.acquire(lease), "a live lease was taken"
+            time.sleep(0.02)
+        stop.set()
+        holder.join()
+        stopped = time.monotonic()
+        taken = take_when_free(other, lease)
+        assert claims.read_lease(lease)["run"] == "runB"
+        # behind: old by the clocks, so three renewal periods unchanged suffice; ahead: the
+        # timeout by this rank's own clock
+        assert (0.2 if skew_s < 0 else 0.9) <= taken - stopped < 2.5
+    finally:
+        stop.set()
+        other.close()
 
 
 def test_the_leases_of_a_launch_that_is_gone_are_free_at_once(tmp_path):
@@ -113,14 +181,17 @@ def test_one_taker_wins_a_stale_lease(tmp_path):
     for trial in range(20):
         lease = tmp_path / f"segment_{trial:04d}.lease"
         foreign_lease(lease, host="node-17", age_s=1000)
-        takers = [claims.Leases(f"run{n}", 0, timeout_s=300) for n in range(8)]
+        takers = [claims.Leases(f"run{n}", 0, timeout_s=300, renew_s=0.05) for n in range(8)]
         start = threading.Barrier(len(takers))
         won = []
 
         def take(leases):
             start.wait()
-            if leases.acquire(lease):
-                won.append(leases.run)
+            while (claims.read_lease(lease) or {}).get("token") == "theirs":  # each polls, as ranks do
+                if leases.acquire(lease):
+                    won.append(leases.run)
+                    return
+                time.sleep(0.005)
 
         threads = [threading.Thread(target=take, args=(t,)) for t in takers]
         for t in threads:

@@ -11,7 +11,8 @@ nodes, each unit has at most one writer at a time because writing it needs its *
 A lease is a file created with O_CREAT | O_EXCL (one creator wins, on local disks, NFSv3+ and
 Lustre alike). Its holder renews it by touching it every ``renew_s`` from a background thread,
 so a lease whose file was not touched for ``timeout_s`` belongs to a holder that died (killed,
-node lost) and is taken over; so is one whose holder ran on this host under a process id that no
+node lost) and is taken over (measured by the observer's own clock too, so hosts need not agree
+on the time: :func:`stale_reason`); so is one whose holder ran on this host under a process id that no
 longer exists, at once, which is what a rerun after a kill finds, and one whose launch's rank 0
 is known dead. Taking over: the first to create ``<lease>.takeover-<its token>`` (O_EXCL again)
 renames a lease of its own over the stale one; the others give up. A holder that finds its lease
@@ -63,38 +64,78 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def lease_age(path: Path) -> float | None:
-    """Seconds since the lease was last renewed (by its file's mtime), or None when it is gone."""
+def stale_reason(path: Path, holder: dict | None, timeout_s: float, host: str | None = None,
+                 runs: Path | None = None, watch: "Watch | None" = None) -> str | None:
+    """Why the holder of ``path`` is gone, or None while it may be alive: not renewed for
+    ``timeout_s``; or it ran on this host under a process id that no longer exists (a killed run,
+    seen by its rerun); or (``runs``: the folder of run files) the launch it belongs to is gone
+    (torchrun restarted its workers: the old attempt's rank 0, on this host, is dead, so the leases
+    of its ranks on other nodes are free at once, not after the timeout).
+
+    "Not renewed" compares the file's mtime with this host's clock, which is all a single look can
+    do. With ``watch`` (a rank that polls), it is also this observer's own measure: the file stayed
+    unchanged for ``timeout_s`` by its monotonic clock, or looks older than ``timeout_s`` and stayed
+    unchanged for ``watch.confirm_s`` (a few renewal periods). So hosts whose clocks disagree by
+    more than the timeout neither take live leases (a holder renews every tenth of the timeout)
+    nor wait forever on dead ones whose mtimes lie in their future."""
     try:
-        return max(0.0, time.time() - path.stat().st_mtime)
+        st = path.stat()
     except OSError:
+        return None  # nothing to take over: create it
+    age = max(0.0, time.time() - st.st_mtime)
+    if watch is None:
+        if age > timeout_s:
+            return f"not renewed for {age:.0f} s"
+    else:
+        quiet = watch.quiet(path, st, holder)
+        if quiet >= timeout_s or (age > timeout_s and quiet >= watch.confirm_s):
+            return f"not renewed for {max(age, quiet):.0f} s"
+    if holder is None:
+        # Unreadable: being written this instant (a few bytes, one write), or the writer died
+        # right after creating it. Only time decides.
         return None
+    host = host or socket.gethostname()
+    pid = holder.get("pid")
+    if holder.get("host") == host and isinstance(pid, int) and not _pid_alive(pid):
+        return f"its process {pid} on {host} is gone"
+    if runs is not None and holder.get("run"):
+        run = runs / f"{holder['run']}.json"
+        if not run.exists():
+            return f"its launch {holder['run']} has ended"
+        why = stale_reason(run, read_lease(run), timeout_s, host, watch=watch)
+        return f"its launch {holder['run']} is gone ({why})" if why else None
+    return None
 
 
 def is_stale(path: Path, holder: dict | None, timeout_s: float, host: str | None = None,
              runs: Path | None = None) -> bool:
-    """The holder of ``path`` is gone: not renewed for ``timeout_s``, or it ran on this host
-    under a process id that no longer exists (a killed run, seen by its rerun), or (``runs``: the
-    folder of run files) the launch it belongs to is gone (torchrun restarted its workers: the
-    old attempt's rank 0, on this host, is dead, so the leases of its ranks on other nodes are
-    free at once, not after the timeout)."""
-    age = lease_age(path)
-    if age is None:
-        return False  # nothing to take over: create it
-    if age > timeout_s:
-        return True
-    if holder is None:
-        # Unreadable: being written this instant (a few bytes, one write), or the writer died
-        # right after creating it. Only age decides.
-        return False
-    host = host or socket.gethostname()
-    pid = holder.get("pid")
-    if holder.get("host") == host and isinstance(pid, int) and not _pid_alive(pid):
-        return True
-    if runs is not None and holder.get("run"):
-        run = runs / f"{holder['run']}.json"
-        return not run.exists() or is_stale(run, read_lease(run), timeout_s, host)
-    return False
+    """One look: is the holder of ``path`` gone (:func:`stale_reason`, by this host's clock)?"""
+    return stale_reason(path, holder, timeout_s, host, runs) is not None
+
+
+class Watch:
+    """How long this observer has seen each lease file unchanged (same holder token, same mtime),
+    by its own monotonic clock: a measure of "not renewed" that needs no agreement between hosts'
+    clocks (see :func:`stale_reason`)."""
+
+    def __init__(self, confirm_s: float):
+        self.confirm_s = confirm_s
+        self._seen: dict[Path, tuple[tuple, float]] = {}
+        self._lock = threading.Lock()
+
+    def quiet(self, path: Path, st: os.stat_result, holder: dict | None) -> float:
+        key = ((holder or {}).get("token"), st.st_ino, st.st_mtime_ns)
+        now = time.monotonic()
+        with self._lock:
+            seen = self._seen.get(path)
+            if seen is None or seen[0] != key:
+                self._seen[path] = (key, now)
+                return 0.0
+            return now - seen[1]
+
+    def forget(self, path: Path) -> None:
+        with self._lock:
+            self._seen.pop(path, None)
 
 
 def holder_text(holder: dict | None) -> str:
@@ -117,6 +158,9 @@ class Leases:
         self.host = host or socket.gethostname()
         self.timeout_s = float(timeout_s)
         self.renew_s = float(renew_s) if renew_s else max(0.2, self.timeout_s / 10)
+        # a lease that looks old by the clocks must also stay unchanged this long before our eyes:
+        # three renewals missed (a network filesystem may show one late)
+        self.watch = Watch(confirm_s=3 * self.renew_s)
         self._held: dict[Path, str] = {}  # path -> our token
         self._lost: set[Path] = set()
         self._lock = threading.Lock()
@@ -129,7 +173,8 @@ class Leases:
         if self._create(path, what, extra):
             return True
         holder = read_lease(path)
-        if not is_stale(path, holder, self.timeout_s, self.host, self.runs):
+        why = stale_reason(path, holder, self.timeout_s, self.host, self.runs, self.watch)
+        if why is None:
             return False
         # Take the stale lease over. Its generation (token) gets one exclusive marker file: of all
         # the ranks that find it stale at once, the one that creates the marker replaces the lease
@@ -149,8 +194,7 @@ class Leases:
         if (now or {}).get("token") != (holder or {}).get("token"):
             marker.unlink(missing_ok=True)  # it changed hands as we looked
             return False if path.exists() else self._create(path, what, extra)
-        log.info("%s: taking over from %s (not renewed for %.0f s, or its process or launch is gone)", path,
-                 holder_text(holder), lease_age(path) or 0.0)
+        log.info("%s: taking over from %s (%s)", path, holder_text(holder), why)
         return self._create(path, what, extra, replace=True)
 
     def _create(self, path: Path, what: str, extra: dict | None, replace: bool = False) -> bool:
@@ -170,6 +214,7 @@ class Leases:
         with self._lock:
             self._held[path] = token
             self._lost.discard(path)
+        self.watch.forget(path)
         self._start()
         return True
 
