@@ -55,6 +55,7 @@ def setup_logging(log_dir: Path, rank: int, level: str = "INFO") -> Path:
     launches: see :func:`set_run`); console for rank 0."""
     log_dir.mkdir(parents=True, exist_ok=True)
     path = log_dir / f"rank{rank}.log"
+    set_run("")  # a new launch (or sweep point): no run id until the runner has one
     old_factory = logging.getLogRecordFactory()
 
     def factory(*args, **kwargs):
