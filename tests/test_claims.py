@@ -269,7 +269,7 @@ def test_concurrent_launches_share_the_units_and_finish_together(tmp_path):
     assert {(first_run, 0), (first_run, 1)} <= {(s["run"], s["rank"]) for s in sides}
     # The rank logs, shared by the launches, tag each line with its launch: they agree with the
     # sidecars on who made every unit.
-    assert sorted((v, u, r, k) for v, u, r, k in unit_logs(out, who=True)) == sorted(
+    assert sorted(unit_logs(out, who=True)) == sorted(
         (p.parent.name.removesuffix("_2x"), p.stem, s["run"], s["rank"])
         for p in out.glob(".vsr_ddp/*/segment_????.json") for s in [json.loads(p.read_text())])
     # Every video whole and right, merged exactly once.

@@ -60,7 +60,6 @@ def setup_logging(log_dir: Path, rank: int, level: str = "INFO") -> Path:
 
     def factory(*args, **kwargs):
         record = old_factory(*args, **kwargs)
-        record.rank = rank
         record.who = f"rank {rank} run {_run}" if _run else f"rank {rank}"
         return record
 
