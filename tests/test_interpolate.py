@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from fractions import Fraction
 
 import numpy as np
 import pytest
-from builders import (already_done, encode_frames, frame_times, make_clip, make_vfr, pan_frames,
-                      probe_streams, read_frames, shard_files, sigkill_once_sharded)
+from builders import (already_done, encode_frames, ffmpeg_decode, frame_times, make_clip, make_vfr,
+                      pan_frames, probe_streams, read_frames, shard_files, sigkill_once_sharded)
 from conftest import ROOT, job_cmd, job_env, read_report, run_job
 
 from vsr_ddp.models.interpolation import output_count, source_of
@@ -90,6 +91,47 @@ def test_rife_beats_flow_beats_blend_on_real_motion_and_a_cut_is_not_morphed(tmp
         scores[model] = np.mean([psnr(made[n], full[n]) for n in dropped])
     assert scores["rife-hdv3"] > scores["flow"] > scores["blend"], scores
     assert scores["rife-hdv3"] > scores["blend"] + 3
+
+
+def test_a_scene_cut_repeats_the_earlier_frame_until_the_later_frames_time(tmp_path):
+    """Issue 22: a cut happens at the later frame's time, so every output frame whose source
+    position lies strictly between the last frame of one shot and the first of the next repeats
+    the last frame of the first shot (as vs-rife and SVFI do), never the next shot early; a frame
+    at or after the first frame's time belongs to the next shot. One run of job.fps=60000/1001 over
+    three clips covers the ratios 2 (30000/1001 in), 5/2 (24000/1001) and 2400/1001 (25 fps), and
+    work.segment_frames=6 puts the cut pair across a unit boundary (made by the unit before it)."""
+    frames, cut = 12, 6  # shot 1 is source frames 0..5 (astronaut), shot 2 is 6..11 (coffee)
+    shots = pan_frames(frames, cut_at=cut)  # (12, 96, 160, 3) uint8
+    rates = {"r2": Fraction(30000, 1001), "r5_2": Fraction(24000, 1001), "r25": Fraction(25)}
+    fps_out = Fraction(60000, 1001)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name, fps in rates.items():
+        encode_frames(folder / f"{name}.mp4", shots, str(fps))
+    out = tmp_path / "o"
+    interpolate(folder, out, "job.model=blend", "job.fps=60000/1001", "work.segment_frames=6")
+    reports = {v["input"].split("/")[-1]: v for v in read_report(out)["videos"]}
+    last, first = shots[cut - 1], shots[cut]
+    for name, fps_in in rates.items():
+        report = reports[f"{name}.mp4"]
+        assert report["status"] == "ok" and report["scene_cuts"] == 1, report
+        made = ffmpeg_decode(out / f"{name}.mp4")  # what a user's ffmpeg shows
+        count = math.floor(frames * fps_out / fps_in)
+        assert len(made) == report["frames"] == count, name
+        position = {n: n * fps_in / fps_out for n in range(count)}  # exact source positions
+        across = [n for n, s in position.items() if cut - 1 < s < cut]
+        # at least one of them is past the pair's midpoint, where the nearest frame is shot 2's
+        assert any(position[n] - (cut - 1) >= Fraction(1, 2) for n in across), (name, across)
+        for n in across:  # a repeat of shot 1's last frame: not shot 2, not a morph of the two
+            to_last, to_first = psnr(made[n], last), psnr(made[n], first)
+            assert to_last > 27 and to_last > to_first + 15, (name, n, position[n], to_last, to_first)
+        # the frames around them: shot 1 before, shot 2 from the first frame's time on
+        before = max(n for n, s in position.items() if s <= cut - 1)
+        after = min(n for n, s in position.items() if s >= cut)
+        assert psnr(made[before], last) > psnr(made[before], first) + 15, (name, before)
+        assert psnr(made[after], first) > psnr(made[after], last) + 15, (name, after)
+        if position[after] == cut:  # exactly the first frame of shot 2
+            assert psnr(made[after], first) > 27, (name, after)
 
 
 def test_two_ranks_equal_one_rank_and_a_rerun_keeps_finished_shards(tmp_path):

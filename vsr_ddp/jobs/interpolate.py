@@ -8,8 +8,9 @@ The timing rule is models/interpolation.py's: output frame n sits at n / fps_out
 position n * fps_in / fps_out, and the output lasts as long as the input. A unit owns source frames
 [start, end), reads one frame of right context (so the pair across its end is made exactly once,
 by it), and makes the output frames whose source position falls in [start, end). Between the two
-frames of a scene cut the nearest source frame is repeated (no morphing); a pair of identical
-source frames (a held frame) needs no model call.
+frames of a scene cut the earlier frame is repeated (no morphing): the cut happens at the later
+frame's time, as in vs-rife and SVFI. A pair of identical source frames (a held frame) needs no
+model call.
 """
 from __future__ import annotations
 
@@ -198,7 +199,9 @@ class InterpolateJob(Job):
                     self.counts["held_frames"] += 1
                     slots.append(a)
                 elif self._is_cut(i, a, b):
-                    slots.append(a if t < Fraction(1, 2) else b)
+                    # the new shot starts at frame i + 1's time, not before: every position in
+                    # (i, i + 1) still belongs to the earlier shot, so it repeats frame i
+                    slots.append(a)
                 else:
                     pairs.append((a, b, t))
                     slots.append(len(pairs) - 1)
