@@ -31,12 +31,12 @@ import time
 import uuid
 from pathlib import Path
 
-from .atomic import fsync_file
-from .shards import read_json
+from .shards import read_json, warn_damaged
 
 log = logging.getLogger(__name__)
 
 LEASE_SUFFIX = ".lease"
+UNREADABLE_S = 5.0  # an unreadable lease unchanged this long (three renewals, if less) is damaged
 RUNS = "runs"  # <output>/.vsr_ddp/runs/<run>.json
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%z"
 
@@ -50,8 +50,10 @@ def new_run_id() -> str:
 
 
 def read_lease(path: Path) -> dict | None:
-    """A lease's holder, or None when it is gone or being written."""
-    return read_json(path)
+    """A lease's holder, or None when it is gone, being written, or damaged (garbage, empty: a
+    crash or a full disk between its creation and its write). A damaged one is taken over once it
+    stays so (:func:`stale_reason`), with a warning then: being written is no damage."""
+    return read_json(path, warn=False)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -83,6 +85,7 @@ def stale_reason(path: Path, holder: dict | None, timeout_s: float, host: str | 
     except OSError:
         return None  # nothing to take over: create it
     age = max(0.0, time.time() - st.st_mtime)
+    quiet = 0.0
     if watch is None:
         if age > timeout_s:
             return f"not renewed for {age:.0f} s"
@@ -91,8 +94,14 @@ def stale_reason(path: Path, holder: dict | None, timeout_s: float, host: str | 
         if quiet >= timeout_s or (age > timeout_s and quiet >= watch.confirm_s):
             return f"not renewed for {max(age, quiet):.0f} s"
     if holder is None:
-        # Unreadable: being written this instant (a few bytes, one write), or the writer died
-        # right after creating it. Only time decides.
+        # Unreadable: being written this instant (created empty, then one write), or damaged:
+        # the writer died in between (a full disk), or the file was garbled. A live holder
+        # never leaves its lease so for more than an instant, and never renews one it cannot
+        # read (renew() finds no token of its own), so unreadable and unchanged for a few
+        # seconds by this observer's own clock is as good as dead: otherwise it would block its
+        # unit for the whole timeout. One look (no watch) cannot tell: only time decides.
+        if watch is not None and quiet >= watch.unreadable_s:
+            return f"damaged (garbage, empty or cut short) and unchanged for {quiet:.0f} s"
         return None
     host = host or socket.gethostname()
     pid = holder.get("pid")
@@ -103,7 +112,7 @@ def stale_reason(path: Path, holder: dict | None, timeout_s: float, host: str | 
         if not run.exists():
             return f"its launch {holder['run']} has ended"
         why = stale_reason(run, read_lease(run), timeout_s, host, watch=watch)
-        return f"its launch {holder['run']} is gone ({why})" if why else None
+        return f"its launch {holder['run']} is gone (run file {run.name}: {why})" if why else None
     return None
 
 
@@ -118,13 +127,16 @@ class Watch:
     by its own monotonic clock: a measure of "not renewed" that needs no agreement between hosts'
     clocks (see :func:`stale_reason`)."""
 
-    def __init__(self, confirm_s: float):
+    def __init__(self, confirm_s: float, unreadable_s: float | None = None):
         self.confirm_s = confirm_s
+        # how long an unreadable lease must stay unchanged before it counts as damaged, not being
+        # written (a create and one write apart): three renewals, at least 1 s, at most UNREADABLE_S
+        self.unreadable_s = max(1.0, min(confirm_s, UNREADABLE_S)) if unreadable_s is None else unreadable_s
         self._seen: dict[Path, tuple[tuple, float]] = {}
         self._lock = threading.Lock()
 
     def quiet(self, path: Path, st: os.stat_result, holder: dict | None) -> float:
-        key = ((holder or {}).get("token"), st.st_ino, st.st_mtime_ns)
+        key = (str((holder or {}).get("token")), st.st_ino, st.st_mtime_ns, st.st_size)
         now = time.monotonic()
         with self._lock:
             seen = self._seen.get(path)
@@ -194,7 +206,10 @@ class Leases:
         if (now or {}).get("token") != (holder or {}).get("token"):
             marker.unlink(missing_ok=True)  # it changed hands as we looked
             return False if path.exists() else self._create(path, what, extra)
-        log.info("%s: taking over from %s (%s)", path, holder_text(holder), why)
+        if holder is None:
+            log.warning("%s is %s; taking it over", path, why)
+        else:
+            log.info("%s: taking over from %s (%s)", path, holder_text(holder), why)
         return self._create(path, what, extra, replace=True)
 
     def _create(self, path: Path, what: str, extra: dict | None, replace: bool = False) -> bool:
@@ -206,9 +221,13 @@ class Leases:
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(body, f)
-        fsync_file(target)
+        data = json.dumps(body).encode("utf-8")
+        try:  # one write: a reader sees the file empty or whole, not cut in between
+            while data:
+                data = data[os.write(fd, data):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         if replace:
             os.replace(target, path)
         with self._lock:
@@ -299,9 +318,22 @@ def live_runs(output: Path, timeout_s: float, host: str | None = None) -> dict[s
         return out
     for path in folder.glob("*.json"):
         holder = read_lease(path)
-        if holder is not None and not is_stale(path, holder, timeout_s, host):
+        if holder is None:
+            _warn_damaged_run(path)
+        elif not is_stale(path, holder, timeout_s, host):
             out[path.stem] = holder
     return out
+
+
+def _warn_damaged_run(path: Path) -> None:
+    """A run file that cannot be read counts as no live launch. It gets one warning unless it
+    may be one being written this instant (empty, and younger than UNREADABLE_S)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return
+    if st.st_size or time.time() - st.st_mtime > UNREADABLE_S:
+        warn_damaged(path, "garbage, empty or cut short", st, consequence="it counts as no live launch")
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

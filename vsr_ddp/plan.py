@@ -37,9 +37,11 @@ class VideoInfo:
     width: int
     height: int
     codec: str
-    # One dict per stream: {"index": container stream index, "codec": name}
+    # One dict per stream: {"index": container stream index, "codec": name, "language": tag or None}
     audio: tuple = ()
     subtitles: tuple = ()
+    covers: tuple = ()  # cover art: pictures attached to the file (attached_pic), listed as video streams
+    stream: int = 0  # container index of the video stream the job reads (never cover art)
     color: dict = field(default_factory=dict)  # colorspace / primaries / trc tags, when set
     # Variable frame rate only: each frame's presentation time in ``time_base`` ticks of the
     # stream, in frame order, plus the end of the last frame (frames + 1 entries). Empty for
@@ -145,14 +147,26 @@ def list_inputs(input_path: str | Path, shard_index: int = 0, num_shards: int = 
     With ``num_shards > 1`` only this share is kept (:func:`shard_inputs`), before anything
     is probed: a Slurm job array splits a folder without its tasks talking to each other.
     """
+    p = check_input(input_path)
+    if p.is_dir():
+        return shard_inputs(sorted(_videos_in(p)), shard_index, num_shards)
+    return shard_inputs([p], shard_index, num_shards)
+
+
+def _videos_in(folder: Path):
+    return (f for f in folder.iterdir() if f.suffix.lower() in VIDEO_EXTENSIONS and f.is_file())
+
+
+def check_input(input_path: str | Path) -> Path:
+    """``input`` as a path, or InputError when it is neither a file nor a folder holding a video
+    (the folder is read only up to its first video: this runs before any work, on every rank)."""
     p = Path(input_path).expanduser()
     if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in VIDEO_EXTENSIONS)
-        if not files:
+        if next(_videos_in(p), None) is None:
             raise InputError(f"{p}: no videos ({' '.join(VIDEO_EXTENSIONS)}) in this folder")
-        return shard_inputs(files, shard_index, num_shards)
+        return p
     if p.is_file():
-        return shard_inputs([p], shard_index, num_shards)
+        return p
     raise InputError(f"{p}: no such file or folder")
 
 
@@ -197,10 +211,15 @@ def probe(path: str | Path) -> VideoInfo:
         raise InputError(f"not a readable video "
                          f"({e.__class__.__name__}: {getattr(e, 'strerror', None) or e})")
     with container:
-        vstreams = [s for s in container.streams.video if s.codec_context is not None]
+        # Cover art (a music video's poster, a ripped film's cover.jpg) is listed as one more
+        # video stream of one picture, and the mp4 and Matroska demuxers may put it anywhere.
+        covers = [s for s in container.streams.video if _attached_pic(s)]
+        vstreams = [s for s in container.streams.video
+                    if s.codec_context is not None and not _attached_pic(s)]
         if not vstreams:
             kinds = sorted({s.type for s in container.streams}) or ["none"]
-            raise InputError(f"no video stream (streams: {', '.join(kinds)})")
+            art = ", only cover art" if covers else ""
+            raise InputError(f"no video stream{art} (streams: {', '.join(kinds)})")
         vs = vstreams[0]
         cc = vs.codec_context
         if not cc.width or not cc.height:
@@ -215,9 +234,10 @@ def probe(path: str | Path) -> VideoInfo:
         start = Fraction(0)
         if first_pts is not None and container.start_time is not None:
             start = max(Fraction(0), first_pts * vs.time_base - Fraction(container.start_time, 1_000_000))
-        audio = tuple({"index": s.index, "codec": s.codec_context.name} for s in container.streams.audio)
-        subs = tuple({"index": s.index, "codec": s.codec_context.name if s.codec_context else "unknown"}
-                     for s in container.streams.subtitles)
+        audio = tuple(_stream_entry(s) for s in container.streams.audio)
+        subs = tuple(_stream_entry(s) for s in container.streams.subtitles)
+        cover_art = tuple(_stream_entry(s) for s in covers)
+        stream = vs.index
         color = {}
         for key, attr in (("colorspace", "colorspace"), ("color_primaries", "color_primaries"),
                           ("color_trc", "color_trc")):
@@ -231,12 +251,13 @@ def probe(path: str | Path) -> VideoInfo:
         sar = Fraction(vs.sample_aspect_ratio or cc.sample_aspect_ratio or 1)
         width, height, codec, time_base = cc.width, cc.height, cc.name, Fraction(vs.time_base)
         field_interlaced = _interlaced_field_order(cc)
-    rotation, interlaced, pix_fmt = _first_frame(path)
+    rotation, interlaced, pix_fmt = _first_frame(path, stream)
     if rotation in (90, 270):
         width, height, sar = height, width, 1 / sar
     return VideoInfo(path=str(path), frames=int(frames), fps=fps.limit_denominator(1_000_000), width=width,
-                     height=height, codec=codec, audio=audio, subtitles=subs, color=color,
-                     timestamps=tuple(times or ()), time_base=time_base, start=start,
+                     height=height, codec=codec, audio=audio, subtitles=subs, covers=cover_art,
+                     stream=stream, color=color, timestamps=tuple(times or ()), time_base=time_base,
+                     start=start,
                      rotation=rotation, sar=sar, interlaced=interlaced or field_interlaced, pix_fmt=pix_fmt,
                      bit_depth=_bit_depth(pix_fmt))
 
@@ -281,14 +302,28 @@ def _frame_times(container, vs, fps: Fraction) -> tuple[int, list | None]:
     return count, pts + [end]
 
 
-def _first_frame(path: Path) -> tuple[int, bool, str]:
-    """(display rotation, interlaced, pixel format) from the first decoded frame: the display
-    matrix and the interlace flag are per-frame side data in ffmpeg."""
+def _attached_pic(stream) -> bool:
+    import av
+
+    return bool(stream.disposition & av.stream.Disposition.attached_pic)
+
+
+def _stream_entry(stream) -> dict:
+    """What the merge needs of a stream it carries over: container index, codec, language tag."""
+    cc = stream.codec_context
+    return {"index": stream.index, "codec": cc.name if cc is not None else "unknown",
+            "language": stream.metadata.get("language")}
+
+
+def _first_frame(path: Path, stream: int = 0) -> tuple[int, bool, str]:
+    """(display rotation, interlaced, pixel format) from the first decoded frame of the video
+    stream at container index ``stream``: the display matrix and the interlace flag are per-frame
+    side data in ffmpeg."""
     import av
 
     try:
         with av.open(str(path)) as container:
-            vs = container.streams.video[0]
+            vs = container.streams[stream]
             for frame in container.decode(vs):
                 rotation = round(frame.rotation or 0) % 360
                 if rotation % 90:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import time
 from pathlib import Path
 
@@ -22,10 +24,13 @@ from .plan import Unit, VideoInfo
 
 SIDECAR_VERSION = 1
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%z"  # sidecars' finished_at, failure records' failed_at
+WORK_DIR = ".vsr_ddp"  # <output>/.vsr_ddp/: everything a run keeps besides the final videos and reports
 CHECKPOINT = "checkpoint.json"  # rank 0's manifest of one video, in its work folder
 MERGED = "merged.json"  # the merge's record, in the work folder: output, its size, the shards it joined
 MERGE_LEASE = "merge.lease"  # held by the rank merging the video (claims.py)
 REPORTS = "run_report*.json"  # every report name below, as a glob
+
+log = logging.getLogger(__name__)
 
 
 def report_name(shard_index: int = 0, num_shards: int = 1) -> str:
@@ -44,7 +49,7 @@ def sha256(path: Path, chunk: int = 1 << 20) -> str:
 
 def work_dir(output: Path, info: VideoInfo, tag: str) -> Path:
     """``<output>/.vsr_ddp/<stem>_<tag>/``; the tag says what the job made (``4x``)."""
-    return Path(output) / ".vsr_ddp" / f"{info.stem}_{tag}"
+    return Path(output) / WORK_DIR / f"{info.stem}_{tag}"
 
 
 def shard_path(wdir: Path, unit: Unit) -> Path:
@@ -69,14 +74,50 @@ def merge_failure_path(wdir: Path) -> Path:
     return wdir / "merge.failed.json"
 
 
-def read_json(path: Path) -> dict | None:
-    """A JSON file's object, or None when it is missing or unreadable (being replaced, say)."""
+def read_json(path: Path, warn: bool = True) -> dict | None:
+    """A JSON file's object, or None when it is missing or damaged.
+
+    Files under their final names are written whole (atomic.py), so a damaged one (garbage,
+    empty, cut short) is what a crash on a filesystem without ordering, a full disk or a stray
+    copy leaves: it counts as missing, so what it records is made again and the file replaced,
+    and it gets one warning (:func:`warn_damaged`). ``warn=False`` for files that are legitimately
+    unreadable for an instant: leases and run files, created empty and then written (claims.py)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-        return obj if isinstance(obj, dict) else None
-    except (OSError, ValueError):
+        with open(path, "rb") as f:
+            data = f.read()
+            st = os.fstat(f.fileno())
+    except OSError:
         return None
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except ValueError as e:  # UnicodeDecodeError included
+        problem = "empty" if not data.strip() else f"not JSON: {str(e)[:80]}"
+    else:
+        if isinstance(obj, dict):
+            return obj
+        problem = f"a JSON {type(obj).__name__}, not an object"
+    if warn:
+        warn_damaged(path, problem, st)
+    return None
+
+
+_warned: set = set()  # (path, inode, mtime, size) of each damaged file already warned about
+
+
+def warn_damaged(path: Path, problem: str, st: os.stat_result | None = None,
+                 consequence: str = "taken as missing: what it records is made again and the file replaced"
+                 ) -> None:
+    """One warning per damaged file (per version of it: a file replaced by another damaged one
+    gets its own), however often the run reads it."""
+    try:
+        st = st or os.stat(path)
+    except OSError:
+        return
+    key = (str(path), st.st_ino, st.st_mtime_ns, st.st_size)
+    if key in _warned:
+        return
+    _warned.add(key)
+    log.warning("%s is damaged (%s), as a crash or a full disk leaves files; %s", path, problem, consequence)
 
 
 def read_sidecar(wdir: Path, unit: Unit | str) -> dict | None:
@@ -96,7 +137,9 @@ def sidecar_matches(wdir: Path, side: dict | None, start: int, end: int, signatu
     written = end - start if frames is None else frames
     if (side.get("start"), side.get("end"), side.get("frames_written")) != (start, end, written):
         return False
-    shard = wdir / side.get("shard", "")
+    if not isinstance(side.get("shard"), str) or not side["shard"]:
+        return False
+    shard = wdir / side["shard"]
     try:
         if shard.stat().st_size != side.get("size"):
             return False
@@ -197,7 +240,10 @@ def check_coverage(units: list[Unit], frames: int) -> None:
 def write_checkpoint(wdir: Path, info: VideoInfo, units: list[Unit], signatures: dict[str, str], status: dict,
                      output: str | None = None) -> None:
     """Rank 0's manifest of one video: segment key -> absolute range, shard, signature its sidecar
-    must carry, status."""
+    must carry, status. Nothing in the run reads it back (status does); one left damaged gets its
+    warning here, as it is replaced."""
+    if (wdir / CHECKPOINT).exists():
+        read_json(wdir / CHECKPOINT)
     atomic_write_json(wdir / CHECKPOINT, {
         "version": SIDECAR_VERSION,
         "input": info.path,

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 MP4_AUDIO_COPY = {"aac", "mp3", "ac3", "eac3", "alac", "opus"}
 # Text subtitles become mov_text (the only subtitle codec mp4 takes); bitmap ones are dropped.
 TEXT_SUBTITLES = {"subrip", "srt", "ass", "ssa", "mov_text", "webvtt", "text"}
+# Cover art formats mp4's covr tag holds; another picture is converted to PNG.
+MP4_COVERS = {"png", "mjpeg", "bmp"}
 # Containers where decord's random access was seen to be frame-exact (tests/test_video.py checks
 # both readers against a sequential decode). Not .avi: H.264 with B-frames in AVI carries no
 # timestamps, and decord then returns the wrong frames on seeks without any error.
@@ -99,6 +101,7 @@ class FrameReader:
             raise ValueError(f"work.reader must be auto, decord or pyav, not {backend!r}")
         if backend == "decord":
             why = (f"decord's seeking is not frame-exact for {suffix}" if suffix not in DECORD_CONTAINERS else
+                   "cover art beside the video: decord picks a stream by its own rule" if info.covers else
                    "variable frame rate: frames are found by timestamp" if info.vfr else
                    "deinterlacing" if deinterlace else
                    f"{info.bit_depth}-bit frames" if deep else None)
@@ -193,7 +196,7 @@ class FrameReader:
         except av.error.FFmpegError as e:
             raise DecodeError(f"cannot open the video: {_first_line(e)}") from None
         with container:
-            vs = container.streams.video[0]
+            vs = container.streams[info.stream]  # the probe's video stream, not cover art
             vs.thread_type = "AUTO"
             tb = vs.time_base
             t0 = info.timestamps[0] if info.vfr else (vs.start_time or 0)
@@ -508,37 +511,25 @@ def merge(shards: list[tuple[Path, int, int]], info: VideoInfo, out: Path, write
     tmp = tmp_path(out, writer)
     try:
         codec = _write_joined(joined, shards, info, timeline, delay)
-        # 2. ffmpeg copies it beside the input's audio and subtitles into the final mp4.
+        # 2. ffmpeg copies it beside the input's audio, subtitles and cover art into the final mp4.
         cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y"]
         if info.start:  # the input's first frame comes this long after its audio starts
             cmd += ["-itsoffset", f"{float(info.start):.6f}"]
-        cmd += ["-i", str(joined), "-i", info.path, "-map", "0:v:0"]
-        codecs = ["-c:v", "copy"]
+        cmd += ["-i", str(joined), "-i", info.path, "-map", "0:v:0", "-c:v:0", "copy"]
         if codec == "hevc":  # Apple's players want HEVC tagged hvc1 (ffmpeg's mp4 default is hev1)
-            codecs += ["-tag:v", "hvc1"]
-        for n, a in enumerate(info.audio):
-            cmd += ["-map", f"1:{a['index']}"]
-            if a["codec"] in MP4_AUDIO_COPY:
-                codecs += [f"-c:a:{n}", "copy"]
-            else:
-                log.info("%s: audio stream %d is %s, re-encoding it to AAC for mp4",
-                         info.path, a["index"], a["codec"])
-                codecs += [f"-c:a:{n}", "aac", f"-b:a:{n}", "192k"]
-        n_sub = 0
-        for s in info.subtitles:
-            if s["codec"] in TEXT_SUBTITLES:
-                cmd += ["-map", f"1:{s['index']}"]
-                codecs += [f"-c:s:{n_sub}", "mov_text"]
-                n_sub += 1
-            else:
-                log.warning("%s: subtitle stream %d (%s) is a bitmap format mp4 cannot hold; dropped",
-                            info.path, s["index"], s["codec"])
-        cmd += codecs + ["-movflags", "+faststart", "-video_track_timescale", str(timeline.scale),
-                         "-f", "mp4", str(tmp)]
-        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        if proc.returncode != 0:
-            tail = proc.stderr.decode("utf-8", "replace").strip().splitlines()[-3:]
-            raise EncodeError(f"merge failed: {' | '.join(tail)}")
+            cmd += ["-tag:v:0", "hvc1"]
+        audio, extras, names = _input_streams(info)
+        tail = ["-movflags", "+faststart", "-video_track_timescale", str(timeline.scale),
+                "-f", "mp4", str(tmp)]
+        error = _run_mux(cmd + audio + extras + tail)
+        if error and extras and _run_mux(cmd + audio + tail) is None:
+            # A subtitle or picture ffmpeg cannot convert (a damaged cover, say) must not cost
+            # the video and its sound.
+            log.warning("%s: %s could not be written to mp4 (%s); dropped",
+                        info.path, ", ".join(names), error[-1])
+            error = None
+        if error:
+            raise EncodeError(f"merge failed: {' | '.join(error[-3:])}")
         check_timeline(tmp, info)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -546,6 +537,57 @@ def merge(shards: list[tuple[Path, int, int]], info: VideoInfo, out: Path, write
     finally:
         joined.unlink(missing_ok=True)
     commit(tmp, out)
+
+
+def _input_streams(info: VideoInfo) -> tuple[list[str], list[str], list[str]]:
+    """ffmpeg output options that carry the input's (ffmpeg input 1) streams into the final mp4,
+    after its video: (every audio track, the text subtitles and cover art, those extras' names).
+
+    Every audio track is kept, in order, with its language and title (ffmpeg copies each mapped
+    stream's tags); one mp4 cannot copy is re-encoded to AAC. Text subtitles become mov_text.
+    Bitmap subtitles (DVD, PGS, DVB) are dropped with a warning: mp4 has no place players read
+    them from, and turning pictures into text is OCR. Cover art goes into mp4's ``covr`` tag,
+    which holds PNG, JPEG and BMP; another picture format is converted to PNG."""
+    audio, extras, names = [], [], []
+    for n, a in enumerate(info.audio):
+        audio += ["-map", f"1:{a['index']}"]
+        if a["codec"] in MP4_AUDIO_COPY:
+            audio += [f"-c:a:{n}", "copy"]
+        else:
+            log.info("%s: audio stream %d is %s, re-encoding it to AAC for mp4",
+                     info.path, a["index"], a["codec"])
+            audio += [f"-c:a:{n}", "aac", f"-b:a:{n}", "192k"]
+    n_sub = 0
+    for s in info.subtitles:
+        if s["codec"] in TEXT_SUBTITLES:
+            extras += ["-map", f"1:{s['index']}", f"-c:s:{n_sub}", "mov_text"]
+            names.append(_stream_name("subtitle", s))
+            n_sub += 1
+        else:
+            log.warning("%s: %s is a bitmap format mp4 cannot hold; dropped",
+                        info.path, _stream_name("subtitle", s))
+    for k, c in enumerate(info.covers, 1):  # v:0 is the video
+        extras += ["-map", f"1:{c['index']}", f"-c:v:{k}", "copy" if c["codec"] in MP4_COVERS else "png",
+                   f"-disposition:v:{k}", "attached_pic"]
+        names.append(_stream_name("cover art", c))
+    return audio, extras, names
+
+
+def _stream_name(kind: str, stream: dict) -> str:
+    """``subtitle stream 3 (dvdsub, fre)``: how logs name a stream of the input."""
+    what = ", ".join(x for x in (stream["codec"], stream.get("language")) if x)
+    return f"{kind} stream {stream['index']} ({what})"
+
+
+def _run_mux(cmd: list[str]) -> list[str] | None:
+    """Run ffmpeg; None when it succeeded, else what it said, line by line, without the
+    ``[mp4 @ 0x55d0c0a1b2c0] `` prefixes (at least one line)."""
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if proc.returncode == 0:
+        return None
+    lines = [re.sub(r"^(\[[^]]* @ 0x[0-9a-f]+\] )+", "", line) for line in
+             proc.stderr.decode("utf-8", "replace").strip().splitlines()]
+    return [line for line in lines if line] or [f"ffmpeg exited with status {proc.returncode}"]
 
 
 def _reorder_delay(path: Path, fps: Fraction) -> int:

@@ -8,9 +8,9 @@ checked against it.
 
 One module per thing built: sr_models (Real-ESRGAN layouts), clips (index-coded clips and the
 reference readers), footage (rotation, VFR, interlacing, 10-bit, audio/subtitle timing, camera
-motion), bad_inputs, sd15 (SD 1.5 + ControlNet folders and single files), runs (killing a run
-mid-way, its finished shards and "already done" counts). Tests import them all
-from here: ``from builders import make_clip``.
+motion; the streams beside the video: audio tracks, cover art, DVD subtitles), bad_inputs, sd15
+(SD 1.5 + ControlNet folders and single files), runs (killing a run mid-way, its finished shards
+and "already done" counts). Tests import them all from here: ``from builders import make_clip``.
 """
 from .bad_inputs import *  # noqa: F401,F403
 from .clips import *  # noqa: F401,F403

@@ -1,7 +1,9 @@
 """Footage as users have it: phone rotation, variable frame rate, interlacing, 10 bits, audio
-with a known onset, subtitles, natural camera motion with a cut."""
+with a known onset, subtitles, natural camera motion with a cut; the streams beside the video
+(audio tracks in several languages, cover art, DVD image subtitles)."""
 from __future__ import annotations
 
+import tempfile
 from fractions import Fraction
 from pathlib import Path
 
@@ -167,3 +169,153 @@ def pan_frames(frames: int, size: tuple[int, int] = (160, 96), cut_at: int | Non
         m[:, 2] /= zoom
         out.append(cv2.warpAffine(photo, m, (w, h), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REFLECT))
     return np.stack(out)
+
+
+# --- Streams beside the video: several audio tracks, cover art, image subtitles ---
+
+def make_audio_tracks(path: str | Path, frames: int = 20, size: tuple[int, int] = (64, 48), fps: str = "25",
+                      tracks: tuple = (("eng", 440, "aac"), ("deu", 880, "aac"))) -> Path:
+    """An index-coded clip with one audio track per ``(language, tone Hz, codec)``, each a sine of
+    the clip's length tagged with its ISO 639-2 language (as a film with dubs carries them);
+    container from the suffix (.mkv takes ``libopus``, ``flac``, ``libvorbis``, ... too)."""
+    seconds = Fraction(frames) / Fraction(fps)
+    w, h = size
+    args = ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-framerate", fps, "-i", "-"]
+    maps = ["-map", "0:v"]
+    opts = ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-g", "12", "-crf", "20", "-preset", "veryfast"]
+    for n, (language, tone, codec) in enumerate(tracks):
+        args += ["-f", "lavfi", "-i", f"sine=frequency={tone}:sample_rate=48000"]
+        maps += ["-map", f"{n + 1}:a"]
+        opts += [f"-c:a:{n}", codec, f"-filter:a:{n}", f"atrim=end_sample={round(seconds * 48000)}",
+                 f"-metadata:s:a:{n}", f"language={language}"]
+    _run_ffmpeg([*args, *maps, *opts, str(path)], iter_frames(frames, size))
+    return Path(path)
+
+
+def with_cover(src: str | Path, dst: str | Path, size: tuple[int, int] = (32, 32), fmt: str = "png",
+               damaged: bool = False) -> Path:
+    """``src``'s streams, copied, plus cover art (``fmt``: png, jpeg or gif) as music videos and
+    ripped films carry it: in an .mp4 an ``attached_pic`` stream (written as the ``covr`` tag), in
+    an .mkv an image attachment; either way a demuxer lists it as one more video stream of one
+    picture. ``damaged`` (.mkv): the attachment is seeded random bytes under the format's name,
+    a picture no decoder reads."""
+    dst = Path(dst)
+    with tempfile.TemporaryDirectory() as tmp:
+        cover = Path(tmp) / f"cover.{'jpg' if fmt == 'jpeg' else fmt}"
+        if damaged:
+            cover.write_bytes(np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8).tobytes())
+        else:
+            _run_ffmpeg(["-f", "lavfi", "-i", f"testsrc=size={size[0]}x{size[1]}", "-frames:v", "1",
+                         "-update", "1", str(cover)])
+        if dst.suffix.lower() == ".mkv":
+            _run_ffmpeg(["-i", str(src), "-map", "0", "-c", "copy", "-attach", str(cover),
+                         "-metadata:s:t", f"mimetype=image/{fmt}", "-metadata:s:t", f"filename={cover.name}",
+                         str(dst)])
+        else:
+            with av.open(str(src)) as c:
+                k = len(c.streams.video)  # the cover comes after the source's video streams
+            _run_ffmpeg(["-i", str(src), "-i", str(cover), "-map", "0", "-map", "1", "-c", "copy",
+                         f"-disposition:v:{k}", "attached_pic", str(dst)])
+    return dst
+
+
+def _spu_rle_line(row: np.ndarray) -> bytes:
+    """One line of a DVD subpicture, 2-bit colours run-length coded in nibbles, byte-aligned."""
+    nibbles, x = [], 0
+    while x < len(row):
+        n = 1
+        while x + n < len(row) and row[x + n] == row[x] and n < 255:
+            n += 1
+        v = (n << 2) | int(row[x])  # 4, 8, 12 or 16 bits: the length's leading zeros say which
+        width = 1 if n < 4 else 2 if n < 16 else 3 if n < 64 else 4
+        nibbles += [(v >> (4 * k)) & 15 for k in reversed(range(width))]
+        x += n
+    nibbles += [0] * (len(nibbles) % 2)
+    return bytes((a << 4) | b for a, b in zip(nibbles[::2], nibbles[1::2]))
+
+
+def dvd_subtitle_packet(bitmap: np.ndarray, x: int, y: int, seconds: float) -> bytes:
+    """A DVD subpicture unit (SPU, codec dvd_subtitle) showing ``bitmap`` (H, W) of colour indices
+    0..3 (0 transparent) at (x, y) for ``seconds``: RLE fields (even lines, then odd), then two
+    control sequences, "show" and "hide". ffmpeg decodes these but cannot encode them from text."""
+    h, w = bitmap.shape
+    top = b"".join(_spu_rle_line(bitmap[r]) for r in range(0, h, 2))
+    bottom = b"".join(_spu_rle_line(bitmap[r]) for r in range(1, h, 2))
+    x2, y2 = x + w - 1, y + h - 1
+    show_cmds = bytes([0x01,  # start display
+                       0x03, 0x32, 0x10,  # palette entries of colours 3, 2, 1, 0
+                       0x04, 0xFF, 0xF0,  # contrast (alpha): colour 0 transparent, the others opaque
+                       0x05, x >> 4, ((x & 15) << 4) | (x2 >> 8), x2 & 255,
+                       y >> 4, ((y & 15) << 4) | (y2 >> 8), y2 & 255,
+                       0x06, *(4).to_bytes(2, "big"), *(4 + len(top)).to_bytes(2, "big"),  # field offsets
+                       0xFF])
+    show_at = 4 + len(top) + len(bottom)
+    hide_at = show_at + 4 + len(show_cmds)
+    delay = round(seconds * 90_000 / 1024)  # control sequence dates are in 1024/90 kHz ticks
+    body = (top + bottom + (0).to_bytes(2, "big") + hide_at.to_bytes(2, "big") + show_cmds
+            + delay.to_bytes(2, "big") + hide_at.to_bytes(2, "big") + bytes([0x02, 0xFF]))
+    return (4 + len(body)).to_bytes(2, "big") + show_at.to_bytes(2, "big") + body
+
+
+def with_image_subtitles(src: str | Path, dst: str | Path, cues: tuple = ((0.1, 0.3), (0.5, 0.7)),
+                         language: str = "fre") -> Path:
+    """``src``'s streams, copied, plus a DVD (bitmap) subtitle track in an .mkv: one boxed bar per
+    ``(start s, end s)`` cue, as a DVD rip carries them. The packets are built here
+    (:func:`dvd_subtitle_packet`) and muxed with PyAV; ffmpeg then copies everything together."""
+    with av.open(str(src)) as c:
+        w, h = c.streams.video[0].codec_context.width, c.streams.video[0].codec_context.height
+    bitmap = np.zeros((max(4, h // 6), max(8, w // 2)), np.uint8)  # (H, W) colour indices
+    bitmap[1:-1, 1:-1] = 1
+    bitmap[2:-2, 3:-3] = 2
+    tb = Fraction(1, 1000)
+    with tempfile.TemporaryDirectory() as tmp:
+        subs = Path(tmp) / "subs.mkv"
+        with av.open(str(subs), "w") as out:
+            s = out.add_stream("dvdsub")
+            s.codec_context.extradata = (f"size: {w}x{h}\npalette: 000000, ffffff, 808080, ff0000, 00ff00, "
+                                         f"0000ff, ffff00, 00ffff, ff00ff, 404040, c0c0c0, 800000, 008000, "
+                                         f"000080, 808000, 008080\n").encode()
+            s.time_base = tb
+            s.metadata["language"] = language
+            x, y = (w - bitmap.shape[1]) // 2, h - bitmap.shape[0] - 2  # centred near the bottom
+            for start, end in cues:
+                pkt = av.Packet(dvd_subtitle_packet(bitmap, x, y, end - start))
+                pkt.stream, pkt.time_base = s, tb
+                pkt.pts = pkt.dts = round(Fraction(start) / tb)
+                pkt.duration = round(Fraction(end - start) / tb)
+                out.mux(pkt)
+        _run_ffmpeg(["-i", str(src), "-i", str(subs), "-map", "0", "-map", "1", "-c", "copy", str(dst)])
+    return Path(dst)
+
+
+def stream_list(path: str | Path) -> list[dict]:
+    """What a player lists in a file: per stream its type, codec, language, whether it is an
+    attached picture (cover art), and for video its size and decoded frame count."""
+    out = []
+    with av.open(str(path)) as c:
+        for s in c.streams:
+            cc = s.codec_context
+            entry = {"index": s.index, "type": s.type, "codec": cc.name if cc else None,
+                     "language": s.metadata.get("language"),
+                     "attached_pic": bool(s.disposition & av.stream.Disposition.attached_pic)}
+            if s.type == "video":
+                entry.update(width=cc.width, height=cc.height)
+            out.append(entry)
+    for entry in out:
+        if entry["type"] == "video" and not entry["attached_pic"]:
+            with av.open(str(path)) as c:
+                entry["frames"] = sum(1 for _ in c.decode(c.streams[entry["index"]]))
+    return out
+
+
+def audio_tones(path: str | Path) -> list[float]:
+    """The loudest frequency (Hz) of each audio track, in stream order: which tone went where."""
+    tones = []
+    with av.open(str(path)) as c:
+        for a in c.streams.audio:
+            x = np.concatenate([f.to_ndarray().astype(np.float64).reshape(-1, f.samples)[0]
+                                for f in c.decode(a)])  # (samples,) first channel
+            spectrum = np.abs(np.fft.rfft(x * np.hanning(len(x))))
+            tones.append(float(np.argmax(spectrum) * a.codec_context.sample_rate / len(x)))
+            c.seek(0)
+    return tones
