@@ -49,3 +49,49 @@ def test_missing_input_is_a_configuration_error(tmp_path):
                     "job.model=lanczos", "job.scale=2"], check=False)
     assert proc.returncode == 2
     assert f"error: {tmp_path / 'nope'}: no such file or folder" in proc.stderr
+
+
+# --- A checkpoint whose pickle would run code: refused, and the code never runs ---
+
+CODE_CHECKPOINTS = {
+    # what a user passes, under the file name they would have: (file name, overrides)
+    "upscale": ("evil.pth", ["job=upscale", "job.model={file}"]),
+    "interpolate-rife": ("flownet.pkl", ["job=interpolate", "job.model={file}"]),
+    "interpolate-raft": ("raft_large.pth", ["job=interpolate", "job.model=flow", "job.flow_weights={file}"]),
+    "propagate-raft": ("raft_large.pth", ["job=propagate", "job.keys={keys}", "job.flow_weights={file}"]),
+}
+
+
+def test_the_code_checkpoint_is_live(tmp_path):
+    """The builder's payload does run when the file is unpickled: a refusal below is the loader's."""
+    import torch
+    from builders import make_code_checkpoint
+
+    marker = tmp_path / "ran"
+    make_code_checkpoint(tmp_path / "evil.pth", marker)
+    torch.load(tmp_path / "evil.pth", weights_only=False)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("case", sorted(CODE_CHECKPOINTS))
+def test_a_checkpoint_that_runs_code_is_refused(case, clips, tmp_path):
+    from builders import make_code_checkpoint
+
+    name, overrides = CODE_CHECKPOINTS[case]
+    marker = tmp_path / "payload_ran"
+    weights = make_code_checkpoint(tmp_path / "models" / name, marker)
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    out = tmp_path / "out"
+    proc = run_job([o.format(file=weights, keys=keys) for o in overrides]
+                   + [f"input={clips['av']}", f"output={out}", "log.progress=false"], check=False)
+    assert not marker.exists(), "the checkpoint's pickle was run as code"
+    assert proc.returncode == 2, proc.stderr[-3000:]  # a configuration error, before any work
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and str(weights) in errors[0], proc.stderr[-3000:]
+    assert "Python objects" in errors[0], errors[0]
+    # torch's own message advises weights_only=False (which would run the payload), in terminal colours
+    assert "weights_only" not in proc.stderr and "\x1b" not in proc.stderr, errors[0]
+    # one line: nothing on stderr but the log's own lines and that error
+    assert [ln for ln in proc.stderr.splitlines() if not ln.startswith(("INFO: ", "error: "))] == []
+    assert not (out.exists() and list(out.rglob("*.mp4")))  # no video, no shard

@@ -24,10 +24,11 @@ def set_run(run_id: str) -> None:
 
 
 def human_duration(seconds: float | None) -> str:
-    """'45 s', '12 min', '1 h 3 min', '2 d 5 h' — what a person reads at a glance."""
+    """'45 s', '12 min', '1 h 3 min', '2 d 5 h' — what a person reads at a glance; never negative
+    (time left that a count beyond its total would make negative is none)."""
     if seconds is None or seconds != seconds or seconds == float("inf"):
         return "?"
-    s = int(round(seconds))
+    s = max(0, int(round(seconds)))
     if s < 60:
         return f"{s} s"
     m = s // 60
@@ -87,7 +88,7 @@ class _Bar(tqdm):
     def format_dict(self):
         d = super().format_dict
         rate = d.get("rate") or (d["n"] / d["elapsed"] if d.get("elapsed") else None)
-        left = (d["total"] - d["n"]) / rate if rate and d.get("total") else None
+        left = max(0, d["total"] - d["n"]) / rate if rate and d.get("total") else None
         d["eta"] = human_duration(left)
         return d
 
@@ -132,12 +133,20 @@ class Progress:
     def _refresh(self) -> None:
         if self._bar is None:
             return
-        total, done = self.ctx.add("frames_total", 0), self.ctx.add("frames_done", 0)
+        total, done = self.ctx.add("frames_total", 0), max(self.ctx.add("frames_done", 0), 0)
         self._bar.total = max(total, done)
         self._bar.update(done - self._bar.n)
 
-    def _log_line(self) -> None:
+    def _log_line(self, last: bool = False) -> None:
+        # The runner keeps done <= total (a unit's frames are on the bar only while it is in the
+        # total); a moment's overlap (a rank takes a unit off the total as another commits it and
+        # puts it back) shows as done == total, never beyond it, nor as a negative count.
         total, done = self.ctx.add("frames_total", 0), self.ctx.add("frames_done", 0)
+        if last and done > total:  # once every rank is through: a counting bug, for the log file
+            self.log.warning("progress: %d frames counted for a total of %d", done, total,
+                             extra={"console": False})
+        done = max(done, 0)
+        total = max(total, done)
         elapsed = time.monotonic() - self._t0
         rate = self._mine / elapsed if elapsed > 0 else 0.0
         all_rate = done / elapsed if elapsed > 0 else 0.0
@@ -150,6 +159,6 @@ class Progress:
         if self._thread is not None:
             self._thread.join()
         self._refresh()
-        self._log_line()
+        self._log_line(last=True)
         if self._bar is not None:
             self._bar.close()

@@ -1,11 +1,12 @@
 """Inputs that must fail with a clear one-line reason: empty, not a video, audio only, truncated,
-corrupt."""
+corrupt, a video stream with no frames; and the shortest video that must not fail (one frame)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 
+from .clips import make_clip
 from .common import _run_ffmpeg
 
 # --- Bad inputs ---
@@ -28,6 +29,39 @@ def make_audio_only(path: str | Path, seconds: float = 1.0) -> Path:
     _run_ffmpeg(["-f", "lavfi", "-i", f"sine=frequency=440:sample_rate=48000:duration={seconds}",
                  "-c:a", "aac", str(path)])
     return Path(path)
+
+
+def make_zero_frames(path: str | Path, size: tuple[int, int] = (64, 48), fps: str = "30",
+                     audio: bool = False) -> Path:
+    """An .mp4/.mov whose H.264 video track has no samples: the header names the stream (codec,
+    size) and there is not a single frame, as a recorder killed before its first frame leaves;
+    with ``audio``, one second of AAC beside it (a camera that never started, a microphone that did).
+
+    ffmpeg's mov muxer leaves an empty track out of a plain mp4 (that file would have no video
+    stream at all); a fragmented one (``empty_moov``) writes every track into the header up front,
+    so the track stays, with zero samples and no fragments. (ffmpeg cannot write or read a Matroska
+    file with an empty track: that one is "not a readable video".)
+    """
+    path, (w, h) = Path(path), size
+    frag = ["-movflags", "+frag_keyframe+empty_moov"]
+    video = path.with_name(path.stem + ".video-only" + path.suffix) if audio else path
+    _run_ffmpeg(["-f", "lavfi", "-i", f"color=c=gray:size={w}x{h}:rate={fps}", "-frames:v", "0",
+                 "-c:v", "libx264", "-pix_fmt", "yuv420p", *frag, str(video)])
+    if audio:  # libx264 opens only on its first frame, so the empty track is made alone, then copied
+        sine = "sine=frequency=440:sample_rate=48000:duration=1"
+        try:
+            _run_ffmpeg(["-i", str(video), "-f", "lavfi", "-i", sine, "-map", "0:v", "-map", "1:a",
+                         "-c:v", "copy", "-c:a", "aac", *frag, str(path)])
+        finally:
+            video.unlink(missing_ok=True)
+    return path
+
+
+def make_one_frame(path: str | Path, size: tuple[int, int] = (64, 48), fps: str = "30000/1001",
+                   audio: bool = True, seed: int = 0) -> Path:
+    """A valid clip of exactly one frame (index code 0; with audio, one frame's duration of it):
+    the shortest input every job must take, not fail."""
+    return make_clip(path, frames=1, size=size, fps=fps, audio=audio, seed=seed)
 
 
 def make_truncated(src: str | Path, dst: str | Path, keep: float = 0.4) -> Path:
@@ -80,3 +114,34 @@ def make_corrupt(src: str | Path, dst: str | Path, span: tuple[float, float] = (
     data[a:b] = np.random.default_rng(seed).integers(0, 256, b - a, dtype=np.uint8).tobytes()
     Path(dst).write_bytes(bytes(data))
     return Path(dst)
+
+
+# --- A checkpoint that runs code when unpickled ---
+
+
+class _Payload:
+    """Unpickling this calls ``open(marker, "w")``: the marker file appears exactly when the
+    file's pickle was run as code (``torch.load(weights_only=False)``, ``pickle.load``).
+    ``builtins.open`` is importable in every process, so the payload cannot fail for want of
+    this module: a loader that unpickles code does create the marker."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def make_code_checkpoint(path: str | Path, marker: str | Path) -> Path:
+    """A torch.save file that looks like weights (a state dict of tensors under the usual keys)
+    but also holds an object whose unpickling creates ``marker``: the checkpoint a user may be
+    handed as ``evil.pth``, ``flownet.pkl`` or ``raft_large.pth``. A loader that reads weights
+    only refuses it; one that unpickles code runs the payload."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"conv_first.weight": torch.zeros(4, 3, 3, 3), "conv_first.bias": torch.zeros(4),
+             "payload": _Payload(Path(marker))}
+    torch.save({"params_ema": state, "state_dict": state, **state}, str(path))
+    return path

@@ -112,9 +112,14 @@ def load_raft(path: Path, device: torch.device):
     if not path.is_file():
         raise FlowError(f"job.flow_weights: {path} does not exist. {_raft_help()}")
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        raise FlowError(f"job.flow_weights: {path} is not a readable state dict ({str(e).splitlines()[0]}). "
+        state = torch.load(str(path), map_location="cpu", weights_only=True)  # never unpickles code
+    except pickle.UnpicklingError:
+        # torch's own text here suggests weights_only=False, which would run code from the file
+        raise FlowError(f"job.flow_weights: cannot read {path} (not a tensors-only PyTorch checkpoint: a "
+                        f"damaged file, or one that stores Python objects). {_raft_help()}") from None
+    except Exception as e:  # noqa: BLE001 - any failure to read is the same user problem
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else e.__class__.__name__
+        raise FlowError(f"job.flow_weights: {path} is not a readable state dict ({first}). "
                         f"{_raft_help()}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]

@@ -11,6 +11,7 @@ estimates. The module and attribute names are the published state dict's (``bloc
 """
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -95,6 +96,10 @@ def read_state(path: Path) -> dict:
             state = load_file(str(path), device="cpu")
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's own text here suggests weights_only=False, which would run code from the file
+        raise ValueError(f"{path}: cannot read it as a weights-only PyTorch or safetensors file (not "
+                         f"tensors only: a damaged file, or one that stores Python objects)") from None
     except Exception as e:  # noqa: BLE001 - any unreadable file is one user-facing problem
         raise ValueError(f"{path}: cannot read it as a weights-only PyTorch or safetensors file "
                          f"({type(e).__name__})") from None
