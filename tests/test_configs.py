@@ -11,7 +11,9 @@ YAMLS = sorted(CONF.rglob("*.yaml"))
 
 @pytest.mark.parametrize("path", YAMLS, ids=lambda p: str(p.relative_to(CONF)))
 def test_yaml_opens_with_its_command(path):
-    first = path.read_text().splitlines()[0]
+    lines = path.read_text().splitlines()
+    # Hydra reads a "# @package" header only while no other comment precedes it
+    first = lines[1] if lines[0].startswith("# @package") else lines[0]
     assert first.startswith("# python -m vsr_ddp") or first.startswith("# torchrun"), first
 
 
@@ -24,6 +26,8 @@ def test_config_composes_with_design_keys(extra):
                 "encode.crf", "encode.preset", "dry_run", "input", "output"):
         assert OmegaConf.select(cfg, key, default="<absent>") != "<absent>", key
     assert cfg.job.name == "upscale"
+    if extra:  # debug/ shrinks the run itself, not a "debug" subtree beside it
+        assert "debug" not in cfg and cfg.device == "cpu" and cfg.work.segment_frames == 16
 
 
 JOB_OVERRIDES = {
@@ -76,6 +80,6 @@ def test_the_engine_between_keys_is_spelled_the_same_in_every_job(name):
     from vsr_ddp import jobs
 
     cfg = compose_job(name, "job.ebsynth.patch_size=7", "job.ebsynth.search_vote_iters=2")
-    job = jobs.make_job(cfg, "cpu")
+    job = jobs.make_job(cfg.job, "cpu")
     synth = job.settings()["synth"] if name == "propagate" else job.settings()["propagation"]["ebsynth"]
     assert (synth["patch_size"], synth["search_vote_iters"], synth["uniformity"]) == (7, 2, 3500.0)

@@ -147,7 +147,7 @@ def test_job_array_shares_split_the_inputs_and_write_one_report_each(tmp_path):
     out = tmp_path / "out"
     args = ["job=upscale", f"input={inputs}", f"output={out}", "job.model=bicubic", "job.scale=2",
             "work.num_shards=2",
-            "hydra.run.dir=${output}/.vsr_ddp/logs/shard_${work.shard_index}-of-${work.num_shards}"]
+            "log.dir=${output}/.vsr_ddp/logs/shard_${work.shard_index}-of-${work.num_shards}"]
     run_job([*args, "work.shard_index=1"])
     assert sorted(p.name for p in out.glob("*.mp4")) == ["b.mp4"]
     run_job([*args, "work.shard_index=0"])

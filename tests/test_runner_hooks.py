@@ -8,7 +8,7 @@ from builders import make_clip, read_frames
 from conftest import read_report
 from hydra import compose, initialize_config_dir
 
-from vsr_ddp import jobs
+from vsr_ddp import config, jobs
 from vsr_ddp.dist import Dist
 from vsr_ddp.plan import InputError, Unit
 from vsr_ddp.runner import Runner
@@ -57,7 +57,7 @@ def test_whole_unit_job_gets_its_units_with_context(tmp_path, monkeypatch):
         cfg = compose("config", overrides=[f"input={tmp_path / 'in'}", f"output={out}", "job.model=lanczos",
                                            "job.name=tmean", f"log.dir={out / 'logs'}", "log.progress=false",
                                            "encode.crf=0", "encode.preset=ultrafast"])
-    runner = Runner(cfg, Dist(device=torch.device("cpu")))
+    runner = Runner(config.check(cfg), Dist(device=torch.device("cpu")))
     assert runner.run() == 1  # w.mp4 was rejected by the job's own planning
     assert runner.job.calls == [(0, 8, 8), (6, 20, 14), (18, 30, 12)]
     report = {v["input"].rsplit("/", 1)[1]: v for v in read_report(out)["videos"]}

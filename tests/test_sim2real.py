@@ -16,7 +16,7 @@ from conftest import read_report, run_job
 from hydra import compose, initialize_config_dir
 from test_configs import CONF
 
-from vsr_ddp import jobs
+from vsr_ddp import config, jobs
 from vsr_ddp.dist import Dist
 from vsr_ddp.models import fresco
 from vsr_ddp.models.flow import warp
@@ -336,11 +336,13 @@ def test_bench_sim2real_runs_a_batch(models, one_thread):
 
 
 def sim2real_cfg(tmp_path, models, *extra):
+    """The ``job`` subtree of a sim2real config (what make_job takes)."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose("config", overrides=[
             "job=sim2real", f"input={tmp_path / 'in'}", f"output={tmp_path / 'out'}",
             f"job.prompts={tmp_path / 'prompts'}", f"job.base_model={models['sd']}",
-            f"job.controlnet={models['cn']}", f"log.dir={tmp_path / 'logs'}", "log.progress=false", *extra])
+            f"job.controlnet={models['cn']}", f"log.dir={tmp_path / 'logs'}", "log.progress=false",
+            *extra]).job
 
 
 def test_missing_weights_fail_before_work_naming_what_to_put_where(tmp_path, models, single_files):
@@ -574,7 +576,7 @@ def test_a_skipped_video_is_reported_and_is_not_a_failure(tmp_path, monkeypatch)
         cfg = compose("config", overrides=[f"input={tmp_path / 'in'}", f"output={out}", "job.model=lanczos",
                                            "job.name=skipper", f"log.dir={out / 'logs'}",
                                            "log.progress=false", "encode.preset=ultrafast"])
-    assert Runner(cfg, Dist(device=torch.device("cpu"))).run() == 0
+    assert Runner(config.check(cfg), Dist(device=torch.device("cpu"))).run() == 0
     report = {v["input"].rsplit("/", 1)[1]: v for v in read_report(out)["videos"]}
     assert report["a.mp4"]["status"] == "ok"
     assert report["x.mp4"]["status"] == "skipped" and report["x.mp4"]["reason"] == "no prompt for it"

@@ -15,8 +15,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from . import dist, preempt
+from . import config, dist, preempt
 from .logs import setup_logging
+from .shards import WORK_DIR
 
 log = logging.getLogger("vsr_ddp")
 
@@ -40,19 +41,39 @@ def run(cfg: DictConfig) -> int:
     ctx = None
     preempt.install()
     try:
-        ctx = dist.init(cfg.device, cfg.dist.backend, cfg.dist.timeout_min)
-        setup_logging(Path(cfg.log.dir), ctx.rank, cfg.log.level)
-        log.info("vsr_ddp job=%s input=%s output=%s", cfg.job.name, cfg.input, cfg.output)
+        # Every setting, and what the output would write over, before anything else: a typo
+        # costs one line, not an allocation (no probe, no model load, no file made).
+        settings = config.check(cfg)
+        config.check_paths(settings)
+        ctx = dist.init(settings.device, settings.dist.backend, settings.dist.timeout_min)
+        try:
+            setup_logging(log_dir(settings), ctx.rank, settings.log.level)
+        except OSError as e:  # the first write under output= (a read-only mount, a full disk)
+            raise config.ConfigError(f"output={settings.output}: cannot write the rank logs in "
+                                     f"{log_dir(settings)} ({e.strerror or e})") from None
+        log.info("vsr_ddp job=%s input=%s output=%s", settings.job_cfg.name, settings.input, settings.output)
         from .runner import Runner
 
-        return Runner(cfg, ctx).run()
+        return Runner(settings, ctx).run()
     except USER_ERRORS as e:
-        log.error("stopped before any work: %s", e, exc_info=True, extra={"console": False})
-        if ctx is None or ctx.is_main:
+        if ctx is not None:
+            log.error("stopped before any work: %s", e, exc_info=True, extra={"console": False})
+        if (ctx.is_main if ctx is not None else dist.env_rank() == 0):
             print(f"error: {e}", file=sys.stderr, flush=True)
         return CONFIG_ERROR
     finally:
         dist.teardown(ctx)
+
+
+def log_dir(settings: config.Settings) -> Path:
+    """``log.dir``, else ``<output>/.vsr_ddp/logs`` (a sweep point: its folder in the sweep's)."""
+    if settings.log.dir:
+        return Path(settings.log.dir).expanduser()
+    if _multirun():
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path(settings.output).expanduser() / WORK_DIR / "logs"
 
 
 class SweepPointFailed(RuntimeError):
@@ -121,13 +142,40 @@ def _multirun() -> bool:
     return HydraConfig.get().mode.name == "MULTIRUN"
 
 
+def hydra_error_lines(e: BaseException) -> list[str]:
+    """Hydra's message for a command line it cannot compose, in one or two lines: what is wrong
+    (and its cause), then what would be right (the options of a config group, ``+key=`` for a
+    new key), without the config search path or the HYDRA_FULL_ERROR hint."""
+    lines = [ln.strip() for ln in str(e).split("Config search path:")[0].splitlines() if ln.strip()]
+    first = lines[0] if lines else e.__class__.__name__
+    cause = [ln.strip() for ln in str(e.__cause__ or "").splitlines() if ln.strip()]
+    if cause and cause[0] not in first:
+        first = f"{first.rstrip('.')}: {cause[0]}"
+    return [f"error: {first}"] + ([" ".join(" ".join(lines[1:]).split())] if lines[1:] else [])
+
+
 def cli() -> None:
     """``python -m vsr_ddp``: a single run exits from main(); a sweep (-m) here, once every point ran."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    # Hydra's own errors (a misspelt key, an unknown job) reach us instead of Hydra's report,
+    # so that they exit 2 with one or two lines like every other configuration error.
+    full = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         main()
-    except SweepPointFailed as e:  # HYDRA_FULL_ERROR=1 lets it through; without it, Hydra exits 1
+    except SweepPointFailed as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         _leave(e.status)
+    except (HydraException, OmegaConfBaseException) as e:
+        if dist.env_rank() == 0:
+            if full:  # asked for: the traceback, then the short form
+                import traceback
+
+                traceback.print_exc()
+            print("\n".join(hydra_error_lines(e)), file=sys.stderr, flush=True)
+        _leave(CONFIG_ERROR)
     if _sweep:
         _leave(sweep_status(_sweep))
 

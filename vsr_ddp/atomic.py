@@ -48,8 +48,43 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# What the run reads, by identity (st_dev, st_ino): files no commit may replace, and folders no
+# commit may write into (inputs are the files directly in the input folder). config.check_paths
+# refuses such an output before any work; this is the last line behind it.
+_read_files: set[tuple[int, int]] = set()
+_read_folders: set[tuple[int, int]] = set()
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def protect(paths=()) -> None:
+    """Declare what this run reads (files and folders; replaces the last declaration, so each run
+    or sweep point states its own): :func:`commit` then refuses to replace any of those files or
+    to put a file directly into any of those folders."""
+    _read_files.clear()
+    _read_folders.clear()
+    for p in map(Path, paths):
+        ident = _identity(p)
+        if ident is not None:
+            (_read_folders if p.is_dir() else _read_files).add(ident)
+
+
+class WouldReplaceInput(OSError):
+    """A write that would replace a file the run reads."""
+
+
 def commit(tmp: Path, final: Path) -> None:
     """Make a fully written temporary file appear under its final name, durably."""
+    final = Path(final)
+    if _identity(final) in _read_files or _identity(final.parent) in _read_folders:
+        tmp.unlink(missing_ok=True)
+        raise WouldReplaceInput(f"refusing to write {final}: this run reads it or its folder")
     fsync_file(tmp)
     os.replace(tmp, final)
     _fsync_dir(final.parent)
@@ -60,4 +95,11 @@ def atomic_write_json(path: Path, obj) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, sort_keys=True, ensure_ascii=False)
         f.write("\n")
+    commit(tmp, path)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = tmp_path(path)
+    with open(tmp, "wb") as f:
+        f.write(data)
     commit(tmp, path)

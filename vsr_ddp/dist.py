@@ -205,6 +205,13 @@ def slurm_env() -> None:
         env["MASTER_PORT"] = str(20000 + _env_int("SLURM_JOB_ID", 0) % 10000)
 
 
+def env_rank() -> int:
+    """This process's rank as its launcher set it, before :func:`init` (torchrun's RANK, srun's
+    SLURM_PROCID): who prints an error found before the ranks can talk."""
+    slurm_env()
+    return _env_int("RANK", 0)
+
+
 def check_slurm_world(world: int, local_world: int) -> None:
     """Under Slurm + torchrun, WORLD_SIZE must be what the allocation runs: one torchrun per node
     (``srun --ntasks-per-node=1``), ``--nnodes=$SLURM_NNODES``, LOCAL_WORLD_SIZE ranks each.

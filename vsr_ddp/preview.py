@@ -16,6 +16,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .atomic import atomic_write_bytes
+
 LABEL_H = 22  # px of label bar above the panels
 GAP = 4  # px of white between panels
 MAX_CROP = 160  # default crop side limit, in input pixels
@@ -76,6 +78,8 @@ def write_preview(lr_frame: np.ndarray, model_frame: np.ndarray, path, crop=None
                     (255, 255, 255), 1, cv2.LINE_AA)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), canvas[:, :, ::-1]):
-        raise OSError(f"could not write {path}")
+    ok, png = cv2.imencode(".png", canvas[:, :, ::-1])
+    if not ok:
+        raise OSError(f"could not encode {path}")
+    atomic_write_bytes(path, png.tobytes())
     return path

@@ -4,15 +4,15 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
-from . import claims, preempt, shards
-from .atomic import partials
-from .atomic import atomic_write_json
+from . import atomic, claims, config, preempt, shards
+from .atomic import atomic_write_json, partials
+from .config import Settings
 from .dist import Dist
 from .jobs import make_job
 from .jobs.base import signature
@@ -26,17 +26,15 @@ log = logging.getLogger(__name__)
 
 
 class Runner:
-    def __init__(self, cfg, ctx: Dist):
-        self.cfg = cfg
+    def __init__(self, cfg: Settings, ctx: Dist):
+        self.cfg = cfg  # checked (config.check): every key there, every value allowed
         self.ctx = ctx
         self.output = Path(cfg.output).expanduser()
-        self.encode = self.resolve_encoder(OmegaConf.to_container(cfg.encode, resolve=True))
-        self.job = make_job(cfg, ctx.device)
+        self.encode = self.resolve_encoder(asdict(cfg.encode))
+        self.job = make_job(cfg.job_cfg, ctx.device)
         self.failures: dict[str, str] = {}  # input path -> first reason, on this rank
         self.merged: dict[int, dict] = {}  # video index -> merge result, once known to this rank
-        self.claim = str(cfg.work.get("claim", "dynamic"))
-        if self.claim not in ("dynamic", "strided"):
-            raise ValueError(f"work.claim must be dynamic or strided, not {self.claim!r}")
+        self.claim = cfg.work.claim
         self._unit_sigs: dict[tuple, str] = {}
         self._told_deinterlace: set[str] = set()
 
@@ -45,7 +43,7 @@ class Runner:
         # 1. The model, once per rank. A missing or unreadable model fails here, before any work.
         self.job.setup()
         self.settings = {**self.job.settings(), "encode": self.encode,
-                         "decode": OmegaConf.to_container(self.cfg.decode, resolve=True)}
+                         "decode": asdict(self.cfg.decode)}
         self.sig = signature(self.settings)
         self.tag = self.job.tag()
         # Which launch this is: several may share the output folder (claims.py).
@@ -56,22 +54,20 @@ class Runner:
         self.ctx.check_shared_folder(self.output, run=self.run_id)
         plan = self.make_plan()
         if self.cfg.dry_run:
-            estimate = self.calibrate(plan) if self.cfg.job.get("calibrate") else None
+            estimate = self.calibrate(plan) if getattr(self.cfg.job, "calibrate", False) else None
             if self.ctx.is_main:
                 print(format_plan(plan, self.ctx.world, self.claim), flush=True)
                 if estimate:
                     print(estimate, flush=True)
             return 0
         self.output.mkdir(parents=True, exist_ok=True)
-        timeout = float(self.cfg.work.get("lease_timeout_s", 300))
-        if timeout < 10:
-            raise ValueError(f"work.lease_timeout_s must be at least 10 s (leases are renewed every tenth "
-                             f"of it, and a network filesystem shows a renewal late), not {timeout:g}")
-        self.leases = claims.Leases(self.run_id, self.ctx.rank, self.ctx.host, timeout_s=timeout,
+        self.leases = claims.Leases(self.run_id, self.ctx.rank, self.ctx.host,
+                                    timeout_s=self.cfg.work.lease_timeout_s,
                                     runs=claims.runs_dir(self.output))
         try:
             return self._run(plan)
         finally:
+            atomic.protect()  # what this run read is the next run's (or sweep point's) business
             self.leases.close()  # our run file and any lease still held go
             if self.ctx.is_main:
                 shutil.rmtree(self.output / ".vsr_ddp" / "hosts" / self.run_id, ignore_errors=True)
@@ -79,7 +75,7 @@ class Runner:
     def _run(self, plan: Plan) -> int:
         self.join_folder()
         progress = Progress(self.ctx, show_bar=self.ctx.is_main and self.cfg.log.progress,
-                            log_every_s=float(self.cfg.log.get("every_s", 30)))
+                            log_every_s=self.cfg.log.every_s)
         if self.ctx.is_main:
             progress.add_total(sum(u.out_frames for u in plan.units))  # less what is found done
         self.ctx.barrier()  # the total is in before any rank takes units off it
@@ -222,8 +218,11 @@ class Runner:
             made = self.make_unit(info, unit, lease, progress)
         finally:
             self.leases.release(lease)
+        if made == "failed":
+            self.uncount(i, unit)  # its frames came off the bar in process_unit
         if made == "made":
             self._done.add(i)
+            self.made_here(i, unit)
             if all(j in self._done or shards.shard_done(wdir, plan.units[j], self.sig_of(info, plan.units[j]),
                                                         verify_checksum=False)
                    for j in self._by_video[unit.video]):
@@ -237,9 +236,16 @@ class Runner:
 
     def uncount(self, i: int, unit: Unit) -> None:
         """A unit this run will not make (done before, by another launch, or its video failed)
-        leaves the progress total, once per run."""
+        leaves the progress total, once per run, unless a rank of this run made it (``made_here``
+        first: its frames are on the bar; any rank may find a unit made by another one done)."""
         if self.ctx.add(f"gone/{i}", 1) == 1:
             self.ctx.add("frames_total", -unit.out_frames)
+
+    def made_here(self, i: int, unit: Unit) -> None:
+        """Unit ``i`` was made by this rank, its frames are on the bar: it stays in the total,
+        and comes back to it when a rank took it off as we committed it (it saw the sidecar)."""
+        if self.ctx.add(f"gone/{i}", 1) > 1:
+            self.ctx.add("frames_total", unit.out_frames)
 
     def live(self, run: str | None) -> bool:
         """Is ``run`` this launch or another live one on the folder?"""
@@ -302,9 +308,9 @@ class Runner:
         """Pick the concrete encoder once per run. All ranks must agree (the merge concatenates
         shards without re-encoding), so a run where some node lacks NVENC uses software."""
         wanted = encode["codec"]
-        mine = resolve_codec(wanted, encode.get("format", "h264"), self.ctx.device.type == "cuda")
+        mine = resolve_codec(wanted, encode["format"], self.ctx.device.type == "cuda")
         chosen = set(self.ctx.all_gather_object(mine))
-        codec = mine if len(chosen) == 1 else resolve_codec(wanted, encode.get("format", "h264"), cuda=False)
+        codec = mine if len(chosen) == 1 else resolve_codec(wanted, encode["format"], cuda=False)
         if wanted == "auto":
             log.info("encode.codec=auto: using %s%s", codec, "" if len(chosen) == 1 else
                      f" (ranks disagreed: {sorted(chosen)})")
@@ -313,6 +319,11 @@ class Runner:
     # -- planning -------------------------------------------------------------------------------
     def make_plan(self) -> Plan:
         inputs = list_inputs(self.cfg.input, self.cfg.work.shard_index, self.cfg.work.num_shards)
+        # No final write may replace an input: a folder input's files are its direct children, a
+        # single file's folder is refused as an output too (config.check_paths says why).
+        given = Path(self.cfg.input).expanduser()
+        atomic.protect([*(p for _, p in config.read_paths(self.cfg)),
+                        *((given.parent,) if given.is_file() else ())])
         probed = {}
         for path in inputs[self.ctx.rank::self.ctx.world]:
             try:
@@ -369,7 +380,7 @@ class Runner:
         if not plan.videos:
             return None
         info = plan.videos[0]
-        batch = int(self.cfg.job.get("batch_size", 4))
+        batch = getattr(self.cfg.job, "batch_size", 4)  # propagate has none: a few frames will do
         frames = np.concatenate(list(self.reader(info).read(0, min(info.frames, batch))))
         if len(frames) < batch:
             frames = np.concatenate([frames] * (batch // len(frames) + 1))[:batch]
@@ -397,9 +408,7 @@ class Runner:
 
     def deinterlace(self, info: VideoInfo) -> bool:
         """``decode.deinterlace``: auto (when the stream flags interlaced frames), on, off."""
-        mode = str(self.cfg.decode.deinterlace)
-        if mode not in ("auto", "on", "off"):
-            raise ValueError(f"decode.deinterlace must be auto, on or off, not {mode!r}")
+        mode = self.cfg.decode.deinterlace
         on = mode == "on" or (mode == "auto" and info.interlaced)
         if info.path not in self._told_deinterlace:
             self._told_deinterlace.add(info.path)
@@ -502,6 +511,7 @@ class Runner:
             writer.close()
         except BaseException:
             writer.abort()  # this writer's partial file
+            progress.advance(-counted[0])  # and its frames off the bar: lost, failed or stopped
             raise
         seconds = time.monotonic() - t0
         shards.write_sidecar(wdir, unit, signature=self.sig_of(info, unit), encode=encode,

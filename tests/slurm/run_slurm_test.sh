@@ -178,7 +178,7 @@ case_multirun() {
     helper check "$out/s3" --video clip=48 --report run_report.json || return 1
     # A sweep's rank logs are not under its outputs: conf/config.yaml's hydra.sweep.dir
     # (multirun/<date>/<time>, relative to the folder the sweep started in, here $WORK) and
-    # log.dir = hydra.runtime.output_dir put point k's logs in <sweep dir>/<k>/rank<N>.log
+    # log.dir=null (a sweep point: hydra.runtime.output_dir) put point k's logs in <sweep dir>/<k>/rank<N>.log
     # (vsr_ddp/logs.py); submitit's own files go to <sweep dir>/.submitit/<job id>/.
     sweep=$(ls -td "$WORK"/multirun/*/*/ 2>/dev/null | head -n 1)
     [ -n "$sweep" ] || { echo "no sweep folder under $WORK/multirun"; return 1; }

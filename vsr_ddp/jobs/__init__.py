@@ -12,8 +12,7 @@ JOBS = {"upscale": UpscaleJob, "propagate": PropagateJob, "sim2real": Sim2RealJo
         "interpolate": InterpolateJob}
 
 
-def make_job(cfg, device) -> Job:
-    name = cfg.job.name
-    if name not in JOBS:
-        raise ValueError(f"job={name} is not implemented here (known: {', '.join(sorted(JOBS))})")
-    return JOBS[name](cfg.job, device)
+def make_job(job_cfg, device) -> Job:
+    """The job named by ``job_cfg.name``, given its config subtree (``job.*``, checked by
+    :func:`vsr_ddp.config.check`)."""
+    return JOBS[job_cfg.name](job_cfg, device)

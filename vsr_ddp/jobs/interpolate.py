@@ -42,9 +42,9 @@ class InterpolateJob(Job):
         self.cfg = cfg
         self.device = device
         self.engine = None
-        self.factor = None if cfg.get("fps") not in (None, "") else interp.parse_rational(cfg.factor)
+        self.factor = None if cfg.fps not in (None, "") else interp.parse_rational(cfg.factor)
         self.fps = None if self.factor is not None else interp.parse_rational(cfg.fps)
-        self.threshold = float(cfg.get("scene_threshold") or 0)
+        self.threshold = float(cfg.scene_threshold)
         self.counts = {"scene_cuts": 0, "held_frames": 0, "interpolated_frames": 0}
         self.model_file: Path | None = None
 
@@ -52,23 +52,18 @@ class InterpolateJob(Job):
     def setup(self) -> None:
         c = self.cfg
         model = str(c.model)
-        precision = str(c.get("precision", "auto"))
-        if precision not in ("auto", "fp32", "fp16", "bf16"):
-            raise InterpolationError(f"job.precision must be auto, fp32, fp16 or bf16, not {precision!r}")
+        precision = str(c.precision)  # one of auto, fp32, fp16, bf16 (config.check)
         # RIFE's dtype, as upscale picks its model's: fp16 on CUDA for auto, fp32 on the CPU
         dtype = pick_dtype(precision, self.device, supports_half=True, supports_bf16=True)
         if model == "blend":
             self.engine = interp.Blend()
         elif model == "flow":
-            self.engine = interp.FlowInterp(self.device, c.get("flow_weights"),
-                                            c.get("flow_preset", "medium"))
+            self.engine = interp.FlowInterp(self.device, c.flow_weights, c.flow_preset)
         else:
             self.model_file = self._rife_file(model)
-            self.engine = interp.Rife(self.model_file, self.device, float(c.get("scale") or 1.0), dtype)
+            self.engine = interp.Rife(self.model_file, self.device, float(c.scale), dtype)
         if self.engine.midpoint_only and self.factor is not None:
             self._check_midpoints(self.factor, f"job.factor={self.factor}")
-        if str(c.get("vfr", "error")) not in ("error", "cfr"):
-            raise InterpolationError(f"job.vfr must be error or cfr, not {c.vfr!r}")
 
     def _rife_file(self, model: str) -> Path:
         from ..models import published
@@ -76,7 +71,7 @@ class InterpolateJob(Job):
 
         if model == "rife-hdv3":
             try:
-                path = published.weights_path(model, published.models_dir(self.cfg.get("models_dir")))
+                path = published.weights_path(model, published.models_dir(self.cfg.models_dir))
             except FileNotFoundError as e:
                 raise InterpolationError(f"job.model: {e}") from None
         else:
@@ -117,11 +112,11 @@ class InterpolateJob(Job):
             st = os.stat(self.model_file)
             model = f"{self.model_file.resolve()}:{st.st_size}:{int(st.st_mtime)}"
         return {"job": self.name, "model": model, "factor": str(self.factor), "fps": str(self.fps),
-                "scale": float(self.cfg.get("scale") or 1.0), "scene_threshold": self.threshold,
-                "vfr": str(self.cfg.get("vfr", "error")),
+                "scale": float(self.cfg.scale), "scene_threshold": self.threshold,
+                "vfr": str(self.cfg.vfr),
                 "dtype": str(getattr(self.engine, "dtype", "float32")),
-                "flow_weights": str(self.cfg.get("flow_weights")),
-                "flow_preset": str(self.cfg.get("flow_preset"))}
+                "flow_weights": str(self.cfg.flow_weights),
+                "flow_preset": str(self.cfg.flow_preset)}
 
     # -- planning ---------------------------------------------------------------------------------
     def fps_out(self, info: VideoInfo) -> Fraction:
@@ -133,7 +128,7 @@ class InterpolateJob(Job):
         return replace(info, frames=interp.output_count(info.frames, info.fps, fps), fps=fps, timestamps=())
 
     def plan_video(self, info: VideoInfo, video_index: int) -> list[Unit]:
-        if info.vfr and str(self.cfg.get("vfr", "error")) == "error":
+        if info.vfr and self.cfg.vfr == "error":
             raise InputError(f"variable frame rate (average {float(info.fps):.3f} fps): retiming needs a "
                              f"constant rate; job.vfr=cfr treats it as constant at its average rate")
         fps_out = self.fps_out(info)
@@ -226,7 +221,7 @@ class InterpolateJob(Job):
     def _run(self, pairs: list) -> list:
         """The engine over the pairs, job.batch_size at a time: a list of (H, W, 3) uint8."""
         out = []
-        batch = max(1, int(self.cfg.get("batch_size") or 4))
+        batch = int(self.cfg.batch_size)
         for s in range(0, len(pairs), batch):
             part = pairs[s:s + batch]
             a = np.stack([p[0] for p in part])

@@ -113,20 +113,18 @@ class PropagateJob(Job):
             raise ValueError("job.keys: give the folder of stylized keyframes (PNG/JPG named by frame index)")
         self.keys_root = Path(str(keys)).expanduser()
         self.per_video = self._per_video(c)
-        self.flow = FlowEstimator(c.get("flow_weights") or None, device=self.device,
+        self.flow = FlowEstimator(c.flow_weights or None, device=self.device,
                                   dis_preset=str(c.flow_preset), raft_iters=int(c.raft_iters))
         self.propagator: Propagator | None = None
         self.keys: dict[str, dict[int, Path]] = {}     # video path -> its keys
 
     @staticmethod
     def _per_video(c) -> bool:
-        layout = str(c.get("keys_layout", "auto"))
-        if layout not in ("auto", "flat", "per_video"):
-            raise ValueError(f"job.keys_layout must be auto, flat or per_video, not {layout!r}")
+        layout = str(c.keys_layout)  # auto, flat or per_video (config.check)
         if layout != "auto":
             return layout == "per_video"
         # auto: a folder input keeps each video's keys in <keys>/<stem>/, a single file in <keys>
-        inp = c.get("input")
+        inp = c.input
         return bool(inp) and Path(str(inp)).expanduser().is_dir()
 
     def setup(self) -> None:
@@ -142,7 +140,7 @@ class PropagateJob(Job):
     def settings(self) -> dict:
         c = self.cfg
         flow = "dis:" + str(c.flow_preset)
-        if c.get("flow_weights"):
+        if c.flow_weights:
             p = Path(str(c.flow_weights)).expanduser()
             flow = f"raft:{p.resolve()}:{p.stat().st_size}:{int(p.stat().st_mtime)}:{c.raft_iters}"
         return {"job": self.name, "synth": self.params.to_dict(), "guides": asdict(self.weights),

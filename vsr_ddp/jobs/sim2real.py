@@ -108,7 +108,7 @@ class Sim2RealJob(Job):
         self.pipe: fresco.FrescoPipeline | None = None
         self.maps: fresco.ControlMaps | None = None
         self.propagator: Propagator | None = None
-        self.dtype = self._dtype(str(cfg.get("precision", "auto")))
+        self.dtype = self._dtype(str(cfg.precision))
 
     def _dtype(self, precision: str) -> torch.dtype:
         table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -129,20 +129,18 @@ class Sim2RealJob(Job):
         if missing(c.get("base_model")) or missing(c.get("controlnet")):
             raise ValueError(f"job.base_model and job.controlnet are required: {fresco.SD15_HINT}; "
                              f"{fresco.CONTROLNET_HINT}")
-        fresco.check_model_paths(c.base_model, c.controlnet, c.get("base_model_config"),
-                                 c.get("controlnet_config"), c.get("vae"))
-        self.maps = fresco.ControlMaps(str(c.control), c.get("annotator"), self.device,
-                                       int(c.get("canny_low", 50)), int(c.get("canny_high", 100)))
+        fresco.check_model_paths(c.base_model, c.controlnet, c.base_model_config, c.controlnet_config, c.vae)
+        self.maps = fresco.ControlMaps(str(c.control), c.annotator, self.device, int(c.canny_low),
+                                       int(c.canny_high))
         self.settings_for(self.options_from_config(""))  # bad FRESCO settings fail here, not per video
         self.pipe = fresco.FrescoPipeline.from_local(
-            c.base_model, c.controlnet, base_model_config=c.get("base_model_config"),
-            controlnet_config=c.get("controlnet_config"), vae=c.get("vae"), device=self.device,
+            c.base_model, c.controlnet, base_model_config=c.base_model_config,
+            controlnet_config=c.controlnet_config, vae=c.vae, device=self.device,
             dtype=self.dtype)
-        self.pipe.set_memory_options(vae_tiling=bool(c.get("vae_tiling")),
-                                     vae_slicing=bool(c.get("vae_slicing")))
-        if c.get("freeu"):
+        self.pipe.set_memory_options(vae_tiling=bool(c.vae_tiling), vae_slicing=bool(c.vae_slicing))
+        if c.freeu:
             self.pipe.unet.enable_freeu(s1=1.0, s2=1.0, b1=1.2, b2=1.5)  # FRESCO's use_freeu values
-        self.propagator = Propagator(SynthParams.from_config(c.ebsynth), poisson=bool(c.get("poisson")),
+        self.propagator = Propagator(SynthParams.from_config(c.ebsynth), poisson=bool(c.poisson),
                                      device=self.device)
 
     def tag(self) -> str:
@@ -153,10 +151,10 @@ class Sim2RealJob(Job):
         paths = ("base_model", "controlnet", "base_model_config", "controlnet_config", "vae", "annotator")
         models = {k: _fingerprint(Path(str(c[k]))) for k in paths if c.get(k) not in (None, "")}
         return {"job": self.name, "models": models, "control": str(c.control), "precision": str(self.dtype),
-                "short_side": int(c.short_side), "canny": [c.get("canny_low"), c.get("canny_high")],
+                "short_side": int(c.short_side), "canny": [c.canny_low, c.canny_high],
                 "fresco": self.settings_for(self.options_from_config("")).to_dict(),
                 "defaults": {k: v for k, v in vars(self.options_from_config("")).items() if k != "prompt"},
-                "freeu": bool(c.get("freeu")), "propagation": self.propagation_settings()}
+                "freeu": bool(c.freeu), "propagation": self.propagation_settings()}
 
     def unit_settings(self, info: VideoInfo, unit: Unit) -> dict:
         """This video's prompt and overrides: editing them redoes this video alone."""
@@ -164,7 +162,7 @@ class Sim2RealJob(Job):
 
     def propagation_settings(self) -> dict:
         return {"ebsynth": SynthParams.from_config(self.cfg.ebsynth).to_dict(),
-                "poisson": bool(self.cfg.get("poisson"))}
+                "poisson": bool(self.cfg.poisson)}
 
     def output_size(self, width: int, height: int) -> tuple[int, int]:
         return width, height

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..models.sr import CLASSICAL, Upscaler
+from ..models.sr import Upscaler
 from ..plan import VideoInfo
 from .base import Job
 
@@ -62,11 +62,9 @@ class UpscaleJob(Job):
         c = self.cfg
         self.upscaler = Upscaler(str(c.model), device=self.device, scale=c.scale, outscale=c.outscale,
                                  tile=c.tile, tile_pad=c.tile_pad, precision=c.precision,
-                                 batch_size=c.batch_size, compile=c.get("compile", False),
-                                 models_dir=c.get("models_dir"))
-        if c.get("spans"):
-            if str(c.fallback) not in CLASSICAL:
-                raise ValueError(f"job.fallback must be lanczos or bicubic, not {c.fallback!r}")
+                                 batch_size=c.batch_size, compile=c.compile,
+                                 models_dir=c.models_dir)
+        if c.spans:  # job.fallback: lanczos or bicubic (config.check)
             # Same final size as the model's output, so the two kinds of frame splice seamlessly.
             self.fallback = Upscaler(str(c.fallback), device=self.device,
                                      scale=self.upscaler.outscale or self.upscaler.scale)
@@ -85,8 +83,8 @@ class UpscaleJob(Job):
         return {"job": self.name, "model": model, "scale": up.scale, "outscale": up.outscale,
                 # tiling and precision change pixels only at noise level, but they do change them
                 "tile": c.tile, "tile_pad": c.tile_pad, "dtype": str(up.dtype),
-                "spans": list(c.get("spans") or []),
-                "fallback": str(c.get("fallback")) if c.get("spans") else None}
+                "spans": list(c.spans),
+                "fallback": str(c.fallback) if c.spans else None}
 
     def output_size(self, width: int, height: int) -> tuple[int, int]:
         return self.upscaler.output_size(width, height)
@@ -95,7 +93,7 @@ class UpscaleJob(Job):
         """With ``job.preview=true``: ``<stem>.preview.png`` beside the video, the middle frame's
         input crop, its bicubic upscale and the model's output side by side, at the video's
         display aspect. ``reader``: a FrameReader of the input, as the units read it."""
-        if not self.cfg.get("preview"):
+        if not self.cfg.preview:
             return {}
         from ..preview import write_preview
 
@@ -107,7 +105,7 @@ class UpscaleJob(Job):
 
     def begin(self, info: VideoInfo) -> None:
         """Called before each unit of ``info``."""
-        self.spans = span_frames(self.cfg.get("spans"), info) if self.fallback else None
+        self.spans = span_frames(self.cfg.spans, info) if self.fallback else None
 
     def process(self, frames: np.ndarray, first: int) -> np.ndarray:
         """# (B, H, W, 3) uint8, absolute frame index of frames[0] -> (B, H', W', 3) uint8."""
