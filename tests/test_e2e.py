@@ -122,7 +122,7 @@ def test_sweep_exit_status_follows_its_points(clips, tmp_path):
     proc = run_job(["-m", "job=upscale", f"input={clips['av']}", f"output={out}/s${{job.scale}}",
                     "job.model=bicubic", "job.scale=0,2", "work.unit=video"], check=False, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "error: job.model=bicubic needs job.scale" in proc.stderr
+    assert "error: job.scale=0: must be positive, or null" in proc.stderr  # checked before any work
     assert read_report(out / "s2")["videos"][0]["status"] == "ok"  # the point after the bad one ran
     assert probe_streams(out / "s2" / "av.mp4")["frames"] == 48
 

@@ -133,7 +133,7 @@ BAD = [
     (["work.segment_frames=abc"], "work.segment_frames=abc: must be an integer"),
     (["work.segment_frames=0"], "work.segment_frames=0: must be at least 1"),
     (["work.claim=greedy"], "work.claim=greedy: must be dynamic or strided"),
-    (["work.lease_timeout_s=5"], "work.lease_timeout_s=5.0: must be at least 10 (seconds)"),
+    (["work.lease_timeout_s=5"], "work.lease_timeout_s=5: must be at least 10 (seconds)"),
     (["work.shard_index=3", "work.num_shards=2"], "work.shard_index=3: must be in [0, 1]"),
     (["encode.crf=80"], "encode.crf=80: must be in [0, 51]"),
     (["encode.codec=h265"], "encode.codec=h265: must be auto, libx264, libx265, h264_nvenc or hevc_nvenc"),

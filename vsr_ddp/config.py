@@ -50,6 +50,8 @@ def _show(value) -> str:
         return str(value).lower()
     if value is None:
         return "null"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))  # as typed: job.scale=0, not 0.0
     return str(value) if not isinstance(value, str) or value else "''"
 
 
