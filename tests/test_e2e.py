@@ -163,7 +163,7 @@ def test_job_array_shares_split_the_inputs_and_write_one_report_each(tmp_path):
 
     proc = run_job([*args, "work.shard_index=2"], check=False)
     assert proc.returncode == 2
-    assert "work.shard_index must be in [0, 1]" in proc.stderr
+    assert "error: work.shard_index=2: must be in [0, 1]" in proc.stderr
 
 
 def read_report_named(output: Path, name: str) -> dict:

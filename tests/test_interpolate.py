@@ -257,4 +257,4 @@ def test_rife_in_half_precision_stays_close_to_fp32(rife_models, tmp_path):
     src = make_clip(tmp_path / "c.mp4", frames=4, size=(64, 48), fps="24", audio=False)
     proc = interpolate(src, tmp_path / "o", "job.model=blend", "job.precision=fp8", check=False)
     assert proc.returncode == 2
-    assert "error: job.precision must be auto, fp32, fp16 or bf16, not 'fp8'" in proc.stderr
+    assert "error: job.precision=fp8: must be auto, fp32, fp16 or bf16" in proc.stderr

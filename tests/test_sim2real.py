@@ -385,7 +385,8 @@ def test_missing_weights_fail_before_work_naming_what_to_put_where(tmp_path, mod
             job.setup()
         assert words in str(e.value) and "\n" not in str(e.value)
     # through the command line: one line on stderr, exit status 2, before any work
-    proc = run_job(["job=sim2real", f"input={tmp_path}", f"output={tmp_path / 'out'}",
+    make_clip(tmp_path / "in" / "a.mp4", frames=2, audio=False)  # the input itself is fine
+    proc = run_job(["job=sim2real", f"input={tmp_path / 'in'}", f"output={tmp_path / 'out'}",
                     f"job.prompts={tmp_path / 'prompts'}", "job.base_model=/nowhere/sd15",
                     f"job.controlnet={models['cn']}"], check=False)
     assert proc.returncode == 2 and "error: job.base_model=/nowhere/sd15: not found" in proc.stderr
