@@ -138,7 +138,7 @@ DIS_PRESETS = Literal["ultrafast", "fast", "medium"]
 @dataclass(frozen=True)
 class Upscale:
     name: str
-    model: str = reads(only_if_exists=True)  # also a name: lanczos, default, realesrgan-x4plus ...
+    model: str = reads()  # also a name: lanczos, default, realesrgan-x4plus ...
     models_dir: Optional[str]
     scale: Optional[float]
     outscale: Optional[float]
@@ -164,7 +164,7 @@ class Upscale:
 @dataclass(frozen=True)
 class Interpolate:
     name: str
-    model: str = reads(only_if_exists=True)  # also rife-hdv3, flow, blend
+    model: str = reads()  # also rife-hdv3, flow, blend
     factor: Union[int, float, str]
     fps: Union[None, int, float, str]
     scale: float
@@ -388,7 +388,7 @@ def check(cfg: DictConfig) -> Settings:
     job_values = values.get("job")
     if not isinstance(job_values, dict) or "name" not in job_values:
         raise ConfigError("job: choose a job: job=upscale, interpolate, propagate or sim2real")
-    settings = Settings(**_build(Settings, values, ""))
+    groups = _build(Settings, values, "")
     name = job_values["name"]
     if name in JOB_SETTINGS:
         job = JOB_SETTINGS[name](**_build(JOB_SETTINGS[name], job_values, "job."))
@@ -398,8 +398,7 @@ def check(cfg: DictConfig) -> Settings:
         if name not in JOBS:
             raise ConfigError(f"job={name}: no such job ({_allowed(sorted(JOB_SETTINGS))})")
         job = None
-    return Settings(**{f.name: getattr(settings, f.name) for f in fields(Settings)
-                       if f.name not in ("job", "job_cfg")}, job=job, job_cfg=cfg.job)
+    return Settings(**groups, job=job, job_cfg=cfg.job)
 
 
 # -- what the run reads, and where it writes ---------------------------------------------------------
