@@ -16,7 +16,7 @@ import hydra
 from omegaconf import DictConfig
 
 from . import config, dist, preempt
-from .logs import setup_logging
+from .logs import close_logging, setup_logging
 from .shards import WORK_DIR
 
 log = logging.getLogger("vsr_ddp")
@@ -63,6 +63,7 @@ def run(cfg: DictConfig) -> int:
         return CONFIG_ERROR
     finally:
         dist.teardown(ctx)
+        close_logging()
 
 
 def log_dir(settings: config.Settings) -> Path:
@@ -139,7 +140,8 @@ def _leave(status: int) -> None:
 def _multirun() -> bool:
     from hydra.core.hydra_config import HydraConfig
 
-    return HydraConfig.get().mode.name == "MULTIRUN"
+    # not initialized: run() called with a config composed by hydra.compose (tests, notebooks)
+    return HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN"
 
 
 def hydra_error_lines(e: BaseException) -> list[str]:
@@ -163,6 +165,7 @@ def cli() -> None:
     # so that they exit 2 with one or two lines like every other configuration error.
     full = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    _sweep.clear()
     try:
         main()
     except SweepPointFailed as e:

@@ -15,6 +15,8 @@ FORMAT = "%(asctime)s [%(who)s] %(levelname)s %(name)s: %(message)s"
 # The launch's run id, once the runner knows it: concurrent launches on one output folder append
 # to the same rank<N>.log files, and each line says which launch wrote it.
 _run = ""
+_BASE_FACTORY = logging.getLogRecordFactory()
+_handlers: list[logging.Handler] = []  # what setup_logging put on the root logger
 
 
 def set_run(run_id: str) -> None:
@@ -57,21 +59,22 @@ def setup_logging(log_dir: Path, rank: int, level: str = "INFO") -> Path:
     log_dir.mkdir(parents=True, exist_ok=True)
     path = log_dir / f"rank{rank}.log"
     set_run("")  # a new launch (or sweep point): no run id until the runner has one
-    old_factory = logging.getLogRecordFactory()
 
     def factory(*args, **kwargs):
-        record = old_factory(*args, **kwargs)
+        record = _BASE_FACTORY(*args, **kwargs)
         record.who = f"rank {rank} run {_run}" if _run else f"rank {rank}"
         return record
 
-    logging.setLogRecordFactory(factory)
+    logging.setLogRecordFactory(factory)  # replaces an earlier run's in this process, never wraps it
+    close_logging()
     root = logging.getLogger()
-    for h in list(root.handlers):
+    for h in list(root.handlers):  # whatever else was there (basicConfig's): this run's handlers only
         root.removeHandler(h)
     root.setLevel(level)
     fh = logging.FileHandler(path, encoding="utf-8")
     fh.setFormatter(logging.Formatter(FORMAT))
     root.addHandler(fh)
+    _handlers.append(fh)
     if rank == 0:
         ch = _TqdmHandler()
         ch.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
@@ -79,8 +82,19 @@ def setup_logging(log_dir: Path, rank: int, level: str = "INFO") -> Path:
         # one-line console message)
         ch.addFilter(lambda record: getattr(record, "console", True))
         root.addHandler(ch)
+        _handlers.append(ch)
     logging.captureWarnings(True)
     return path
+
+
+def close_logging() -> None:
+    """Detach and close the handlers :func:`setup_logging` put on the root logger (the rank log
+    file stays complete; a later run or sweep point in this process opens its own)."""
+    root = logging.getLogger()
+    while _handlers:
+        h = _handlers.pop()
+        root.removeHandler(h)
+        h.close()
 
 
 class _Bar(tqdm):
