@@ -15,7 +15,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from . import config, dist, preempt
+from . import config, dist, preempt, sweep, usage
+from .config import CONFIG_ERROR
 from .logs import close_logging, setup_logging
 from .shards import WORK_DIR
 
@@ -23,18 +24,6 @@ log = logging.getLogger("vsr_ddp")
 
 # Errors a user can fix from the message alone: one line on the console, exit status 2.
 USER_ERRORS = (dist.DistError, ValueError, FileNotFoundError)
-CONFIG_ERROR = 2
-
-
-def config_dir() -> str:
-    """conf/ lives at the top of the repository; a built wheel carries it as vsr_ddp/conf
-    (setup.cfg's package_dir). The installed copy first, then the checkout's."""
-    here = Path(__file__).resolve().parent
-    for d in (here / "conf", here.parent / "conf"):
-        if (d / "config.yaml").is_file():
-            return str(d)
-    raise SystemExit(f"error: vsr_ddp's conf/ is in neither {here / 'conf'} nor {here.parent / 'conf'}: "
-                     "reinstall vsr_ddp")
 
 
 def run(cfg: DictConfig) -> int:
@@ -70,55 +59,20 @@ def log_dir(settings: config.Settings) -> Path:
     """``log.dir``, else ``<output>/.vsr_ddp/logs`` (a sweep point: its folder in the sweep's)."""
     if settings.log.dir:
         return Path(settings.log.dir).expanduser()
-    if _multirun():
+    if sweep.active():
         from hydra.core.hydra_config import HydraConfig
 
         return Path(HydraConfig.get().runtime.output_dir)
     return Path(settings.output).expanduser() / WORK_DIR / "logs"
 
 
-class SweepPointFailed(RuntimeError):
-    """A sweep point run away from the sweeping process (hydra/launcher=slurm) that exited non-zero:
-    raised so that the sweep, which only sees the point's result, fails too."""
-
-    def __init__(self, status: int, point: str = ""):
-        super().__init__(status, point)  # its arguments: the exception is pickled back to the sweep
-        self.status, self.point = status, point
-
-    def __str__(self) -> str:
-        return f"sweep point {self.point} exited with status {self.status}"
-
-
-_SWEEP_PID = os.getpid()   # the process that runs `python -m vsr_ddp -m ...`
-_sweep: list[int] = []      # exit status of each sweep point run in that process
-
-
-def sweep_status(statuses: list[int]) -> int:
-    """A sweep's exit status: that of its most serious point. 128 + N when one was stopped by a
-    signal, 2 when one had a configuration error, 1 when one failed, else 0."""
-    failed = [s for s in statuses if s]
-    if not failed:
-        return 0
-    stopped = [s for s in failed if s > 128]
-    if stopped:
-        return stopped[0]
-    return CONFIG_ERROR if CONFIG_ERROR in failed else 1
-
-
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
+@hydra.main(version_base="1.3", config_path=config.config_dir(), config_name="config")
 def main(cfg: DictConfig) -> int:
     status = run(cfg)
-    if not _multirun():
+    if not sweep.active():
         _leave(status)
         return status
-    if os.getpid() != _SWEEP_PID:  # a launcher ran this point elsewhere: its status reaches the sweep only so
-        if status:
-            from hydra.core.hydra_config import HydraConfig
-
-            hc = HydraConfig.get()
-            raise SweepPointFailed(status, f"#{hc.job.num} ({' '.join(hc.overrides.task)})")
-        return status
-    _sweep.append(status)
+    sweep.point_done(status)  # a failed point run elsewhere (hydra/launcher=slurm) raises here
     if status > 128:  # stopped by a signal (preemption): so is the sweep, its later points included
         _leave(status)
     return status  # the sweep goes on to its next point in this process
@@ -137,13 +91,6 @@ def _leave(status: int) -> None:
         sys.exit(status)
 
 
-def _multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-
-    # not initialized: run() called with a config composed by hydra.compose (tests, notebooks)
-    return HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN"
-
-
 def hydra_error_lines(e: BaseException) -> list[str]:
     """Hydra's message for a command line it cannot compose, in one or two lines: what is wrong
     (and its cause), then what would be right (the options of a config group, ``+key=`` for a
@@ -157,18 +104,22 @@ def hydra_error_lines(e: BaseException) -> list[str]:
 
 
 def cli() -> None:
-    """``python -m vsr_ddp``: a single run exits from main(); a sweep (-m) here, once every point ran."""
+    """``python -m vsr_ddp``: a single run exits from main(); a sweep (-m) here, once every point ran;
+    ``--help`` here, before Hydra (vsr_ddp.usage)."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    if usage.wanted(sys.argv[1:]):  # --help: vsr_ddp's own, read off conf/ (--hydra-help: Hydra's)
+        _leave(usage.show(sys.argv[1:]) if dist.env_rank() == 0 else 0)
+        return
     # Hydra's own errors (a misspelt key, an unknown job) reach us instead of Hydra's report,
     # so that they exit 2 with one or two lines like every other configuration error.
     full = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"
-    _sweep.clear()
+    sweep.begin()
     try:
         main()
-    except SweepPointFailed as e:
+    except sweep.SweepPointFailed as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         _leave(e.status)
     except (HydraException, OmegaConfBaseException) as e:
@@ -179,8 +130,9 @@ def cli() -> None:
                 traceback.print_exc()
             print("\n".join(hydra_error_lines(e)), file=sys.stderr, flush=True)
         _leave(CONFIG_ERROR)
-    if _sweep:
-        _leave(sweep_status(_sweep))
+    status = sweep.exit_status()
+    if status is not None:
+        _leave(status)
 
 
 if __name__ == "__main__":

@@ -6,15 +6,19 @@ the next run removes or overwrites, never a half-written file under a name that 
 
 Temporary names are unique per writer (``segment_0003.mp4.<writer>.partial``): launches that share
 an output folder never write into each other's files, and the last rename wins whole.
+:func:`read_json` reads what :func:`atomic_write_json` wrote, a damaged file counting as missing.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import uuid
 from pathlib import Path
 
 TMP_SUFFIX = ".partial"
+
+log = logging.getLogger(__name__)
 
 
 def tmp_path(path: Path, writer: str | None = None) -> Path:
@@ -103,3 +107,49 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     with open(tmp, "wb") as f:
         f.write(data)
     commit(tmp, path)
+
+
+def read_json(path: Path, warn: bool = True) -> dict | None:
+    """A JSON file's object, or None when it is missing or damaged.
+
+    Files under their final names are written whole (:func:`commit`), so a damaged one (garbage,
+    empty, cut short) is what a crash on a filesystem without ordering, a full disk or a stray
+    copy leaves: it counts as missing, so what it records is made again and the file replaced,
+    and it gets one warning (:func:`warn_damaged`). ``warn=False`` for files that are legitimately
+    unreadable for an instant: leases and run files, created empty and then written (claims.py)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+            st = os.fstat(f.fileno())
+    except OSError:
+        return None
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except ValueError as e:  # UnicodeDecodeError included
+        problem = "empty" if not data.strip() else f"not JSON: {str(e)[:80]}"
+    else:
+        if isinstance(obj, dict):
+            return obj
+        problem = f"a JSON {type(obj).__name__}, not an object"
+    if warn:
+        warn_damaged(path, problem, st)
+    return None
+
+
+_warned: set = set()  # (path, inode, mtime, size) of each damaged file already warned about
+
+
+def warn_damaged(path: Path, problem: str, st: os.stat_result | None = None,
+                 consequence: str = "taken as missing: what it records is made again and the file replaced"
+                 ) -> None:
+    """One warning per damaged file (per version of it: a file replaced by another damaged one
+    gets its own), however often the run reads it."""
+    try:
+        st = st or os.stat(path)
+    except OSError:
+        return
+    key = (str(path), st.st_ino, st.st_mtime_ns, st.st_size)
+    if key in _warned:
+        return
+    _warned.add(key)
+    log.warning("%s is damaged (%s), as a crash or a full disk leaves files; %s", path, problem, consequence)

@@ -219,7 +219,7 @@ def bench_interpolate(size: tuple[int, int], device: torch.device, pairs: int = 
     # Practical-RIFE 4.25/4.26's layout with freshly initialised weights: its speed (no published
     # 4.x weights come from the package index); flush-to-zero keeps untrained weights' subnormal
     # products from slowing CPU convs down, which trained weights do not suffer
-    from .models.rife4 import VERSIONS, IFNet4
+    from .models.rife import VERSIONS, IFNet4
 
     torch.manual_seed(0)
     rife4 = Path(tempfile.mkdtemp()) / "flownet.pkl"
@@ -265,7 +265,8 @@ def bench_propagation(size: int = 512, frames: int = 2, device: str | torch.devi
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if params is None:
-        params = SynthParams() if dev.type == "cuda" else SynthParams(search_vote_iters=2, patchmatch_iters=2)
+        cpu = {} if dev.type == "cuda" else {"search_vote_iters": 2, "patchmatch_iters": 2}
+        params = SynthParams.shipped(**cpu)
     n = frames + 2
     rng = np.random.default_rng(0)
     big = rng.random((size // 8 + 2, (size + 2 * n) // 8 + 2, 3)).astype(np.float32) * 255
@@ -341,7 +342,7 @@ def bench_sim2real(base_model: str | None = None, controlnet: str | None = None,
     rng = np.random.default_rng(0)
     base = rng.integers(0, 256, (size + 8 * frames, size + 8 * frames, 3), dtype=np.uint8)
     clip = np.stack([base[4 * i:4 * i + size, 4 * i:4 * i + size] for i in range(frames)])  # a slow pan
-    s = FrescoSettings(steps=steps, batch_size=max(frames, 3), **settings)
+    s = FrescoSettings.shipped(steps=steps, batch_size=max(frames, 3), **settings)
     if device.type == "cuda":  # one short untimed pass: kernel loading, cuDNN/SDPA choices, allocator growth
         warm = FrescoSettings(**{**asdict(s), "steps": 1, "strength": 1.0, "batch_size": 3})
         pipe.translate(clip[:3], [0, 1, 2], embeds, warm)

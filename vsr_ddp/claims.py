@@ -31,7 +31,7 @@ import time
 import uuid
 from pathlib import Path
 
-from .shards import read_json, warn_damaged
+from .atomic import read_json, warn_damaged
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,12 @@ LEASE_SUFFIX = ".lease"
 UNREADABLE_S = 5.0  # an unreadable lease unchanged this long (three renewals, if less) is damaged
 RUNS = "runs"  # <output>/.vsr_ddp/runs/<run>.json
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%z"
+
+# The clocks a lease is judged by: this host's (a lease's mtime is compared with it) and a
+# monotonic one (how long an observer has seen a lease unchanged: Watch). Module-level, so that
+# tests can run them on a clock of their own instead of sleeping.
+wall_clock = time.time
+monotonic_clock = time.monotonic
 
 
 class LeaseLost(RuntimeError):
@@ -84,7 +90,7 @@ def stale_reason(path: Path, holder: dict | None, timeout_s: float, host: str | 
         st = path.stat()
     except OSError:
         return None  # nothing to take over: create it
-    age = max(0.0, time.time() - st.st_mtime)
+    age = max(0.0, wall_clock() - st.st_mtime)
     quiet = 0.0
     if watch is None:
         if age > timeout_s:
@@ -137,7 +143,7 @@ class Watch:
 
     def quiet(self, path: Path, st: os.stat_result, holder: dict | None) -> float:
         key = (str((holder or {}).get("token")), st.st_ino, st.st_mtime_ns, st.st_size)
-        now = time.monotonic()
+        now = monotonic_clock()
         with self._lock:
             seen = self._seen.get(path)
             if seen is None or seen[0] != key:
@@ -163,7 +169,7 @@ class Leases:
     :class:`LeaseLost` when it is not any more (call it before committing).
     """
 
-    def __init__(self, run: str, rank: int, host: str | None = None, timeout_s: float = 300.0,
+    def __init__(self, run: str, rank: int, host: str | None = None, *, timeout_s: float,
                  renew_s: float | None = None, runs: Path | None = None):
         self.run, self.rank = run, rank
         self.runs = runs  # the run files' folder: a lease of a launch that is gone is free
@@ -332,7 +338,7 @@ def _warn_damaged_run(path: Path) -> None:
         st = path.stat()
     except OSError:
         return
-    if st.st_size or time.time() - st.st_mtime > UNREADABLE_S:
+    if st.st_size or wall_clock() - st.st_mtime > UNREADABLE_S:
         warn_damaged(path, "garbage, empty or cut short", st, consequence="it counts as no live launch")
 
 

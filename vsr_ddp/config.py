@@ -30,6 +30,9 @@ class ConfigError(ValueError):
     """A setting that cannot work: the message is the one line the user sees."""
 
 
+CONFIG_ERROR = 2  # the exit status of a run stopped by a configuration error
+
+
 def reads(**meta) -> Any:
     """A key naming a file or folder the run reads: the output may never be (or hold) it."""
     return field(metadata={"reads": True, **meta})
@@ -63,6 +66,31 @@ def _rational(value, key: str) -> Fraction:
         r = None
     _need(r is not None and r > 0, key, value, "a positive number or fraction (2, 5/2, 2.5, 60000/1001)")
     return r
+
+
+def config_dir() -> str:
+    """conf/ lives at the top of the repository; a built wheel carries it as vsr_ddp/conf
+    (setup.cfg's package_dir). The installed copy first, then the checkout's."""
+    here = Path(__file__).resolve().parent
+    for d in (here / "conf", here.parent / "conf"):
+        if (d / "config.yaml").is_file():
+            return str(d)
+    raise SystemExit(f"error: vsr_ddp's conf/ is in neither {here / 'conf'} nor {here.parent / 'conf'}: "
+                     "reinstall vsr_ddp")
+
+
+def shipped(file: str, key: str | None = None) -> Any:
+    """A default as the shipped YAML has it (plain Python, not resolved): ``shipped("config",
+    "work.lease_timeout_s")``, ``shipped("ebsynth/default")``, ``shipped("job/propagate", "guides")``.
+    For what runs outside a job's composed config (``python -m vsr_ddp.status``, benchmarks,
+    tests) and needs the value a run would have: the YAML stays its one home."""
+    path = Path(config_dir()) / f"{file}.yaml"
+    node = OmegaConf.load(path)
+    if key is not None:
+        node = OmegaConf.select(node, key, default=KeyError, throw_on_missing=False)
+        if node is KeyError:
+            raise KeyError(f"{key}: not in {path}")
+    return OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else node
 
 
 # -- the groups --------------------------------------------------------------------------------------

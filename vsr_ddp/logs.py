@@ -111,7 +111,7 @@ class Progress:
     """Run-wide frame progress. Every rank calls :meth:`advance`; rank 0 shows the bar and
     every rank logs a line with frames/s and ETA now and then."""
 
-    def __init__(self, ctx, show_bar: bool, log_every_s: float = 30.0):
+    def __init__(self, ctx, show_bar: bool, log_every_s: float):
         self.ctx = ctx
         self.log = logging.getLogger("vsr_ddp.progress")
         self.log_every_s = log_every_s

@@ -138,7 +138,15 @@ class Plan:
 
     def units_for_rank(self, rank: int, world: int) -> list:
         """Rank-strided claim over the global unit order (videos, then segments)."""
-        return self.units[rank::world]
+        return strided(self.units, rank, world)
+
+
+def strided(items, index: int, count: int) -> list:
+    """Share ``index`` of ``count`` of ``items``: ``items[index::count]``, i.e. item ``i`` goes to
+    share ``i % count``. The one rule of every fixed assignment: units to ranks
+    (``work.claim=strided``), inputs to probe per rank, inputs to job-array tasks
+    (``work.shard_index`` / ``work.num_shards``)."""
+    return list(items)[index::count]
 
 
 def list_inputs(input_path: str | Path, shard_index: int = 0, num_shards: int = 1) -> list[Path]:
@@ -179,7 +187,7 @@ def shard_inputs(inputs: list, shard_index: int = 0, num_shards: int = 1) -> lis
     if not 0 <= shard_index < num_shards:
         raise ValueError(f"work.shard_index must be in [0, {num_shards - 1}] (work.num_shards={num_shards}), "
                          f"not {shard_index}")
-    return list(inputs)[shard_index::num_shards]
+    return strided(inputs, shard_index, num_shards)
 
 
 def _pick_fps(stream) -> Fraction:

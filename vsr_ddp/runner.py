@@ -18,7 +18,8 @@ from .jobs import make_job
 from .jobs.base import signature
 from .logs import Progress, human_duration, set_run
 from .pipeline import run_stages
-from .plan import InputError, Plan, SkipVideo, Unit, VideoInfo, format_plan, list_inputs, plan_units, probe
+from .plan import (InputError, Plan, SkipVideo, Unit, VideoInfo, format_plan, list_inputs, plan_units, probe,
+                   strided)
 from .video import (NVENC_MAX_SIDE, FrameReader, ShardWriter, encoder_for_size, even_size, merge, output_sar,
                     pad_even, pick_pix_fmt, pix_fmt_depth, resolve_codec)
 
@@ -145,7 +146,7 @@ class Runner:
         one from a counter in the rendezvous store whenever this rank is free (the ranks of a run
         never wait on each other's long units); ``strided`` takes every world-th, fixed up front."""
         if self.claim == "strided":
-            yield from range(self.ctx.rank, len(plan.units), self.ctx.world)
+            yield from strided(range(len(plan.units)), self.ctx.rank, self.ctx.world)
             return
         while (i := self.ctx.add("claim", 1) - 1) < len(plan.units):
             yield i
@@ -173,6 +174,7 @@ class Runner:
         # of runs that ended (retried), and videos whose shards are all done but not merged yet.
         poll_s = min(2.0, self.leases.timeout_s / 10)
         told = False
+        mine = set(strided(range(len(plan.units)), self.ctx.rank, self.ctx.world))  # for work.claim=strided
         while not preempt.requested.is_set():
             pending, busy = self.survey(plan)
             if not pending and not busy:
@@ -181,7 +183,7 @@ class Runner:
                 log.info("waiting for %d unit(s) and %d merge(s) in other hands", len(pending), busy)
                 told = True
             if self.claim == "strided":  # the fixed assignment: no rank takes another's units
-                pending = [i for i in pending if i % self.ctx.world == self.ctx.rank]
+                pending = [i for i in pending if i in mine]
             for i in pending:
                 if preempt.requested.is_set() or self.try_unit(plan, i, progress) == "made":
                     break  # made one: look again from the start of the plan
@@ -325,7 +327,7 @@ class Runner:
         atomic.protect([*(p for _, p in config.read_paths(self.cfg)),
                         *((given.parent,) if given.is_file() else ())])
         probed = {}
-        for path in inputs[self.ctx.rank::self.ctx.world]:
+        for path in strided(inputs, self.ctx.rank, self.ctx.world):
             try:
                 probed[str(path)] = probe(path)
             except InputError as e:
@@ -384,7 +386,7 @@ class Runner:
         frames = np.concatenate(list(self.reader(info).read(0, min(info.frames, batch))))
         if len(frames) < batch:
             frames = np.concatenate([frames] * (batch // len(frames) + 1))[:batch]
-        self.job.begin(info)
+        self.job.begin(info, plan.units_of(0)[0], lambda frames_done: None)  # no bar to move here
         try:
             s_per_px = self.job.seconds_per_frame(frames, info) / (info.width * info.height)
         except NotImplementedError as e:
@@ -392,7 +394,7 @@ class Runner:
         rates = self.ctx.all_gather_object(s_per_px)
         px = [u.out_frames * plan.videos[u.video].width * plan.videos[u.video].height for u in plan.units]
         if self.claim == "strided":
-            per_rank = [sum(px[rank::self.ctx.world]) * rate for rank, rate in enumerate(rates)]
+            per_rank = [sum(strided(px, rank, self.ctx.world)) * rate for rank, rate in enumerate(rates)]
             total, tail = max(per_rank), f"slowest rank {max(range(len(per_rank)), key=per_rank.__getitem__)}"
         else:
             # Units go to whichever rank is free: the ranks' speeds add up, and the run lasts at
@@ -462,7 +464,7 @@ class Runner:
         wdir = self.wdir(info)
         wdir.mkdir(parents=True, exist_ok=True)
         shards.discard_partial(wdir, unit)
-        start, end = (unit.read_start, unit.read_end) if self.job.uses_context else (unit.start, unit.end)
+        start, end = self.job.read_range(unit)
         made_w, made_h = self.job.output_size(info.width, info.height)
         out_w, out_h = even_size(made_w, made_h)
         encode = encoder_for_size(self.encode, out_w, out_h)
@@ -487,8 +489,7 @@ class Runner:
                 progress.advance(n)
                 counted[0] += n
 
-        self.job.progress = count
-        self.job.begin(info)
+        self.job.begin(info, unit, count)
         source = self.job.unit_pieces(reader.read, unit, info)
 
         def model(piece):  # a piece -> the unit's next output frames, in order (maybe none)

@@ -13,13 +13,10 @@ Beside them, the coordination files of claims.py: ``<key>.lease`` while a rank m
 from __future__ import annotations
 
 import hashlib
-import json
-import logging
-import os
 import time
 from pathlib import Path
 
-from .atomic import atomic_write_json, partials
+from .atomic import atomic_write_json, partials, read_json
 from .plan import Unit, VideoInfo
 
 SIDECAR_VERSION = 1
@@ -29,8 +26,6 @@ CHECKPOINT = "checkpoint.json"  # rank 0's manifest of one video, in its work fo
 MERGED = "merged.json"  # the merge's record, in the work folder: output, its size, the shards it joined
 MERGE_LEASE = "merge.lease"  # held by the rank merging the video (claims.py)
 REPORTS = "run_report*.json"  # every report name below, as a glob
-
-log = logging.getLogger(__name__)
 
 
 def report_name(shard_index: int = 0, num_shards: int = 1) -> str:
@@ -72,52 +67,6 @@ def lease_path(wdir: Path, unit: Unit | str) -> Path:
 
 def merge_failure_path(wdir: Path) -> Path:
     return wdir / "merge.failed.json"
-
-
-def read_json(path: Path, warn: bool = True) -> dict | None:
-    """A JSON file's object, or None when it is missing or damaged.
-
-    Files under their final names are written whole (atomic.py), so a damaged one (garbage,
-    empty, cut short) is what a crash on a filesystem without ordering, a full disk or a stray
-    copy leaves: it counts as missing, so what it records is made again and the file replaced,
-    and it gets one warning (:func:`warn_damaged`). ``warn=False`` for files that are legitimately
-    unreadable for an instant: leases and run files, created empty and then written (claims.py)."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-            st = os.fstat(f.fileno())
-    except OSError:
-        return None
-    try:
-        obj = json.loads(data.decode("utf-8"))
-    except ValueError as e:  # UnicodeDecodeError included
-        problem = "empty" if not data.strip() else f"not JSON: {str(e)[:80]}"
-    else:
-        if isinstance(obj, dict):
-            return obj
-        problem = f"a JSON {type(obj).__name__}, not an object"
-    if warn:
-        warn_damaged(path, problem, st)
-    return None
-
-
-_warned: set = set()  # (path, inode, mtime, size) of each damaged file already warned about
-
-
-def warn_damaged(path: Path, problem: str, st: os.stat_result | None = None,
-                 consequence: str = "taken as missing: what it records is made again and the file replaced"
-                 ) -> None:
-    """One warning per damaged file (per version of it: a file replaced by another damaged one
-    gets its own), however often the run reads it."""
-    try:
-        st = st or os.stat(path)
-    except OSError:
-        return
-    key = (str(path), st.st_ino, st.st_mtime_ns, st.st_size)
-    if key in _warned:
-        return
-    _warned.add(key)
-    log.warning("%s is damaged (%s), as a crash or a full disk leaves files; %s", path, problem, consequence)
 
 
 def read_sidecar(wdir: Path, unit: Unit | str) -> dict | None:

@@ -24,9 +24,9 @@ from datetime import datetime
 from pathlib import Path
 
 from . import claims, shards
-from .atomic import partials
+from .atomic import partials, read_json
+from .config import shipped
 from .logs import human_duration
-from .shards import read_json
 
 
 def _epoch(stamp: str | None) -> float | None:
@@ -72,7 +72,7 @@ def holder(path: Path, timeout_s: float) -> dict | None:
             "since": lease.get("since"), "stale": claims.is_stale(path, lease, timeout_s, runs=runs)}
 
 
-def video_status(wdir: Path, timeout_s: float = 300.0) -> dict | None:
+def video_status(wdir: Path, timeout_s: float) -> dict | None:
     """The state of one work folder, or None when it has no readable checkpoint.json."""
     ck = read_json(wdir / shards.CHECKPOINT)
     if not ck or not isinstance(ck.get("segments"), dict):
@@ -133,7 +133,7 @@ def video_status(wdir: Path, timeout_s: float = 300.0) -> dict | None:
     }
 
 
-def collect(output: str | Path, timeout_s: float = 300.0) -> dict:
+def collect(output: str | Path, timeout_s: float) -> dict:
     """Everything :func:`main` prints, as one dict (what ``--json`` writes). ``timeout_s``: the
     runs' ``work.lease_timeout_s``, after which a lease not renewed counts as its holder's death."""
     output = Path(output).expanduser()
@@ -253,8 +253,10 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output", required=True, help="the run's output folder (output= of the job)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    ap.add_argument("--lease-timeout", type=float, default=300.0,
-                    help="the runs' work.lease_timeout_s: a lease not renewed this long is a dead holder's")
+    default = float(shipped("config", "work.lease_timeout_s"))
+    ap.add_argument("--lease-timeout", type=float, default=default, metavar="SECONDS",
+                    help="the runs' work.lease_timeout_s: a lease not renewed this long is a dead holder's "
+                         f"(default: conf/config.yaml's, {default:g})")
     args = ap.parse_args(argv)
     try:
         status = collect(args.output, args.lease_timeout)

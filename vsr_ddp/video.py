@@ -90,6 +90,7 @@ class FrameReader:
     (rgb48, full 16-bit scale) for a video of more than 8 bits whose output keeps them; else uint8.
     """
 
+    # Library defaults for direct callers (benchmarks, tests); a run passes work.reader / work.read_chunk.
     def __init__(self, info: VideoInfo, backend: str = "auto", chunk: int = 8, deinterlace: bool = False,
                  deep: bool = False):
         self.info = info

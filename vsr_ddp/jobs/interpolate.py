@@ -15,7 +15,6 @@ model call.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
@@ -28,15 +27,14 @@ from ..models import interpolation as interp
 from ..models.interpolation import InterpolationError
 from ..models.sr import pick_dtype
 from ..plan import InputError, Unit, VideoInfo
-from .base import Job
+from .base import Job, Progress, fingerprint
 
 log = logging.getLogger(__name__)
 
 
 class InterpolateJob(Job):
-    name = "interpolate"
-    streaming = False  # reads its unit itself, piece by piece (unit_pieces / process_piece)
-    uses_context = True
+    name = "interpolate"  # reads its unit itself, piece by piece (unit_pieces / process_piece)
+    reads_context = True  # one source frame past the owned range (plan_video)
 
     def __init__(self, cfg, device: torch.device):
         self.cfg = cfg
@@ -60,14 +58,21 @@ class InterpolateJob(Job):
         elif model == "flow":
             self.engine = interp.FlowInterp(self.device, c.flow_weights, c.flow_preset)
         else:
+            from ..models.rife import CheckpointError
+
             self.model_file = self._rife_file(model)
-            self.engine = interp.Rife(self.model_file, self.device, float(c.scale), dtype)
+            try:
+                self.engine = interp.Rife(self.model_file, self.device, float(c.scale), dtype)
+            except CheckpointError as e:  # unreadable, or neither RIFE HDv3 nor a Practical-RIFE 4.x
+                raise InterpolationError(f"job.model: {e}") from None
+            log.info("job.model: %s is %s", self.model_file, self.engine.net.description)
         if self.engine.midpoint_only and self.factor is not None:
             self._check_midpoints(self.factor, f"job.factor={self.factor}")
 
     def _rife_file(self, model: str) -> Path:
+        """The checkpoint ``job.model`` names: the fetched ``rife-hdv3``, or a file that exists
+        (what it is, the loader tells)."""
         from ..models import published
-        from ..models.rife import rife_variant
 
         if model == "rife-hdv3":
             try:
@@ -79,17 +84,6 @@ class InterpolateJob(Job):
             if not path.is_file():
                 raise InterpolationError(f"job.model: {path} does not exist (rife-hdv3, a RIFE flownet.pkl, "
                                          f"flow or blend)")
-        try:
-            variant = rife_variant(path)
-        except ValueError as e:
-            raise InterpolationError(f"job.model: {e}") from None
-        if variant == "unknown":
-            raise InterpolationError(f"job.model: {path} is not a RIFE checkpoint this version runs (RIFE "
-                                     f"HDv3, or a Practical-RIFE 4.0 - 4.26 flownet.pkl: its keys and shapes "
-                                     f"fit none of their layouts); use job.model=flow or blend for other "
-                                     f"models")
-        log.info("job.model: %s is %s", path,
-                 "RIFE HDv3" if variant == "hdv3" else f"Practical-RIFE {variant} (any t)")
         return path
 
     def _check_midpoints(self, ratio: Fraction, what: str) -> None:
@@ -107,10 +101,7 @@ class InterpolateJob(Job):
         return rate.replace("/", "-")
 
     def settings(self) -> dict:
-        model = str(self.cfg.model)
-        if self.model_file is not None:
-            st = os.stat(self.model_file)
-            model = f"{self.model_file.resolve()}:{st.st_size}:{int(st.st_mtime)}"
+        model = str(self.cfg.model) if self.model_file is None else fingerprint(self.model_file)
         return {"job": self.name, "model": model, "factor": str(self.factor), "fps": str(self.fps),
                 "scale": float(self.cfg.scale), "scene_threshold": self.threshold,
                 "vfr": str(self.cfg.vfr),
@@ -152,8 +143,12 @@ class InterpolateJob(Job):
         return units
 
     # -- one unit ---------------------------------------------------------------------------------
-    def begin(self, info: VideoInfo) -> None:
+    def begin(self, info: VideoInfo, unit: Unit, progress: Progress) -> None:
+        """The unit's state: its counts, the frames carried across pieces, the next output frame."""
         self.counts = dict.fromkeys(self.counts, 0)
+        self._frames = {}  # source index -> (H, W, 3) uint8: the last frame carried across pieces
+        self._cuts = {}  # source index i -> whether (i, i + 1) is a scene cut
+        self._next_out = unit.out_range[0]
 
     def unit_counts(self) -> dict:
         return dict(self.counts)
@@ -167,12 +162,8 @@ class InterpolateJob(Job):
 
     def process_piece(self, piece, unit: Unit, info: VideoInfo) -> np.ndarray:
         """Model stage: the output frames whose source position lies before the newest frame of
-        this piece (the pair they need is complete), in order."""
+        this piece (the pair they need is complete), in order; after :meth:`begin` on the unit."""
         first, chunk = piece
-        if first == unit.read_start:
-            self._frames = {}  # source index -> (H, W, 3) uint8: the last frame carried across pieces
-            self._cuts = {}  # source index i -> whether (i, i + 1) is a scene cut
-            self._next_out = unit.out_range[0]
         frames = self._frames
         for k, frame in enumerate(chunk):
             frames[first + k] = frame

@@ -27,7 +27,7 @@ from ..models.ebsynth import GuideWeights, SynthParams
 from ..models.flow import FlowEstimator
 from ..models.propagation import Propagator
 from ..plan import InputError, Unit, VideoInfo
-from .base import Job
+from .base import Job, Progress, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +98,8 @@ def key_units(keys: list[int], frames: int, video: int) -> list[Unit]:
 # --- The job -------------------------------------------------------------------------------------
 
 class PropagateJob(Job):
-    name = "propagate"
-    streaming = False      # the runner reads a unit's whole read range and calls process_unit
-    uses_context = True    # the right key's source frame is read beyond the owned range
+    name = "propagate"     # makes a unit's frames in one call (process_unit)
+    reads_context = True   # the right key's source frame is read beyond the owned range
 
     def __init__(self, cfg, device: torch.device):
         self.cfg = cfg
@@ -117,6 +116,7 @@ class PropagateJob(Job):
                                   dis_preset=str(c.flow_preset), raft_iters=int(c.raft_iters))
         self.propagator: Propagator | None = None
         self.keys: dict[str, dict[int, Path]] = {}     # video path -> its keys
+        self.progress: Progress = lambda frames_done: None  # the unit's, from begin
 
     @staticmethod
     def _per_video(c) -> bool:
@@ -141,8 +141,7 @@ class PropagateJob(Job):
         c = self.cfg
         flow = "dis:" + str(c.flow_preset)
         if c.flow_weights:
-            p = Path(str(c.flow_weights)).expanduser()
-            flow = f"raft:{p.resolve()}:{p.stat().st_size}:{int(p.stat().st_mtime)}:{c.raft_iters}"
+            flow = f"raft:{fingerprint(str(c.flow_weights))}:{c.raft_iters}"
         return {"job": self.name, "synth": self.params.to_dict(), "guides": asdict(self.weights),
                 "poisson": bool(c.poisson), "flow": flow, "per_video": self.per_video}
 
@@ -168,8 +167,9 @@ class PropagateJob(Job):
         """Units = key intervals (independent of work.unit); raises InputError for bad keys."""
         return key_units(list(self.video_keys(info)), info.frames, vi)
 
-    def begin(self, info: VideoInfo) -> None:
+    def begin(self, info: VideoInfo, unit: Unit, progress: Progress) -> None:
         self.video_keys(info)
+        self.progress = progress  # EbSynth's share done, told while process_unit runs
 
     def seconds_per_frame(self, frames: np.ndarray, info: VideoInfo) -> float:
         """job.calibrate: one EbSynth synthesis timed (frames[1] from frames[0] as its own key); a

@@ -21,7 +21,6 @@ a time), so memory holds the keyframes and one interval, not the video.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -36,7 +35,7 @@ from ..models import fresco
 from ..models.ebsynth import SynthParams
 from ..models.propagation import Propagator, key_intervals, propagate_interval
 from ..plan import InputError, SkipVideo, Unit, VideoInfo
-from .base import Job
+from .base import Job, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -84,21 +83,8 @@ def _read_overrides(path: Path) -> dict:
     return data
 
 
-def _fingerprint(path: Path) -> str:
-    """Path, size and mtime of a model file, or of every file in a model folder."""
-    path = path.expanduser().resolve()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    h = hashlib.sha256()
-    for f in files:
-        st = f.stat()
-        h.update(f"{f.relative_to(path) if f != path else f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
-    return f"{path}:{h.hexdigest()[:16]}"
-
-
 class Sim2RealJob(Job):
-    name = "sim2real"
-    streaming = False      # whole videos, read in pieces by unit_pieces, made by process_piece
-    uses_context = False   # one unit per video: nothing outside it
+    name = "sim2real"  # whole videos, read in pieces of its own (unit_pieces, process_piece)
 
     def __init__(self, cfg, device: torch.device):
         self.cfg = cfg
@@ -149,7 +135,8 @@ class Sim2RealJob(Job):
     def settings(self) -> dict:
         c = self.cfg
         paths = ("base_model", "controlnet", "base_model_config", "controlnet_config", "vae", "annotator")
-        models = {k: _fingerprint(Path(str(c[k]))) for k in paths if c.get(k) not in (None, "")}
+        # digest: the <path>:<hash> form these entries have always had, a model file's too
+        models = {k: fingerprint(str(c[k]), digest=True) for k in paths if c.get(k) not in (None, "")}
         return {"job": self.name, "models": models, "control": str(c.control), "precision": str(self.dtype),
                 "short_side": int(c.short_side), "canny": [c.canny_low, c.canny_high],
                 "fresco": self.settings_for(self.options_from_config("")).to_dict(),
@@ -218,9 +205,6 @@ class Sim2RealJob(Job):
         """One unit per video (FRESCO's batches share references across the whole video)."""
         self.video_options(info.stem)
         return [Unit(video=vi, seg_idx=0, start=0, end=info.frames, read_start=0, read_end=info.frames)]
-
-    def begin(self, info: VideoInfo) -> None:
-        pass
 
     # -- one video ------------------------------------------------------------------------------
     def unit_pieces(self, read: Callable[[int, int], Iterator[np.ndarray]], unit: Unit,

@@ -3,7 +3,6 @@ classical lanczos/bicubic, frame by frame; optionally the model only inside ``jo
 from __future__ import annotations
 
 import logging
-import os
 import re
 from pathlib import Path
 
@@ -11,8 +10,8 @@ import numpy as np
 import torch
 
 from ..models.sr import Upscaler
-from ..plan import VideoInfo
-from .base import Job
+from ..plan import Unit, VideoInfo
+from .base import Job, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +45,7 @@ def span_frames(spans, info: VideoInfo) -> list[tuple[int, int]]:
 
 
 class UpscaleJob(Job):
-    name = "upscale"
-    streaming = True
-    uses_context = False  # single-image SR: each frame stands alone
+    name = "upscale"  # makes frames chunk by chunk (process); single-image SR reads no context
     deep_frames = True  # takes uint16 frames too (a 10-bit input to a 10-bit output)
 
     def __init__(self, cfg, device: torch.device):
@@ -75,11 +72,7 @@ class UpscaleJob(Job):
 
     def settings(self) -> dict:
         c, up = self.cfg, self.upscaler
-        model = str(c.model)
-        if up.path is not None:
-            path = up.path.resolve()
-            st = os.stat(path)
-            model = f"{path}:{st.st_size}:{int(st.st_mtime)}"
+        model = str(c.model) if up.path is None else fingerprint(up.path)
         return {"job": self.name, "model": model, "scale": up.scale, "outscale": up.outscale,
                 # tiling and precision change pixels only at noise level, but they do change them
                 "tile": c.tile, "tile_pad": c.tile_pad, "dtype": str(up.dtype),
@@ -103,8 +96,8 @@ class UpscaleJob(Job):
                              sar=info.sar)
         return {"preview": str(path)}
 
-    def begin(self, info: VideoInfo) -> None:
-        """Called before each unit of ``info``."""
+    def begin(self, info: VideoInfo, unit: Unit, progress) -> None:
+        """Before each unit of ``info``: the model's spans of this video."""
         self.spans = span_frames(self.cfg.spans, info) if self.fallback else None
 
     def process(self, frames: np.ndarray, first: int) -> np.ndarray:

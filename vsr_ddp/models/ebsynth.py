@@ -51,19 +51,29 @@ def typed_config(cls, values: Mapping):
     return cls(**{k: known[k](v) for k, v in values.items()})
 
 
+def shipped_config(cls, file: str, key: str | None = None, **overrides):
+    """``cls`` with the values the shipped YAML gives a job (``conf/<file>.yaml``, at ``key``),
+    ``overrides`` replacing some: for callers outside a job (benchmarks, tests, notebooks). The
+    dataclasses below have no defaults of their own for what the YAML sets: it is their one home."""
+    from ..config import shipped
+
+    return typed_config(cls, {**shipped(file, key), **overrides})
+
+
 @dataclass(frozen=True)
 class SynthParams:
-    """EbSynth's knobs. Defaults are those FRESCO/Rerender use (patch 5, uniformity 3500,
-    12 search-vote and 6 PatchMatch iterations, every pyramid level that fits)."""
+    """EbSynth's knobs: a job's ``job.ebsynth`` (conf/ebsynth/default.yaml: as FRESCO/Rerender run
+    it); :meth:`shipped` for those values outside a job."""
 
-    patch_size: int = 5
-    uniformity: float = 3500.0
-    pyramid_levels: int = -1     # -1: every level whose short side is >= 2 * patch_size + 1
-    search_vote_iters: int = 12
-    patchmatch_iters: int = 6
-    max_jump: int = 8            # propagation offsets max_jump, max_jump/2, ..., 1 (a power of two)
-    style_weight: float = 1.0
-    seed: int = 0
+    patch_size: int
+    uniformity: float
+    pyramid_levels: int          # -1: every level whose short side is >= 2 * patch_size + 1
+    search_vote_iters: int
+    patchmatch_iters: int
+    max_jump: int                # propagation offsets max_jump, max_jump/2, ..., 1 (a power of two)
+    style_weight: float
+    seed: int
+    # Not a config key (a memory bound, not a result setting), so its default lives here:
     chunk_mb: float = 0          # memory per candidate gather; 0: 512 MB on CUDA, 8 MB on CPU
 
     def __post_init__(self):
@@ -77,8 +87,13 @@ class SynthParams:
 
     @classmethod
     def from_config(cls, values: Mapping) -> "SynthParams":
-        """From a ``job.ebsynth`` subtree; keys left out keep their defaults."""
+        """From a ``job.ebsynth`` subtree (every key of it)."""
         return typed_config(cls, values)
+
+    @classmethod
+    def shipped(cls, **overrides) -> "SynthParams":
+        """conf/ebsynth/default.yaml's values, ``overrides`` replacing some."""
+        return shipped_config(cls, "ebsynth/default", **overrides)
 
 
 class Guide(NamedTuple):
@@ -341,7 +356,7 @@ class _Level:
 
 
 @torch.no_grad()
-def synthesize(style: torch.Tensor, guides: list[Guide], params: SynthParams = SynthParams(),
+def synthesize(style: torch.Tensor, guides: list[Guide], params: SynthParams,
                generator: torch.Generator | None = None, workspace: Workspace | None = None) -> SynthResult:
     """EbSynth: make the target look like ``style`` where the target's guides look like the source's.
 
@@ -392,17 +407,23 @@ def synthesize(style: torch.Tensor, guides: list[Guide], params: SynthParams = S
 
 @dataclass(frozen=True)
 class GuideWeights:
-    """Rerender's blender: colour frame 6, edges 0.5, warped previous output 0.5, positions 2."""
+    """The weights of Rerender's guides: job=propagate's ``job.guides`` (conf/job/propagate.yaml,
+    Rerender's blender's values); :meth:`shipped` for those values outside that job."""
 
-    color: float = 6.0
-    edge: float = 0.5
-    temporal: float = 0.5
-    position: float = 2.0
+    color: float
+    edge: float
+    temporal: float
+    position: float
 
     @classmethod
     def from_config(cls, values: Mapping) -> "GuideWeights":
-        """From a ``job.guides`` subtree; keys left out keep their defaults."""
+        """From a ``job.guides`` subtree (every key of it)."""
         return typed_config(cls, values)
+
+    @classmethod
+    def shipped(cls, **overrides) -> "GuideWeights":
+        """conf/job/propagate.yaml's ``guides``, ``overrides`` replacing some."""
+        return shipped_config(cls, "job/propagate", "guides", **overrides)
 
 
 def to_chw(frame: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -437,7 +458,7 @@ FlowFn = Callable[[int], "tuple[torch.Tensor, torch.Tensor]"]
 
 
 def propagate(key_style: np.ndarray, key_frame: np.ndarray, frames: list[np.ndarray], flow_to_prev: FlowFn,
-              params: SynthParams = SynthParams(), weights: GuideWeights = GuideWeights(),
+              params: SynthParams, weights: GuideWeights,
               device: torch.device = torch.device("cpu")) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Carry one stylized keyframe along ``frames`` (in the order of propagation), as Rerender's
     blender runs EbSynth: every frame is synthesized from the key with the colour, edge,

@@ -41,6 +41,9 @@ class FlowError(ValueError):
 class FlowEstimator:
     """Dense flow between two frames. DIS runs on the host (OpenCV); RAFT runs on ``device``."""
 
+    # The defaults are for callers without flow settings of their own (job=sim2real's propagation,
+    # benchmarks, tests): OpenCV's DIS preset and RAFT's iterations as the jobs ship them; job=propagate
+    # and job=interpolate always pass their job.flow_preset / job.raft_iters.
     def __init__(self, weights: str | None = None, device: torch.device = torch.device("cpu"),
                  dis_preset: str = "medium", raft_iters: int = 12):
         self.weights = str(weights) if weights else None

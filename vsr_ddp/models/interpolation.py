@@ -133,11 +133,12 @@ class FlowInterp:
 
 
 class Rife:
-    """A RIFE IFNet (models/rife.py's ``load_rife``). RIFE HDv3 (``rife-hdv3``) predicts the
-    midpoint of a pair, so other times come from bisecting again (t = 1/4: the midpoint of the
-    first frame and the midpoint), which reaches exactly the times k / 2**m (power-of-two factors):
-    ``midpoint_only``. Practical-RIFE 4.x takes t as an input: any t, all pairs of a batch in one
-    call. ``scale``: RIFE's flow scale (0.5 for 4K). Frames are padded to the network's multiple."""
+    """A RIFE IFNet (models/rife's ``load_rife``; ``net.description`` says which). RIFE HDv3
+    (``rife-hdv3``) predicts the midpoint of a pair, so other times come from bisecting again
+    (t = 1/4: the midpoint of the first frame and the midpoint), which reaches exactly the times
+    k / 2**m (power-of-two factors): ``midpoint_only``. Practical-RIFE 4.x takes t as an input: any
+    t, all pairs of a batch in one call. ``scale``: RIFE's flow scale (0.5 for 4K). Frames are padded
+    to the network's multiple. A file that is no RIFE checkpoint: models/rife's CheckpointError."""
 
     name = "rife"
 

@@ -20,10 +20,11 @@ from .flow import FlowEstimator, occlusion_mask
 class Propagator:
     """Flow + guides + EbSynth + blending for one key interval."""
 
-    def __init__(self, params: SynthParams = SynthParams(), weights: GuideWeights = GuideWeights(),
+    def __init__(self, params: SynthParams, weights: GuideWeights | None = None,
                  flow: FlowEstimator | None = None, poisson: bool = False,
                  device: torch.device = torch.device("cpu")):
-        self.params, self.weights, self.poisson = params, weights, poisson
+        # job=sim2real has no job.guides: it carries its keys with job=propagate's shipped weights
+        self.params, self.weights, self.poisson = params, weights or GuideWeights.shipped(), poisson
         self.device = torch.device(device)
         self.flow = flow or FlowEstimator(device=self.device)
 

@@ -110,6 +110,8 @@ def final_size(width: int, height: int, scale: float, outscale: float | None) ->
 class Upscaler:
     """A loaded model with its device, precision and tiling settings."""
 
+    # Library defaults for direct callers (benchmarks, tests, notebooks): Real-ESRGAN's video script's
+    # own. job=upscale passes every one of them from its job.* keys (conf/job/upscale.yaml).
     def __init__(self, model: str, *, device: torch.device, scale: float | None = None,
                  outscale: float | None = None, tile: int = 0, tile_pad: int = 10,
                  precision: str = "auto", batch_size: int = 4, compile: bool = False,

