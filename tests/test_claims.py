@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from builders import decode_indices, make_clip, probe_streams, read_frames, save_srvgg
+from builders import Gate, decode_indices, gated, make_clip, probe_streams, read_frames, wait_until
 from conftest import ROOT, job_cmd, job_env, read_report, run_job
 
 from vsr_ddp import claims
@@ -42,24 +42,69 @@ def foreign_lease(path: Path, age_s: float = 0.0, **who) -> dict:
 
 # -- leases ------------------------------------------------------------------------------------
 
-def test_a_renewed_lease_is_never_taken_and_a_dead_one_is(tmp_path):
+class Clock:
+    """Both clocks of vsr_ddp.claims (this host's time, the monotonic one), moved by the test: a
+    lease's age and how long a rank has watched it are exactly what the test says they are,
+    whatever the load on the machine (the ``clock`` fixture puts it in)."""
+
+    def __init__(self):
+        self.wall, self.mono = time.time(), 0.0
+
+    def advance(self, seconds: float) -> None:
+        self.wall += seconds
+        self.mono += seconds
+
+    def stamp(self, path: Path, skew_s: float = 0.0) -> None:
+        """A renewal of ``path`` now, by a host whose clock is ``skew_s`` off this one's."""
+        os.utime(path, (self.wall + skew_s, self.wall + skew_s))
+
+
+@pytest.fixture
+def clock(monkeypatch) -> Clock:
+    c = Clock()
+    monkeypatch.setattr(claims, "wall_clock", lambda: c.wall)
+    monkeypatch.setattr(claims, "monotonic_clock", lambda: c.mono)
+    return c
+
+
+def take_when_free(leases: claims.Leases, lease: Path, clock: Clock, step_s: float = 0.01,
+                   within_s: float = 10.0) -> float:
+    """Poll for ``lease`` every ``step_s`` of the test's clock, as a rank polls; when it was taken."""
+    start = clock.mono
+    while not leases.acquire(lease):
+        assert clock.mono - start < within_s, f"{lease.name} not taken within {within_s} s"
+        clock.advance(step_s)
+    return clock.mono
+
+
+def test_a_renewed_lease_is_never_taken_and_a_dead_one_is(tmp_path, clock):
+    """A holder that renews every 0.1 s keeps its lease (1 s timeout) for as long as it renews;
+    once it stops (its node is gone) the lease changes hands exactly one timeout after the last
+    renewal, and the old holder learns it lost it before it could commit anything."""
     lease = tmp_path / "segment_0000.lease"
     holder = claims.Leases("runA", 0, timeout_s=1.0, renew_s=0.1)
     other = claims.Leases("runB", 0, timeout_s=1.0, renew_s=0.1)
     try:
         assert holder.acquire(lease)
-        deadline = time.monotonic() + 2.5  # well past the timeout: the holder's renewals keep it
-        while time.monotonic() < deadline:
-            assert not other.acquire(lease)
-            time.sleep(0.1)
-        holder.check(lease)  # still the holder's
-        # The holder stops renewing (its node is gone): after the timeout the lease changes hands,
-        # and the old holder learns it lost it before it could commit anything.
-        holder._stop.set()
+        made = lease.stat().st_mtime_ns
+        deadline = time.monotonic() + 30  # the holder's own thread renews it (touches the file) ...
+        while lease.stat().st_mtime_ns == made:
+            assert time.monotonic() < deadline, "the holder's thread never renewed its lease"
+            time.sleep(0.01)
+        holder._stop.set()  # ... from here on the test renews it, on the test's clock
         holder._thread.join()
-        stopped = time.monotonic()
-        taken = take_when_free(other, lease)
-        assert 0.9 <= taken - stopped < 2.5  # the timeout (less one renewal period), then taken
+        for _ in range(25):  # 2.5 s, well past the timeout: renewed every 0.1 s, it stays the holder's
+            holder.renew()
+            clock.stamp(lease)
+            for _ in range(5):  # the other rank polls every 0.02 s
+                assert not other.acquire(lease)
+                clock.advance(0.02)
+        holder.renew()  # its last renewal
+        clock.stamp(lease)
+        stopped = clock.mono
+        holder.check(lease)  # still the holder's
+        taken = take_when_free(other, lease, clock)
+        assert 0.99 <= taken - stopped <= 1.02  # one timeout after the last renewal, not before
         assert claims.read_lease(lease)["run"] == "runB"
         with pytest.raises(claims.LeaseLost, match="taken over by run runB rank 0"):
             holder.check(lease)
@@ -87,72 +132,47 @@ def test_a_lease_whose_process_is_gone_from_this_host_is_taken_at_once(tmp_path)
         leases.close()
 
 
-def test_a_lease_not_renewed_for_the_timeout_is_taken_once_seen_unchanged(tmp_path):
+def test_a_lease_not_renewed_for_the_timeout_is_taken_once_seen_unchanged(tmp_path, clock):
     """Its mtime says 301 s: taken once this rank has also seen it unchanged for three renewal
-    periods (its own clock's word, not only the file's)."""
+    periods (its own clock's word, not only the file's), and not before."""
     leases = claims.Leases("runB", 0, timeout_s=300, renew_s=0.2)
     try:
         lease = tmp_path / "segment_0003.lease"
-        foreign_lease(lease, host="node-17", age_s=301)
+        foreign_lease(lease, host="node-17")
+        clock.stamp(lease, -301)
         assert not leases.acquire(lease)
-        time.sleep(0.7)
+        clock.advance(0.55)
+        assert not leases.acquire(lease)  # unchanged for less than three renewal periods (0.6 s)
+        clock.advance(0.1)
         assert leases.acquire(lease)
         assert claims.read_lease(lease)["run"] == "runB"
     finally:
         leases.close()
 
 
-def skewed_holder(path: Path, skew_s: float, stop: threading.Event) -> threading.Thread:
-    """Another host's rank whose clock is ``skew_s`` off: it renews its lease every 0.1 s, and
-    the times it writes are its clock's."""
-    foreign_lease(path, host="node-17", pid=4242)
-
-    def renew():
-        while not stop.wait(0.1):
-            t = time.time() + skew_s
-            os.utime(path, (t, t))
-
-    t = time.time() + skew_s
-    os.utime(path, (t, t))
-    thread = threading.Thread(target=renew, daemon=True)
-    thread.start()
-    return thread
-
-
-def take_when_free(leases: claims.Leases, lease: Path, within_s: float = 10.0) -> float:
-    """Poll for ``lease`` as the runner does; the monotonic time it was taken."""
-    deadline = time.monotonic() + within_s
-    while not leases.acquire(lease):
-        assert time.monotonic() < deadline, f"{lease.name} not taken within {within_s} s"
-        time.sleep(0.02)
-    return time.monotonic()
-
-
 @pytest.mark.parametrize("skew_s", [-1000.0, 1000.0])
-def test_hosts_whose_clocks_disagree_neither_steal_live_leases_nor_wait_forever(tmp_path, skew_s):
+def test_hosts_whose_clocks_disagree_neither_steal_live_leases_nor_wait_forever(tmp_path, clock, skew_s):
     """A holder on a host whose clock is 1000 s behind (or ahead of) this one, with a 1 s timeout:
-    while it renews, its lease stays its own although its mtimes look 1000 s old (behind); once
-    it stops, the lease is taken about one timeout later although its mtimes lie 1000 s in the
-    future (ahead)."""
+    while it renews (every 0.1 s, its clock's times), its lease stays its own although its mtimes
+    look 1000 s old (behind); once it stops, the lease is taken three renewal periods later
+    (behind: old by the clocks, and seen unchanged that long) or one timeout later by this rank's
+    own clock (ahead), although its mtimes lie 1000 s in the future."""
     lease = tmp_path / "segment_0000.lease"
-    stop = threading.Event()
-    holder = skewed_holder(lease, skew_s, stop)
+    foreign_lease(lease, host="node-17", pid=4242)
     other = claims.Leases("runB", 0, timeout_s=1.0, renew_s=0.1)
     try:
-        deadline = time.monotonic() + 3.0
-        while time.monotonic() < deadline:
-            assert not other.acquire(lease), "a live lease was taken"
-            time.sleep(0.02)
-        stop.set()
-        holder.join()
-        stopped = time.monotonic()
-        taken = take_when_free(other, lease)
+        for _ in range(30):  # 3 s of renewals
+            clock.stamp(lease, skew_s)
+            for _ in range(5):  # this rank polls every 0.02 s
+                assert not other.acquire(lease), "a live lease was taken"
+                clock.advance(0.02)
+        clock.stamp(lease, skew_s)  # its last renewal
+        stopped = clock.mono
+        taken = take_when_free(other, lease, clock)
         assert claims.read_lease(lease)["run"] == "runB"
-        # behind: old by the clocks, so three renewal periods unchanged suffice; ahead: the
-        # timeout by this rank's own clock
-        assert (0.2 if skew_s < 0 else 0.9) <= taken - stopped < 2.5
+        expected = 0.3 if skew_s < 0 else 1.0
+        assert expected - 0.01 <= taken - stopped <= expected + 0.02
     finally:
-        stop.set()
         other.close()
 
 
@@ -219,39 +239,35 @@ def unit_logs(output: Path, who: bool = False) -> list[tuple]:
     return made
 
 
-def wait_for(what, condition, procs, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        for p in procs:
-            assert p.poll() is None, f"a launch ended before {what}: {p.communicate()}"
-        assert time.monotonic() < deadline, f"no {what} after {timeout:.0f} s"
-        time.sleep(0.05)
-
-
 @pytest.mark.slow
 def test_concurrent_launches_share_the_units_and_finish_together(tmp_path):
-    """Two 2-rank launches of the same command on one folder, a second apart (a second sbatch of
-    the same script), then a lone process once both are at work."""
-    lengths = (60, 36, 48)
-    clips = [make_clip(tmp_path / "in" / f"v{n}.mp4", frames=frames, size=(128, 96), audio=n == 0, seed=n)
+    """Two 2-rank launches of the same command on one folder (a second sbatch of the same
+    script), then a lone process, each joining while the launches before it are at work. The
+    launches are gated (tests/builders/gated_main.py): each one starts once every rank of the
+    ones before holds a unit, and no unit is let through before every rank of all three holds
+    one, so every rank of every launch makes a unit, however fast or loaded the machine."""
+    lengths = (24, 12, 18)
+    clips = [make_clip(tmp_path / "in" / f"v{n}.mp4", frames=frames, size=(64, 48), audio=n == 0, seed=n)
              for n, frames in enumerate(lengths)]
-    model = save_srvgg(tmp_path / "realesr-general-x2.pth", scale=2, seed=7, num_feat=32, num_conv=16)
     out = tmp_path / "out"
-    args = [f"input={tmp_path / 'in'}", f"output={out}", "job=upscale", f"job.model={model}",
-            "work.segment_frames=6", "job.batch_size=2"]
-    env = job_env()
+    args = [f"input={tmp_path / 'in'}", f"output={out}", "job=upscale", "job.model=lanczos", "job.scale=2",
+            "work.segment_frames=6"]
+    gate = Gate(tmp_path / "gate")
+    env = gate.env(job_env())
     runs = out / ".vsr_ddp" / "runs"
+    launches = []
 
-    def launch(nproc=2):
-        return subprocess.Popen(job_cmd(args, nproc=nproc), cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+    def launch(nproc: int) -> None:
+        launches.append(subprocess.Popen(gated(job_cmd(args, nproc=nproc)), cwd=ROOT, env=env,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        held = len(gate.reached()) + nproc  # each of its ranks takes the next unit nobody holds
+        wait_until(f"{held} units in hand", lambda: len(gate.reached()) == held, launches)
 
-    first = launch()
-    time.sleep(1)
-    second = launch()
-    wait_for("both launches registered", lambda: len(list(runs.glob("*.json"))) == 2, [first, second])
-    third = launch(nproc=1)  # a lone process joins too
-    results = [p.communicate(timeout=600) + (p.returncode,) for p in (first, second, third)]
+    launch(2)
+    launch(2)
+    launch(1)  # a lone process joins too
+    gate.open_all()
+    results = [p.communicate(timeout=600) + (p.returncode,) for p in launches]
     for stdout, stderr, rc in results:
         assert rc == 0, stderr[-3000:]
     # Every unit made once, by one launch or the other; both launches worked.
@@ -266,7 +282,8 @@ def test_concurrent_launches_share_the_units_and_finish_together(tmp_path):
     first_run, second_run = [r for r, n in launched if n == "2"]
     by_run = {s["run"] for s in sides}
     assert {first_run, second_run} <= by_run <= {r for r, _ in launched}, "a 2-rank launch got no unit"
-    assert {(first_run, 0), (first_run, 1)} <= {(s["run"], s["rank"]) for s in sides}
+    every_rank = {(r, rank) for r, n in launched for rank in range(int(n))}
+    assert {(s["run"], s["rank"]) for s in sides} == every_rank, "a rank of some launch made no unit"
     # The rank logs, shared by the launches, tag each line with its launch: they agree with the
     # sidecars on who made every unit.
     assert sorted(unit_logs(out, who=True)) == sorted(
@@ -280,7 +297,7 @@ def test_concurrent_launches_share_the_units_and_finish_together(tmp_path):
     for n, (clip, frames) in enumerate(zip(clips, lengths)):
         final = out / f"v{n}.mp4"
         got = read_frames(final)
-        assert got.shape == (frames, 192, 256, 3)
+        assert got.shape == (frames, 96, 128, 3)
         assert decode_indices(got) == list(range(frames))
         assert probe_streams(final)["fps"] == probe_streams(clip)["fps"]
         assert json.loads((out / ".vsr_ddp" / f"v{n}_2x" / "merged.json").read_text())["run"] in by_run
@@ -290,9 +307,9 @@ def test_concurrent_launches_share_the_units_and_finish_together(tmp_path):
     # Nothing left behind: no lease, no partial file, no launch registered.
     assert not list(out.rglob("*.lease")) and not list(out.rglob("*.partial"))
     assert not list(runs.iterdir())
-    # One launch alone makes the same videos.
+    # One launch alone (one rank) makes the same videos.
     solo = tmp_path / "solo"
-    run_job([a.replace(f"output={out}", f"output={solo}") for a in args], nproc=2)
+    run_job([a.replace(f"output={out}", f"output={solo}") for a in args])
     for n in range(3):
         assert np.array_equal(read_frames(out / f"v{n}.mp4"), read_frames(solo / f"v{n}.mp4"))
 

@@ -56,23 +56,34 @@ def test_every_job_config_composes(name):
         OmegaConf.to_container(cfg.job, resolve=False, throw_on_missing=True)  # nothing left ???
 
 
-def test_each_subtree_is_one_dataclass_with_its_defaults():
-    """The YAML's values are the dataclasses' defaults, and every key of a subtree is a field."""
+def test_each_subtree_is_one_dataclass_whose_values_only_the_yaml_holds():
+    """Every key of a subtree is a field, and every field the YAML sets has no default in code
+    (the YAML is the one home of those values); ``shipped()`` gives them to direct callers."""
+    from dataclasses import MISSING, fields
+
     from vsr_ddp.jobs.sim2real import VideoOptions
     from vsr_ddp.models.ebsynth import GuideWeights, SynthParams
     from vsr_ddp.models.fresco import FrescoSettings
 
     prop, s2r = compose_job("propagate").job, compose_job("sim2real").job
-    assert SynthParams.from_config(prop.ebsynth) == SynthParams.from_config(s2r.ebsynth) == SynthParams()
-    assert GuideWeights.from_config(prop.guides) == GuideWeights()
+    assert SynthParams.from_config(prop.ebsynth) == SynthParams.from_config(s2r.ebsynth) \
+        == SynthParams.shipped()
+    assert GuideWeights.from_config(prop.guides) == GuideWeights.shipped()
     opts = {"prompt": "", "negative_prompt": s2r.negative_prompt, "added_prompt": s2r.added_prompt,
             **{k: s2r[k] for k in ("strength", "steps", "seed", "guidance_scale", "cond_scale")},
             **s2r.keyframes}
     assert set(opts) == {f for f in VideoOptions.__dataclass_fields__}
     run = {k: opts[k] for k in ("steps", "strength", "guidance_scale", "cond_scale", "seed")}
-    assert FrescoSettings.from_config({**s2r.fresco, **run, "batch_size": s2r.batch_size}) == FrescoSettings()
+    fresco_values = {**s2r.fresco, **run, "batch_size": s2r.batch_size}
+    assert FrescoSettings.from_config(fresco_values) == FrescoSettings.shipped()
+    for cls, values in ((SynthParams, prop.ebsynth), (GuideWeights, prop.guides),
+                        (FrescoSettings, fresco_values)):
+        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+        assert required == set(values), cls.__name__  # chunk_mb (no config key) keeps a default
     with pytest.raises(TypeError, match="unknown setting.*pach_size"):
         SynthParams.from_config({"pach_size": 5})
+    with pytest.raises(TypeError, match="patch_size"):
+        SynthParams.from_config({k: v for k, v in prop.ebsynth.items() if k != "patch_size"})
 
 
 @pytest.mark.parametrize("name", ["propagate", "sim2real"])

@@ -1,19 +1,21 @@
-"""End to end through the command line: torchrun with 2 ranks (gloo), one process, sweeps."""
+"""End to end through the command line: torchrun with 2 ranks (gloo), one rank, sweeps."""
 from __future__ import annotations
 
 import json
 import re
 import shutil
+import subprocess
+import time
+from datetime import datetime
 from fractions import Fraction
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-from builders import decode_indices, make_clip, probe_streams, read_frames
-from conftest import read_report, run_job
-
-pytestmark = pytest.mark.slow
+from builders import (Gate, decode_indices, gated, kill_tree, make_clip, probe_streams, read_frames,
+                      unit_point, wait_until)
+from conftest import ROOT, job_cmd, job_env, read_report, run_job
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -21,6 +23,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
 
 
+@pytest.mark.slow
 def test_two_ranks_upscale_keeps_frames_order_fps_and_audio(clips, tmp_path):
     src = clips["av"]
     out = tmp_path / "out"
@@ -67,6 +70,7 @@ def test_subtitles_and_non_mp4_audio_are_muxed(clips, tmp_path):
     assert abs(got["audio_duration"] - ref["audio_duration"]) < 0.05
 
 
+@pytest.mark.slow
 def test_dry_run_prints_the_plan_and_writes_nothing(clips, tmp_path):
     out = tmp_path / "out"
     proc = run_job(["job=upscale", f"input={clips['av']}", f"output={out}", "job.model=lanczos",
@@ -94,7 +98,7 @@ def test_names_with_spaces_unicode_and_shell_characters(clips, tmp_path):
     shutil.copy(clips["av"], folder / name)
     out = tmp_path / "out dir"
     run_job(["job=upscale", f"input='{folder}'", f"output='{out}'", "job.model=lanczos", "job.scale=2",
-             "work.segment_frames=20"], nproc=2)
+             "work.segment_frames=20"])
     final = out / (name[:-4] + ".mp4")
     assert probe_streams(final)["frames"] == 48
     assert read_report(out)["videos"][0]["status"] == "ok"
@@ -170,33 +174,49 @@ def read_report_named(output: Path, name: str) -> dict:
     return json.loads((output / name).read_text(encoding="utf-8"))
 
 
+@pytest.mark.slow
 def test_rank_that_finishes_early_outlives_the_collective_timeout(tmp_path):
-    """One rank gets ~10x the work; with a 6-second collective timeout the idle rank must wait.
-
-    The long video goes through a compact model heavy enough to take well over 6 s even on an
-    idle machine (about 25 s, one thread per rank on 2 idle cores; load only makes it longer)."""
-    from builders import save_srvgg
-
+    """With a 6-second collective timeout (dist.timeout_min=0.1), the rank that finishes early
+    must wait for the other one longer than that, and live: the long video's unit is held (gated:
+    tests/builders/gated_main.py) until the other rank, its own video made and merged, has been
+    waiting for it for 7 s, however fast the machine makes either video."""
     inputs = tmp_path / "in"
     inputs.mkdir()
-    make_clip(inputs / "a_long.mp4", frames=240, size=(160, 120), audio=False)
-    make_clip(inputs / "b_short.mp4", frames=24, size=(160, 120), audio=False)
-    model = save_srvgg(tmp_path / "m.pth", scale=2, seed=11, num_feat=32, num_conv=16)
+    make_clip(inputs / "a_long.mp4", frames=24, size=(64, 48), audio=False)
+    make_clip(inputs / "b_short.mp4", frames=12, size=(64, 48), audio=False)
     out = tmp_path / "out"
-    run_job(["job=upscale", f"input={inputs}", f"output={out}", f"job.model={model}",
-             "work.unit=video", "dist.timeout_min=0.1"], nproc=2)
+    logs = out / ".vsr_ddp" / "logs"
+    waiting = "waiting for 1 unit(s) and 0 merge(s) in other hands"
+    gate = Gate(tmp_path / "gate")
+    gate.open(unit_point("b_short", 0))
+    cmd = gated(job_cmd(["job=upscale", f"input={inputs}", f"output={out}", "job.model=lanczos",
+                         "job.scale=2", "work.unit=video", "dist.timeout_min=0.1"], nproc=2))
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=gate.env(job_env()), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until("a rank waiting for the other", lambda: unit_point("a_long", 0) in gate.reached() and any(
+            waiting in log.read_text() for log in logs.glob("rank*.log")), [proc])
+        time.sleep(7)  # past the collective timeout, by the clock: the idle rank must outlive it
+        gate.open_all()
+        _, err = proc.communicate(timeout=300)
+    finally:
+        kill_tree(proc)
+    assert proc.returncode == 0, err[-3000:]
     report = read_report(out)
     assert [v["status"] for v in report["videos"]] == ["ok", "ok"]
-    long_s = [v["seconds"] for v in report["videos"]][0]
-    assert long_s > 6, f"the long video took {long_s:.1f} s: not long enough to prove anything"
     # Each video was merged by the rank that made it, as it completed: the short one while the
-    # other rank was still at work on the long one, which the short one's rank then waited for.
+    # other rank was still at work on the long one, which the short one's rank then waited for,
+    # longer than the timeout.
     wdirs = {v: out / ".vsr_ddp" / f"{v}_2x" for v in ("a_long", "b_short")}
     made_by = {v: json.loads((w / "segment_0000.json").read_text())["rank"] for v, w in wdirs.items()}
     assert sorted(made_by.values()) == [0, 1]
     assert {v: json.loads((w / "merged.json").read_text())["rank"] for v, w in wdirs.items()} == made_by
-    log = (out / ".vsr_ddp" / "logs" / f"rank{made_by['b_short']}.log").read_text()
-    assert log.index("b_short.mp4 ->") < log.index("waiting for 1 unit(s) and 0 merge(s) in other hands")
+    log = (logs / f"rank{made_by['b_short']}.log").read_text()
+    assert log.index("b_short.mp4 ->") < log.index(waiting)
+    at = lambda line: datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")  # noqa: E731
+    lines = log.splitlines()
+    since = at(next(line for line in lines if waiting in line))
+    assert (at(lines[-1]) - since).total_seconds() > 6, "the idle rank did not wait past the timeout"
 
 
 def test_default_model_with_preview(clips, tmp_path):

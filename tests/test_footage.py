@@ -20,9 +20,9 @@ from vsr_ddp.preview import GAP, LABEL_H
 from vsr_ddp.video import FrameReader
 
 
-def upscale(src, out, *extra, nproc=1):
+def upscale(src, out, *extra):
     run_job(["job=upscale", f"input={src}", f"output={out}", "job.model=bicubic", "job.scale=2",
-             "log.progress=false", *extra], nproc=nproc)
+             "log.progress=false", *extra])
     report = read_report(out)["videos"][0]
     assert report["status"] == "ok", report
     return out / (src.stem + ".mp4")
@@ -79,8 +79,8 @@ def test_variable_frame_rate_keeps_every_timestamp_and_the_audio(tmp_path):
     src, times = make_vfr(tmp_path / "screen.mp4")  # 30 frames at 30 fps, then 15 at 10 fps
     info = probe(src)
     assert info.vfr and info.frames == 45 and info.time_of(45) == Fraction(5, 2)
-    # segments of 20 frames: one spans the change of rate, and two ranks share them
-    out = upscale(src, tmp_path / "o", "work.segment_frames=20", nproc=2)
+    # segments of 20 frames: one spans the change of rate
+    out = upscale(src, tmp_path / "o", "work.segment_frames=20")
     got_times, order = frame_times(out)
     assert order == list(range(45))
     assert got_times == times
@@ -119,7 +119,7 @@ def test_interlaced_input_is_detected_and_deinterlaced(tmp_path):
     parts = [np.concatenate(list(reader.read(a, b))) for a, b in [(0, 5), (5, 6), (6, 16)]]
     assert np.array_equal(np.concatenate(parts), clean)
 
-    out = upscale(src, tmp_path / "o", "work.segment_frames=5", nproc=2)
+    out = upscale(src, tmp_path / "o", "work.segment_frames=5")
     log = (tmp_path / "o" / ".vsr_ddp" / "logs" / "rank0.log").read_text()
     assert "deinterlacing with bwdif" in log
     assert np.abs(halve(ffmpeg_decode(out)).astype(int) - reference).mean() < 6
@@ -133,7 +133,7 @@ def test_ten_bit_hevc_stays_ten_bit_and_h264_stays_the_8_bit_default(tmp_path):
     assert (info.bit_depth, info.pix_fmt) == (10, "yuv420p10le")
     fmt, levels = luma_levels(src)
     assert levels > 800  # the source really has more than 8 bits of levels
-    hevc = upscale(src, tmp_path / "hevc", "encode.format=hevc", "work.segment_frames=4", nproc=2)
+    hevc = upscale(src, tmp_path / "hevc", "encode.format=hevc", "work.segment_frames=4")
     fmt, levels = luma_levels(hevc)
     # 16-bit frames from decoder to encoder: the levels survive (an 8-bit stage leaves ~220)
     assert fmt == "yuv420p10le" and levels > 800

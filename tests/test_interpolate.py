@@ -9,19 +9,12 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
-from builders import (already_done, encode_frames, ffmpeg_decode, frame_times, make_clip, make_vfr,
-                      pan_frames, probe_streams, read_frames, shard_files, sigkill_once_sharded)
+from builders import (Gate, already_done, encode_frames, ffmpeg_decode, frame_times, gated, make_clip,
+                      make_vfr, pan_frames, probe_streams, read_frames, shard_files, sidecars, sigkill_when,
+                      unit_point)
 from conftest import ROOT, job_cmd, job_env, read_report, run_job
 
-from vsr_ddp.models.interpolation import output_count, source_of
-from vsr_ddp.models.published import fetch
-
-
-@pytest.fixture(scope="module")
-def rife_models(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("models")
-    fetch(["rife-hdv3"], folder, log=lambda *_: None)
-    return folder
+from vsr_ddp.models.interpolation import output_count
 
 
 def interpolate(src, out, *extra, nproc=1, check=True):
@@ -34,6 +27,20 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else float(10 * np.log10(255 ** 2 / mse))
 
 
+def shown_source(n: int, frames: int, fps_in: Fraction, fps_out: Fraction) -> tuple[int, Fraction]:
+    """What output frame n should show, worked out here from the timestamps alone (not by the
+    job's own rule): it is shown at n / fps_out; source frame i is shown from i / fps_in. (i, t):
+    the last source frame shown at or before that time, and how far into its duration the time
+    lies (0 <= t < 1); from the last source frame's timestamp on, that frame is held (t = 0)."""
+    at = Fraction(n) / fps_out
+    stamps = [Fraction(k) / fps_in for k in range(frames)]
+    i = max(k for k, stamp in enumerate(stamps) if stamp <= at)
+    if i == frames - 1:
+        return i, Fraction(0)
+    return i, (at - stamps[i]) / (stamps[i + 1] - stamps[i])
+
+
+@pytest.mark.slow  # 2 ranks: torchrun
 def test_any_rational_factor_gives_exact_times_and_exact_in_between_frames(tmp_path):
     """24 -> 60 fps (x 5/2) with the cross-fade: every frame's time is n / 60 exactly, and every
     frame equals (1 - t) a + t b for the t the rule gives, computed here with fractions."""
@@ -46,9 +53,8 @@ def test_any_rational_factor_gives_exact_times_and_exact_in_between_frames(tmp_p
     assert times == [Fraction(n, 60) for n in range(50)]
     got, source = read_frames(out / "c.mp4").astype(np.float64), read_frames(src).astype(np.float64)
     for n in range(50):
-        i, t = source_of(n, 20, Fraction(24), Fraction(60))
-        if i == 19:
-            assert t == 0  # past the last source frame: held
+        i, t = shown_source(n, 20, Fraction(24), Fraction(60))
+        assert t in {Fraction(k, 5) for k in range(5)}, (n, t)  # 24 -> 60: t steps by 2/5
         # of every mix of frames i and i + 1 in fifths, the one the rule names is the closest
         j = min(i + 1, 19)
         errors = {k: np.abs(got[n] - ((1 - k / 5) * source[i] + k / 5 * source[j])).mean() for k in range(5)}
@@ -65,21 +71,28 @@ def test_exact_output_rate_and_the_counting_rule(tmp_path):
     out = tmp_path / "o"
     interpolate(src, out, "job.model=blend", "job.fps=60000/1001")
     times, _ = frame_times(out / "ntsc.mp4")
-    assert len(times) == output_count(11, Fraction(24000, 1001), Fraction(60000, 1001)) == 27
+    # as many whole output frames as fit in the input's duration (11 frames at 24000/1001 fps):
+    # 27 of 1001/60000 s do (0.4505 s <= 0.4588 s), 28 do not
+    duration, frame_out = Fraction(11) / Fraction(24000, 1001), 1 / Fraction(60000, 1001)
+    assert 27 * frame_out <= duration < 28 * frame_out
+    assert len(times) == 27
     assert times == [Fraction(1001 * n, 60000) for n in range(27)]
     assert probe_streams(out / "ntsc.mp4")["fps"] == Fraction(60000, 1001)
 
 
+@pytest.mark.network
 def test_rife_beats_flow_beats_blend_on_real_motion_and_a_cut_is_not_morphed(tmp_path, rife_models):
     """A camera pan and zoom over a photograph, every other frame dropped, rebuilt at x2: PSNR
-    against the dropped frames. A hard cut in the middle gives a repeated frame, not a blend."""
+    against the dropped frames. A hard cut in the middle gives a repeated frame, not a blend.
+    The three engines are one sweep (one launch, three points)."""
     full = pan_frames(40, cut_at=24)  # cut between original frames 23 and 24
     half = encode_frames(tmp_path / "half.mp4", full[::2], "12", audio=True)
+    run_job(["-m", "job=interpolate", f"input={half}", f"output={tmp_path}/${{job.model}}",
+             "log.progress=false", "job.model=rife-hdv3,flow,blend", "job.factor=2",
+             f"models_dir={rife_models}", "work.segment_frames=8"], cwd=tmp_path)
     scores = {}
     for model in ("rife-hdv3", "flow", "blend"):
         out = tmp_path / model
-        interpolate(half, out, f"job.model={model}", "job.factor=2", f"models_dir={rife_models}",
-                    "work.segment_frames=8", nproc=2)
         made = read_frames(out / "half.mp4")
         assert len(made) == 40
         report = read_report(out)["videos"][0]
@@ -134,6 +147,7 @@ def test_a_scene_cut_repeats_the_earlier_frame_until_the_later_frames_time(tmp_p
             assert psnr(made[after], first) > 27, (name, after)
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_rank_and_a_rerun_keeps_finished_shards(tmp_path):
     src = encode_frames(tmp_path / "p.mp4", pan_frames(21), "25", audio=True)
     one, two = tmp_path / "one", tmp_path / "two"
@@ -146,7 +160,7 @@ def test_two_ranks_equal_one_rank_and_a_rerun_keeps_finished_shards(tmp_path):
     assert len(sidecars) == 4
     kept = {p: p.read_bytes() for p in sidecars[:2] + sidecars[3:]}
     sidecars[2].unlink()
-    interpolate(src, two, "job.model=flow", "job.factor=2", "work.segment_frames=6", nproc=2)
+    interpolate(src, two, "job.model=flow", "job.factor=2", "work.segment_frames=6")  # one rank will do
     assert all(p.read_bytes() == data for p, data in kept.items())
     assert json.loads(sidecars[2].read_text())["frames_written"] == 12
     assert np.array_equal(read_frames(two / "p.mp4"), a)
@@ -154,29 +168,32 @@ def test_two_ranks_equal_one_rank_and_a_rerun_keeps_finished_shards(tmp_path):
 
 @pytest.mark.slow
 def test_a_killed_run_resumes_without_redoing_finished_shards(tmp_path):
-    """SIGKILL the whole 2-rank torchrun job once a shard is done: nothing half-written under a
-    finished file's name, no video; the same command again keeps the finished shards as they are,
-    makes the others, and the video equals an uninterrupted run's, frame for frame."""
-    # 60 frames at 24 fps x 5/2: 12 units of 5 source frames, 12 or 13 output frames each (the
-    # retiming's out_start bookkeeping resumes too); at 400x240 a unit of flow takes under a
-    # second a rank, so the kill lands seconds before the last shard.
-    src = encode_frames(tmp_path / "p.mp4", pan_frames(60, size=(400, 240)), "24", audio=True)
+    """SIGKILL the whole 2-rank torchrun job once units 0 and 1 are done and each rank is inside the
+    next one (gated: tests/builders/gated_main.py): nothing half-written under a finished file's
+    name, no video; the same command again keeps the finished shards as they are, makes the
+    others, and the video equals an uninterrupted run's, frame for frame."""
+    # 30 frames at 24 fps x 5/2: 6 units of 5 source frames, 12 or 13 output frames each (the
+    # retiming's out_start bookkeeping resumes too)
+    src = encode_frames(tmp_path / "p.mp4", pan_frames(30), "24", audio=True)
     args = lambda out: ["job=interpolate", f"input={src}", f"output={out}",  # noqa: E731
                         "log.progress=false", "job.model=flow", "job.factor=5/2", "work.segment_frames=5"]
-    total, frames = 12, output_count(60, Fraction(24), Fraction(60))
-    assert frames == 150
+    total, frames = 6, output_count(30, Fraction(24), Fraction(60))
+    assert frames == 75
     out = tmp_path / "killed"
-    sigkill_once_sharded(job_cmd(args(out), nproc=2), out, env=job_env(), cwd=ROOT, at_least=1)
+    gate = Gate(tmp_path / "gate")
+    gate.open(unit_point("p", 0), unit_point("p", 1))
+    in_place = lambda: len(sidecars(out)) == 2 and len(gate.reached()) == 4  # noqa: E731
+    sigkill_when(gated(job_cmd(args(out), nproc=2)), in_place, env=gate.env(job_env()), cwd=ROOT)
 
     [wdir] = [d for d in (out / ".vsr_ddp").glob("p_*") if d.is_dir()]
     units = json.loads((wdir / "checkpoint.json").read_text())["segments"]
     assert len(units) == total
     before = shard_files(wdir)
-    sidecars = sorted(wdir.glob("segment_????.json"))
-    assert 1 <= len(sidecars) < total, "the kill came too late: make the clip longer"
+    done = sidecars(out)
+    assert [p.stem for p in done] == ["segment_0000", "segment_0001"]
     # no half-written file where a finished one belongs (leftovers are *.partial): every sidecar
     # names its shard exactly, every shard under its name is whole, and there is no video
-    for side in sidecars:
+    for side in done:
         meta = json.loads(side.read_text())
         shard = wdir / meta["shard"]
         assert shard.stat().st_size == meta["size"]
@@ -186,8 +203,8 @@ def test_a_killed_run_resumes_without_redoing_finished_shards(tmp_path):
         assert len(read_frames(shard)) == units[shard.stem]["frames"], shard.name
     assert not list(out.glob("p.mp4*")) and not (out / "run_report.json").exists()
 
-    run_job(args(out), nproc=2)  # the same command again
-    assert already_done(out) == len(sidecars)
+    run_job(args(out))  # the same command again (one rank: shards do not depend on the rank count)
+    assert already_done(out, ranks=1) == len(done)
     after = shard_files(wdir)
     assert {name: after[name] for name in before} == before, "a finished shard was redone"
     assert len(after) == 2 * total
@@ -198,14 +215,15 @@ def test_a_killed_run_resumes_without_redoing_finished_shards(tmp_path):
     assert report["status"] == "ok" and report["frames"] == frames
 
     fresh = tmp_path / "fresh"
-    run_job(args(fresh), nproc=2)
+    run_job(args(fresh))
     resumed, uninterrupted = read_frames(out / "p.mp4"), read_frames(fresh / "p.mp4")
-    assert resumed.shape == (frames, 240, 400, 3)
+    assert resumed.shape == (frames, 96, 160, 3)
     assert np.array_equal(resumed, uninterrupted)
     assert probe_streams(out / "p.mp4")["fps"] == Fraction(60)
     assert frame_times(out / "p.mp4")[0] == [Fraction(n, 60) for n in range(frames)]
 
 
+@pytest.mark.network
 def test_bad_settings_and_inputs(tmp_path, rife_models):
     src = make_clip(tmp_path / "c.mp4", frames=8, size=(64, 48), fps="24", audio=False)
     # a midpoint model cannot make thirds: a configuration error before any work
@@ -235,6 +253,7 @@ def test_bad_settings_and_inputs(tmp_path, rife_models):
     assert read_report(tmp_path / "w")["videos"][0]["frames"] == 90
 
 
+@pytest.mark.network
 def test_rife_in_half_precision_stays_close_to_fp32(rife_models, tmp_path):
     """job.precision picks RIFE's dtype (fp16 on CUDA by default, bf16 on request): the engine
     in either gives frames within a few levels of fp32 on a real pair (the real rife-hdv3 weights,

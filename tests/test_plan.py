@@ -89,3 +89,18 @@ def test_inputs_are_listed_by_extension(tmp_path):
                                           (None, "?")])
 def test_human_eta(seconds, text):
     assert human_duration(seconds) == text
+
+
+def test_the_strided_rule_splits_anything_into_disjoint_shares_that_cover_it():
+    """plan.strided is the one rule of every fixed assignment: item i goes to share i % count."""
+    from vsr_ddp.plan import shard_inputs, strided
+
+    items = [f"v{i}" for i in range(11)]
+    shares = [strided(items, r, 4) for r in range(4)]
+    assert shares[1] == ["v1", "v5", "v9"]
+    assert sorted(sum(shares, []), key=items.index) == items  # every item once
+    assert strided(range(5), 0, 1) == [0, 1, 2, 3, 4] and strided(range(2), 3, 4) == []
+    assert strided(iter("abcde"), 1, 2) == ["b", "d"]  # any iterable, read once
+    assert shard_inputs(items, 1, 4) == shares[1]  # job-array shares (work.shard_index / num_shards)
+    plan = Plan(videos=[], failed={}, units=items)
+    assert [plan.units_for_rank(r, 4) for r in range(4)] == shares  # units per rank (work.claim=strided)

@@ -75,10 +75,12 @@ class Slow(jobs.Job):
     does), so a unit that is lost or fails part way has frames on the bar already."""
 
     name = "slowcopy"
-    streaming = False
 
     def __init__(self, cfg, device):
         self.fail_unit = None
+
+    def begin(self, info, unit, progress):
+        self.progress = progress  # the unit's progress callback, handed in by the runner
 
     def tag(self):
         return "slow"

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from builders import make_clip, read_frames
+from builders import Gate, gated, make_clip, read_frames, unit_point, wait_until
 from conftest import ROOT, job_cmd, job_env, read_report, run_job
 from omegaconf import OmegaConf
 
@@ -28,7 +28,7 @@ from vsr_ddp.plan import InputError, VideoInfo
 
 W, H = 128, 96
 # CPU settings for the tests: EbSynth's algorithm, fewer iterations (see conf/job/propagate.yaml)
-FAST = SynthParams(search_vote_iters=2, patchmatch_iters=1, max_jump=4)
+FAST = SynthParams.shipped(search_vote_iters=2, patchmatch_iters=1, max_jump=4)
 
 
 @contextlib.contextmanager
@@ -108,7 +108,7 @@ def test_patchmatch_finds_a_known_shift():
     style = 255 - src
     with one_thread():
         res = synthesize(style, [Guide(src, tgt, 1.0)],
-                         SynthParams(uniformity=0, search_vote_iters=2, patchmatch_iters=2))
+                         SynthParams.shipped(uniformity=0, search_vote_iters=2, patchmatch_iters=2))
     yy, xx = torch.meshgrid(torch.arange(64), torch.arange(80), indexing="ij")
     ty, tx = yy + 10 + dy, xx + 10 + dx
     # source and target patches fully inside their images (EbSynth clamps reads at the edges)
@@ -131,7 +131,8 @@ def test_uniformity_spreads_the_source_patches():
     def in_best_region(uniformity):
         with one_thread():
             res = synthesize(style, [Guide(src, tgt, 1.0)],
-                             SynthParams(uniformity=uniformity, search_vote_iters=2, patchmatch_iters=2))
+                             SynthParams.shipped(uniformity=uniformity, search_vote_iters=2,
+                                                 patchmatch_iters=2))
         return float((res.nnf[1] < 6).float().mean())   # patch centres wholly inside it
 
     assert in_best_region(0) > 0.9
@@ -223,7 +224,7 @@ def test_propagation_beats_copying_and_warping_the_nearest_key(content):
     flow = FlowEstimator()
     flow.setup()
     with one_thread():
-        out = Propagator(FAST, GuideWeights(), flow)(frames, styled[0], styled[-1])
+        out = Propagator(FAST, GuideWeights.shipped(), flow)(frames, styled[0], styled[-1])
     assert out.shape == (6, H, W, 3) and np.array_equal(out[0], styled[0])
     ours, near, warped = [], [], []
     for t in range(1, 6):
@@ -241,7 +242,8 @@ def test_single_sided_units_and_poisson():
     frames = shapes_clip(4, seed=5)[:, :48, :64].copy()
     styled = np.stack([stylize(f) for f in frames])
     with one_thread():
-        prop = Propagator(SynthParams(search_vote_iters=1, patchmatch_iters=1, max_jump=2), poisson=True)
+        prop = Propagator(SynthParams.shipped(search_vote_iters=1, patchmatch_iters=1, max_jump=2),
+                          poisson=True)
         before = prop(frames, None, styled[-1])          # [0, 3) from the key at 3
         after = prop(frames, styled[0], None)            # [0, 4) from the key at 0
         both = prop(frames, styled[0], styled[-1])
@@ -384,29 +386,29 @@ def one_keyed_video(tmp_path: Path, size: tuple[int, int], frames: int) -> Path:
 
 @pytest.mark.slow
 def test_a_long_unit_shows_progress_and_a_stop_signal_ends_it_within_seconds(tmp_path):
-    """A unit that takes minutes (EbSynth at its default settings on 256x192 frames): its frames
-    are counted as they are synthesized, so the rank's log shows frames before the unit ends; then
-    SIGTERM: the rank leaves within 30 s, as Slurm's USR2-then-TERM two minutes before the limit
-    needs, with 128 + 15 and no partial shard (the stop is checked between EbSynth passes)."""
-    videos, out = one_keyed_video(tmp_path, size=(256, 192), frames=12), tmp_path / "out"
-    cmd = job_cmd(["job=propagate", f"input={videos}", f"output={out}", f"job.keys={tmp_path / 'keys'}",
-                   "device=cpu", "log.progress=false", "log.every_s=1"])
-    proc = subprocess.Popen(cmd, env=job_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    """A unit that takes minutes, made so by holding it in the middle (gated:
+    tests/builders/gated_main.py holds it once EbSynth has reported its first frames): its frames
+    are counted as they are synthesized, so the rank's log shows frames while the unit is
+    unfinished; then SIGTERM: the rank leaves within 30 s, as Slurm's USR2-then-TERM two minutes
+    before the limit needs, with 128 + 15 and no shard, partial or whole (the stop is checked
+    between EbSynth passes: the unit is abandoned, not finished)."""
+    videos, out = one_keyed_video(tmp_path, size=(64, 48), frames=12), tmp_path / "out"
+    gate = Gate(tmp_path / "gate")
+    gate.open(unit_point("v", 0))  # the unit starts ...
+    gate.hold(f"{unit_point('v', 0)}-progress")  # ... and stops at its first progress report
+    cmd = gated(job_cmd(["job=propagate", f"input={videos}", f"output={out}", f"job.keys={tmp_path / 'keys'}",
+                         *FAST_CLI, "device=cpu", "log.progress=false", "log.every_s=1"]))
+    proc = subprocess.Popen(cmd, env=gate.env(job_env()), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
     log = out / ".vsr_ddp" / "logs" / "rank0.log"
-    deadline = time.monotonic() + 120
-    while not (log.exists() and "taking units in plan order" in log.read_text()):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
-        time.sleep(0.2)
     # progress inside the unit: "this rank N frames" with N > 0 while no shard is finished
     moving = re.compile(r"this rank [1-9]\d* frames \([\d.]+ frames/s\); all ranks \d+/12 frames, ETA \d")
-    while not moving.search(log.read_text()):
-        assert proc.poll() is None and time.monotonic() < deadline + 60, log.read_text()[-2000:]
-        time.sleep(0.5)
-    assert not list(out.glob(".vsr_ddp/*/segment_*.json"))
-    t0 = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
     try:
+        wait_until("progress inside the unit", lambda: f"{unit_point('v', 0)}-progress" in gate.reached()
+                   and log.exists() and moving.search(log.read_text()) is not None, [proc])
+        assert not list(out.glob(".vsr_ddp/*/segment_*.json"))
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
         status = proc.wait(timeout=60)
     finally:
         proc.kill()

@@ -8,39 +8,50 @@ import re
 import signal
 import socket
 import subprocess
-import time
 
 import numpy as np
 import pytest
-from builders import (already_done, decode_indices, make_clip, read_frames, save_srvgg, shard_files,
-                      sigkill_once_sharded)
+from builders import (Gate, already_done, decode_indices, gated, make_clip, read_frames, shard_files,
+                      sidecars, sigkill_when, unit_point, wait_until)
 from conftest import ROOT, job_cmd, job_env, read_report, run_job
 
 pytestmark = pytest.mark.slow
 
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
+    """SIGKILL the whole 2-rank job once units 0-2 are done and each rank is writing the shard of
+    the next one (gated: tests/builders/gated_main.py); the rerun keeps those three, makes the
+    rest, and nothing half-written is ever under a finished file's name."""
     clip = make_clip(tmp_path / "clip.mp4", frames=40, size=(64, 48), audio=True)
-    # A compact model heavy enough that the kill lands mid-run; its output keeps the frame code.
-    model = save_srvgg(tmp_path / "realesr-general-x2.pth", scale=2, seed=7, num_feat=32, num_conv=16)
-    args = lambda out: ["job=upscale", f"input={clip}", f"output={out}", f"job.model={model}",  # noqa: E731
-                        "work.segment_frames=4", "job.batch_size=2"]
+    args = lambda out: ["job=upscale", f"input={clip}", f"output={out}", "job.model=lanczos",  # noqa: E731
+                        "job.scale=2", "work.segment_frames=4"]
     out = tmp_path / "killed"
     wdir = out / ".vsr_ddp" / "clip_2x"
-    # torchrun, both ranks and their encoders, once 3 shards are done: no chance to clean up
-    sigkill_once_sharded(job_cmd(args(out), nproc=2), out, env=job_env(), cwd=ROOT, at_least=3)
+    gate = Gate(tmp_path / "gate")
+    gate.open(*(unit_point("clip", k) for k in range(5)))
+    for k in (3, 4):
+        gate.hold(unit_point("clip", k) + "-written")
+    writing = lambda: [p for k in (3, 4) for p in wdir.glob(f"segment_{k:04d}.mp4.*.partial")]  # noqa: E731
+    # torchrun, both ranks and their encoders, once 3 shards are done and the shards of units 3
+    # and 4 are being written (their encoders have the frames): no chance to clean up
+    in_place = lambda: (len(sidecars(out)) == 3  # noqa: E731
+                        and {unit_point("clip", k) + "-written" for k in (3, 4)} <= gate.reached()
+                        and len(writing()) == 2)
+    sigkill_when(gated(job_cmd(args(out), nproc=2)), in_place, env=gate.env(job_env()), cwd=ROOT)
     done_before = {p.name: json.loads(p.read_text()) for p in wdir.glob("segment_????.json")}
-    assert 3 <= len(done_before) < 10
+    assert sorted(done_before) == [f"segment_{k:04d}.json" for k in range(3)]
+    assert len(writing()) == 2  # the half-written shards are there, under their temporary names only
+    assert sorted(p.name for p in wdir.glob("segment_????.mp4")) == [f"segment_{k:04d}.mp4" for k in range(3)]
     assert not (out / "clip.mp4").exists()
 
-    run_job(args(out), nproc=2)
-    assert already_done(out) == len(done_before)
+    run_job(args(out))  # the same command again (one rank: shards do not depend on the rank count)
+    assert already_done(out, ranks=1) == len(done_before)
     for name, side in done_before.items():  # finished shards were kept, not redone
         assert json.loads((wdir / name).read_text()) == side
     assert not list(out.rglob("*.partial"))
 
     fresh = tmp_path / "fresh"
-    run_job(args(fresh), nproc=2)
+    run_job(args(fresh))
     resumed, uninterrupted = read_frames(out / "clip.mp4"), read_frames(fresh / "clip.mp4")
     assert resumed.shape == (40, 96, 128, 3)
     assert np.array_equal(resumed, uninterrupted)
@@ -58,16 +69,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def srun_ranks(overrides: list[str], n: int = 2) -> list[subprocess.Popen]:
-    """n tasks of ``srun --ntasks=n python -m vsr_ddp ...`` (no torchrun: Slurm's variables only)."""
+def srun_ranks(overrides: list[str], gate: Gate, n: int = 2) -> list[subprocess.Popen]:
+    """n tasks of ``srun --ntasks=n python -m vsr_ddp ...`` (no torchrun: Slurm's variables only),
+    gated (:func:`builders.gated`)."""
     procs, port = [], free_port()
     for rank in range(n):
-        env = {**job_env(), "SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_PROCID": str(rank),
+        env = {**gate.env(job_env()), "SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_PROCID": str(rank),
                "SLURM_LOCALID": str(rank), "SLURM_NTASKS": str(n), "SLURM_NNODES": "1", "SLURM_NODEID": "0",
                "SLURM_STEP_TASKS_PER_NODE": str(n), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
         for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
             env.pop(var, None)
-        procs.append(subprocess.Popen(job_cmd(overrides), cwd=ROOT, env=env, start_new_session=True,
+        procs.append(subprocess.Popen(gated(job_cmd(overrides)), cwd=ROOT, env=env, start_new_session=True,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
     return procs
 
@@ -80,24 +92,24 @@ PREEMPTIONS = ["SIGTERM-torchrun-step", "SIGUSR1-torchrun-ranks", "SIGTERM-srun-
 
 @pytest.mark.parametrize("how", PREEMPTIONS)
 def test_preemption_exits_128_plus_n_keeps_finished_shards_and_the_rerun_completes(tmp_path, how):
+    """The signal comes once units 0 and 1 are done and each rank is inside the next one (gated:
+    tests/builders/gated_main.py): both ranks abandon their unit, and exactly those two stay."""
     signame, launcher, target = how.split("-")
     sig = signal.Signals[signame]
     clip = make_clip(tmp_path / "clip.mp4", frames=24, size=(64, 48), audio=True)
-    # A compact model slow enough (one frame per batch) that the job is still running when signalled.
-    model = save_srvgg(tmp_path / "m.pth", scale=2, seed=8, num_feat=32, num_conv=16)
     out = tmp_path / "out"
-    args = ["job=upscale", f"input={clip}", f"output={out}", f"job.model={model}",
-            "work.segment_frames=4", "job.batch_size=1", "work.read_chunk=1"]
+    args = ["job=upscale", f"input={clip}", f"output={out}", "job.model=lanczos", "job.scale=2",
+            "work.segment_frames=4"]
     wdir = out / ".vsr_ddp" / "clip_2x"
-    procs = [subprocess.Popen(job_cmd(args, nproc=2), cwd=ROOT, env=job_env(), start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             ] if launcher == "torchrun" else srun_ranks(args)
+    gate = Gate(tmp_path / "gate")
+    gate.open(unit_point("clip", 0), unit_point("clip", 1))
+    procs = [subprocess.Popen(gated(job_cmd(args, nproc=2)), cwd=ROOT, env=gate.env(job_env()),
+                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True)
+             ] if launcher == "torchrun" else srun_ranks(args, gate)
     try:
-        deadline = time.monotonic() + 180
-        while not list(wdir.glob("segment_????.json")):
-            assert all(p.poll() is None for p in procs), "the job ended before it was signalled"
-            assert time.monotonic() < deadline, "no shard after 180 s"
-            time.sleep(0.05)
+        wait_until("units 0 and 1 done, 2 and 3 in hand",
+                   lambda: len(sidecars(out)) == 2 and len(gate.reached()) == 4, procs)
         if target == "step":
             os.killpg(procs[0].pid, sig)
         elif target == "ranks":  # torchrun's workers
@@ -137,10 +149,10 @@ def test_preemption_exits_128_plus_n_keeps_finished_shards_and_the_rerun_complet
     for side in wdir.glob("segment_????.json"):  # every sidecar left describes a complete shard
         meta = json.loads(side.read_text())
         assert (wdir / meta["shard"]).stat().st_size == meta["size"]
-    assert 2 <= len(finished) < 12, sorted(finished)
+    assert sorted(finished) == [f"segment_{k:04d}.{ext}" for k in (0, 1) for ext in ("json", "mp4")]
 
-    run_job(args, nproc=2)  # the same command again, as a requeue does
-    assert already_done(out) == len(finished) // 2
+    run_job(args)  # the same command again, as a requeue does (one rank: shards do not depend on it)
+    assert already_done(out, ranks=1) == 2
     after = shard_files(wdir)
     assert {name: after[name] for name in finished} == finished, "a finished shard was redone"
     assert decode_indices(read_frames(out / "clip.mp4")) == list(range(24))

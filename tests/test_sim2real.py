@@ -219,8 +219,9 @@ def switched(pipe):
     parts = ("cross_frame_attn", "spatial_attn", "temporal_attn", "feature_opt")
     runs = {"on": base, **{p: {**base, p: False} for p in parts},
             "off": {**base, **dict.fromkeys(parts, False)}}
-    out = {k: pipe.translate(frames, [0, 1, 2], embeds, fresco.FrescoSettings(**v)) for k, v in runs.items()}
-    out["again"] = pipe.translate(frames, [0, 1, 2], embeds, fresco.FrescoSettings(**base))
+    out = {k: pipe.translate(frames, [0, 1, 2], embeds, fresco.FrescoSettings.shipped(**v))
+           for k, v in runs.items()}
+    out["again"] = pipe.translate(frames, [0, 1, 2], embeds, fresco.FrescoSettings.shipped(**base))
     torch.set_num_threads(torch_threads)
     return out
 
@@ -239,8 +240,8 @@ def test_with_every_part_off_the_unet_runs_diffusers_attention(pipe, switched, o
 
     frames = fresco.resize_frames(synth_frames(3, (64, 48)), (64, 64))
     embeds = pipe.encode_prompt("a red car", "lowres")
-    off = fresco.FrescoSettings(steps=2, strength=1.0, batch_size=3, cross_frame_attn=False,
-                                spatial_attn=False, temporal_attn=False, feature_opt=False)
+    off = fresco.FrescoSettings.shipped(steps=2, strength=1.0, batch_size=3, cross_frame_attn=False,
+                                        spatial_attn=False, temporal_attn=False, feature_opt=False)
     fresco_procs = pipe.unet.attn_processors
     try:
         pipe.unet.set_attn_processor(AttnProcessor2_0())
@@ -262,7 +263,7 @@ def test_processors_are_installed_and_references_carry_across_batches(pipe, one_
     keys = list(range(10))
     embeds = pipe.encode_prompt("a red car, best quality", "lowres")
     seen = {}
-    settings = fresco.FrescoSettings(steps=3, strength=1.0, batch_size=4, opt_iters=3)
+    settings = fresco.FrescoSettings.shipped(steps=3, strength=1.0, batch_size=4, opt_iters=3)
     out = pipe.translate(frames, keys, embeds, settings,
                          on_step=lambda b, i, t, lat: seen.__setitem__((b, i), lat.clone()))
     assert sorted(out) == keys and all(o.shape == (64, 64, 3) and o.dtype == np.uint8 for o in out.values())
@@ -288,7 +289,7 @@ def test_a_half_precision_vae_that_overflows_is_redone_in_float32(models, one_th
     z = half.vae_encode(x, torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert not torch.isfinite(half.vae.decode(z / half.vae.config.scaling_factor).sample).all()
-    settings = fresco.FrescoSettings(steps=2, strength=1.0, batch_size=3, opt_iters=1)
+    settings = fresco.FrescoSettings.shipped(steps=2, strength=1.0, batch_size=3, opt_iters=1)
     out = half.translate(frames, [0, 1, 2], half.encode_prompt("a red car"), settings)
     assert half.vae.dtype == torch.float32 and half.unet.dtype == torch.float16
     assert "the VAE overflowed in float16 while it decoded" in caplog.text
@@ -548,7 +549,7 @@ def test_prompts_and_overrides_by_stem(tmp_path, models):
 class SkippingJob(jobs.Job):
     """Copies frames; leaves out videos whose name starts with 'x'."""
 
-    name, streaming, uses_context = "skipper", False, False
+    name = "skipper"
 
     def __init__(self, cfg, device):
         pass

@@ -11,8 +11,11 @@ import pytest
 from conftest import ROOT, read_report, run_job
 
 from vsr_ddp import shards, status
+from vsr_ddp.config import shipped
 from vsr_ddp.atomic import atomic_write_json
 from vsr_ddp.plan import Unit
+
+LEASE_S = shipped("config", "work.lease_timeout_s")  # the runs' work.lease_timeout_s, as shipped
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +34,7 @@ def cli(*args) -> subprocess.CompletedProcess:
 
 
 def test_finished_run(finished):
-    st = status.collect(finished)
+    st = status.collect(finished, LEASE_S)
     assert [(v["stem"], v["state"], v["shards_done"], v["shards_total"], v["frames_done"], v["frames_total"])
             for v in st["videos"]] == [("av", "merged", 4, 4, 48, 48), ("sub", "merged", 3, 3, 36, 36)]
     assert all(v["eta_s"] == 0 and v["fps"] > 0 and not v["failures"] for v in st["videos"])
@@ -81,7 +84,7 @@ def test_half_done_run_with_a_failure(finished, tmp_path):
         atomic_write_json(wdir / f"{key}.json",
                                  side | {"seconds": seconds, "finished_at": end.strftime(shards.TIME_FORMAT)})
 
-    st = status.collect(out)
+    st = status.collect(out, LEASE_S)
     v_av, v_sub = st["videos"]
     assert (v_av["state"], v_av["shards_done"], v_av["shards_total"],
             v_av["frames_done"]) == ("failed", 2, 4, 24)
@@ -127,7 +130,7 @@ def test_inputs_only_in_the_run_report(finished, tmp_path):
                          {"input": "/in/still.mp4", "status": "skipped", "reason": "a single frame",
                           "output": None, "frames": 1, "seconds": None}]
     atomic_write_json(out / "run_report.json", report)
-    st = status.collect(out)
+    st = status.collect(out, LEASE_S)
     assert [(v["stem"], v["state"]) for v in st["videos"]] == [("broken", "failed"), ("still", "skipped"),
                                                                ("av", "merged"), ("sub", "merged")]
     assert (st["total"]["failed"], st["total"]["eta_s"]) == (1, 0.0)
@@ -135,3 +138,10 @@ def test_inputs_only_in_the_run_report(finished, tmp_path):
     assert table.splitlines()[1].split() == ["broken", "0/0", "0/0", "-", "-", "failed", "1"]
     assert table.splitlines()[2].split() == ["still", "0/0", "0/0", "-", "-", "skipped", "0"]
     assert table.endswith("failures:\n  broken: empty file (0 bytes)")
+
+
+def test_the_lease_timeout_default_is_the_shipped_configs(capsys):
+    """--lease-timeout defaults to conf/config.yaml's work.lease_timeout_s: one home for it."""
+    with pytest.raises(SystemExit):
+        status.main(["--help"])
+    assert f"conf/config.yaml's, {LEASE_S:g})" in " ".join(capsys.readouterr().out.split())

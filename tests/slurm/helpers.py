@@ -4,6 +4,7 @@
     python tests/slurm/helpers.py check OUT --video clip=48 [--report run_report.json] [--no-report NAME]
     python tests/slurm/helpers.py snapshot WDIR FILE
     python tests/slurm/helpers.py compare WDIR FILE
+    python tests/slurm/helpers.py ranks OUT --world 2
 
 Every check prints one line and exits 1 with the reason when it fails.
 """
@@ -105,6 +106,44 @@ def compare(wdir: Path, file: Path, logs: Path | None = None) -> None:
             fail(f"the requeued run found {found} finished shard(s), not the {len(before)} kept")
 
 
+def ranks(out: Path, world: int) -> None:
+    """The last run on ``out`` was one launch of ``world`` ranks and every rank took part in it.
+    What a finished run leaves to show it (rank <r>'s host file, ``.vsr_ddp/hosts/<run>/<r>.json``,
+    is written at start-up for the shared-folder check and goes with its run folder at the end):
+    rank 0's log names the run and its rank count; each rank's log has that run's lines, down to
+    its unit count after the work; every shard's sidecar names that run and a rank of it."""
+    logs = out / ".vsr_ddp" / "logs"
+    runs = re.findall(r"\] INFO \S+: run ([0-9a-f]+): (\d+) rank\(s\)$",
+                      (logs / "rank0.log").read_text(encoding="utf-8"), re.M)
+    if not runs:
+        fail(f"{logs / 'rank0.log'} names no run")
+    run, n = runs[-1]
+    if int(n) != world:
+        fail(f"run {run} had {n} rank(s), not {world}: the tasks did not form one world")
+    units = {}
+    for r in range(world):
+        log = logs / f"rank{r}.log"
+        found = re.findall(rf"^\S+ \S+ \[rank {r} run {run}\] INFO \S+: (\d+) unit\(s\) for this rank",
+                           log.read_text(encoding="utf-8") if log.exists() else "", re.M)
+        if not found:
+            fail(f"rank {r} did not work in run {run}: no unit count of it in {log}")
+        units[r] = int(found[-1])
+    made = {}
+    for side in sorted(out.glob(".vsr_ddp/*/segment_*.json")):
+        if side.name.endswith(".failed.json"):
+            continue
+        meta = json.loads(side.read_text())
+        if meta.get("run") != run or not 0 <= meta.get("rank", -1) < world:
+            fail(f"{side} was made by run {meta.get('run')} rank {meta.get('rank')}, not run {run}")
+        made.setdefault(meta["rank"], []).append(meta.get("host"))
+    if not made:
+        fail(f"no shards under {out / '.vsr_ddp'}")
+    if (out / ".vsr_ddp" / "hosts" / run).exists():
+        fail(f"{out / '.vsr_ddp' / 'hosts' / run} is left after the run")
+    print(f"ok: run {run}, {world} rank(s), units drawn per rank {units}, shards made per rank "
+          + ", ".join(f"{r}: {len(h)} on {', '.join(sorted(set(h)))}" for r, h in sorted(made.items())))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -114,6 +153,9 @@ def main() -> None:
     c.add_argument("--video", action="append", default=[], help="stem=frames")
     c.add_argument("--report")
     c.add_argument("--no-report", action="append", default=[])
+    r = sub.add_parser("ranks")
+    r.add_argument("out", type=Path)
+    r.add_argument("--world", type=int, required=True)
     for name in ("snapshot", "compare"):
         s = sub.add_parser(name)
         s.add_argument("wdir", type=Path)
@@ -126,6 +168,8 @@ def main() -> None:
         inputs(args.work)
     elif args.cmd == "check":
         check(args.out, args.video, args.report, args.no_report)
+    elif args.cmd == "ranks":
+        ranks(args.out, args.world)
     elif args.cmd == "snapshot":
         snapshot(args.wdir, args.file)
     else:

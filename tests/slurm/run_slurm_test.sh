@@ -164,7 +164,9 @@ case_srun_direct() {
         || return 1
     wait_ok "$j" 300 || return 1
     helper check "$out" --video clip=48 --report run_report.json || return 1
-    ls "$out/.vsr_ddp/hosts/1.json" "$out/.vsr_ddp/logs/rank1.log" || return 1
+    # both tasks formed one world of 2 and rank 1 worked in it (its host file, written at start-up under
+    # .vsr_ddp/hosts/<run>/, goes with the run: what is left is the run's logs and sidecars)
+    helper ranks "$out" --world 2 || return 1
 }
 
 case_multirun() {
@@ -199,7 +201,7 @@ case_multirun_fail() {
         work.segment_frames=8 2>"$WORK/logs/multirun_fail.stderr"
     status=$?
     cat "$WORK/logs/multirun_fail.stderr"
-    [ $status = 1 ] || { echo "expected exit status 1, got $status"; return 1; }
+    [ $status = 2 ] || { echo "expected exit status 2 (the failed point's), got $status"; return 1; }
     grep "sweep point #0 (.*job.scale=0.*) exited with status 2" "$WORK/logs/multirun_fail.stderr" || return 1
     helper check "$out/s2" --video clip=48 --report run_report.json || return 1
     [ ! -e "$out/s0/run_report.json" ] || { echo "the bad point did work"; return 1; }
@@ -243,7 +245,7 @@ run_case misset "2 torchrun tasks on 1 node: one clear error, no work"
 run_case private_output "output folder not shared between ranks: one clear error"
 run_case srun_direct "srun without torchrun: 2 tasks, Slurm variables"
 run_case multirun "Hydra multirun, hydra/launcher=slurm, job.scale=2,3"
-run_case multirun_fail "Hydra multirun on Slurm, one bad point: exit 1, the other done"
+run_case multirun_fail "Hydra multirun on Slurm, one bad point: exit 2, the other done"
 
 echo
 echo "== make test-slurm: $(date -Is), $(sinfo --version), node $NODE ($(nproc --all) CPUs, no GPU), work in $WORK"
