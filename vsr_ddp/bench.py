@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import shipped
 from .demo import make_pattern
 from .models.ebsynth import SynthParams, max_levels
 from .plan import probe
@@ -209,7 +210,8 @@ def bench_interpolate(size: tuple[int, int], device: torch.device, pairs: int = 
     photo = cv2.resize(skimage.data.astronaut(), (w * 2, h * 2), interpolation=cv2.INTER_CUBIC)
     frames = np.stack([np.ascontiguousarray(photo[k:k + h, 2 * k:2 * k + w]) for k in range(pairs + 1)])
     a, b = frames[:-1], frames[1:]  # (pairs, H, W, 3) uint8
-    engines = {"blend": lambda: interp.Blend(), "flow": lambda: interp.FlowInterp(device)}
+    preset = shipped("job/interpolate", "flow_preset")  # DIS, as job=interpolate ships it
+    engines = {"blend": lambda: interp.Blend(), "flow": lambda: interp.FlowInterp(device, None, preset)}
     try:
         path = published.weights_path("rife-hdv3", published.models_dir())
         dtype = torch.float16 if device.type == "cuda" else torch.float32

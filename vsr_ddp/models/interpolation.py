@@ -106,7 +106,7 @@ class FlowInterp:
     name = "flow"
     midpoint_only = False
 
-    def __init__(self, device: torch.device, weights: str | None = None, preset: str = "medium"):
+    def __init__(self, device: torch.device, weights: str | None, preset: str):
         self.device = device
         self.flow = FlowEstimator(weights, device=device, dis_preset=preset)
         self.flow.setup()
