@@ -204,7 +204,7 @@ class Runner:
         sig = self.sig_of(info, unit)
         if shards.shard_done(wdir, unit, sig, verify_checksum=verify):
             return self.found_done(i, unit)
-        failed = shards.read_json(shards.failure_path(wdir, unit))
+        failed = atomic.read_json(shards.failure_path(wdir, unit))
         if failed and self.live(failed.get("run")):
             self.failures.setdefault(info.path, f"{unit.key} (frames [{unit.start}, {unit.end})): "
                                                 f"{failed.get('reason')}")
@@ -537,7 +537,7 @@ class Runner:
         if result is not None:
             self.merged[vi] = result
             return "merged"
-        failed = shards.read_json(shards.merge_failure_path(wdir))
+        failed = atomic.read_json(shards.merge_failure_path(wdir))
         if failed and self.live(failed.get("run")):
             self.failures.setdefault(info.path, f"merge: {failed.get('reason')}")
             return "failed"
