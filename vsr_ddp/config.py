@@ -179,8 +179,12 @@ class Upscale:
     fallback: Literal["lanczos", "bicubic"]
     calibrate: bool
     preview: bool
+    warmup: int
+    unit: Literal["segment", "video"]
+    segment_frames: int
 
     def __post_init__(self):
+        _need(self.warmup >= 0, "job.warmup", self.warmup, "0 or more (frames)")
         for key in ("scale", "outscale"):
             value = getattr(self, key)
             _need(value is None or value > 0, f"job.{key}", value, "positive, or null")

@@ -356,24 +356,31 @@ def _bit_depth(pix_fmt: str) -> int:
 
 
 def plan_units(videos: list[VideoInfo], unit: str, segment_frames: int, overlap: int,
-               first_index: int = 0) -> list[Unit]:
+               first_index: int = 0, context: tuple[int, int] | None = None, align: int = 1) -> list[Unit]:
     """Cut every video into units. ``unit=video``: one unit per video; ``segment``: owned
     ranges of ``segment_frames`` frames, each read with ``overlap`` context frames per side.
-    ``videos[k]`` is the plan's video ``first_index + k``."""
+    ``videos[k]`` is the plan's video ``first_index + k``.
+
+    ``context=(before, after)``: asymmetric context in place of ``overlap`` (a temporal model's
+    reach and warm-up, see vsr_ddp.models.temporal); ``align``: segment starts are multiples of
+    it (``segment_frames`` rounded up to one)."""
     if unit not in ("video", "segment"):
         raise ValueError(f"work.unit must be 'video' or 'segment', not {unit!r}")
     if unit == "segment" and segment_frames < 1:
         raise ValueError("work.segment_frames must be >= 1")
     if overlap < 0:
         raise ValueError("work.overlap must be >= 0")
+    before, after = (overlap, overlap) if context is None else context
+    if before < 0 or after < 0 or align < 1:
+        raise ValueError(f"context {context} and align {align}: must be >= 0 and >= 1")
     units = []
     for vi, info in enumerate(videos, first_index):
         n = info.frames
-        step = n if unit == "video" else segment_frames
+        step = n if unit == "video" else math.ceil(segment_frames / align) * align
         for seg_idx in range(math.ceil(n / step)):
             start, end = seg_idx * step, min(n, (seg_idx + 1) * step)
             units.append(Unit(video=vi, seg_idx=seg_idx, start=start, end=end,
-                              read_start=max(0, start - overlap), read_end=min(n, end + overlap)))
+                              read_start=max(0, start - before), read_end=min(n, end + after)))
     return units
 
 

@@ -9,7 +9,8 @@ checked against it.
 One module per thing built: sr_models (Real-ESRGAN layouts), clips (index-coded clips and the
 reference readers), footage (rotation, VFR, interlacing, 10-bit, audio/subtitle timing, camera
 motion; the streams beside the video: audio tracks, cover art, DVD subtitles), bad_inputs, sd15
-(SD 1.5 + ControlNet folders and single files), runs (killing a run mid-way, its finished shards
+(SD 1.5 + ControlNet folders and single files), temporal_models (a stub of the temporal model
+protocol), runs (killing a run mid-way, its finished shards
 and "already done" counts). Tests import them all from here: ``from builders import make_clip``.
 """
 from .bad_inputs import *  # noqa: F401,F403
@@ -19,3 +20,4 @@ from .footage import *  # noqa: F401,F403
 from .runs import *  # noqa: F401,F403
 from .sd15 import *  # noqa: F401,F403
 from .sr_models import *  # noqa: F401,F403
+from .temporal_models import *  # noqa: F401,F403

@@ -161,7 +161,8 @@ class Job:
         return self.process(frames, first)
 
     def process(self, frames: np.ndarray, first: int) -> np.ndarray:
-        """Chunk by chunk: # (B, H, W, 3), absolute index of frames[0] -> (B, H', W', 3)."""
+        """Chunk by chunk: # (B, H, W, 3), absolute index of frames[0] -> (B, H', W', 3); a job that
+        reads context returns the owned frames' outputs made so far (upscale's temporal models)."""
         raise NotImplementedError(f"job={self.name} does not make frames chunk by chunk")
 
     def process_unit(self, frames: np.ndarray, unit: Unit, info: VideoInfo) -> np.ndarray:

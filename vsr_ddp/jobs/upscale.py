@@ -1,16 +1,21 @@
 """job=upscale: Real-ESRGAN-family super-resolution (any checkpoint spandrel loads) or
-classical lanczos/bicubic, frame by frame; optionally the model only inside ``job.spans``."""
+classical lanczos/bicubic, frame by frame; optionally the model only inside ``job.spans``.
+A temporal model (vsr_ddp.models.temporal: AnimeSR) is fed each unit's read range in order
+instead, its context frames' outputs discarded."""
 from __future__ import annotations
 
 import logging
 import re
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..models.sr import Upscaler
-from ..plan import Unit, VideoInfo
+from ..config import ConfigError
+from ..models import temporal
+from ..models.sr import CLASSICAL, Upscaler, model_path, pick_dtype
+from ..plan import Unit, VideoInfo, plan_units
 from .base import Job, fingerprint
 
 log = logging.getLogger(__name__)
@@ -45,7 +50,7 @@ def span_frames(spans, info: VideoInfo) -> list[tuple[int, int]]:
 
 
 class UpscaleJob(Job):
-    name = "upscale"  # makes frames chunk by chunk (process); single-image SR reads no context
+    name = "upscale"  # makes frames chunk by chunk (process); reads context only for a temporal model
     deep_frames = True  # takes uint16 frames too (a 10-bit input to a 10-bit output)
 
     def __init__(self, cfg, device: torch.device):
@@ -54,9 +59,18 @@ class UpscaleJob(Job):
         self.upscaler: Upscaler | None = None
         self.fallback: Upscaler | None = None
         self.spans: list[tuple[int, int]] | None = None  # frame ranges for the model, this video
+        self.temporal: temporal.TemporalModel | None = None  # a model of the temporal contract
+        self.temporal_path: Path | None = None
 
     def setup(self) -> None:
         c = self.cfg
+        if str(c.model) not in CLASSICAL:
+            path = model_path(str(c.model), c.models_dir)
+            if path.is_file():
+                self.temporal = temporal.load_temporal(path, self.device)
+        if self.temporal is not None:
+            self._setup_temporal(path)
+            return
         self.upscaler = Upscaler(str(c.model), device=self.device, scale=c.scale, outscale=c.outscale,
                                  tile=c.tile, tile_pad=c.tile_pad, precision=c.precision,
                                  batch_size=c.batch_size, compile=c.compile,
@@ -66,12 +80,39 @@ class UpscaleJob(Job):
             self.fallback = Upscaler(str(c.fallback), device=self.device,
                                      scale=self.upscaler.outscale or self.upscaler.scale)
 
+    def _setup_temporal(self, path: Path) -> None:
+        """A temporal model: what it cannot do refused before any work; its units read context."""
+        c, model = self.cfg, self.temporal
+        for key, value, ok in (("tile", c.tile, not c.tile), ("spans", list(c.spans), not c.spans),
+                               ("outscale", c.outscale, not c.outscale or float(c.outscale) == model.scale)):
+            if not ok:
+                raise ConfigError(f"job.{key}={value}: not supported with the temporal model {path} "
+                                  f"(whole frames, every frame, at the model's own scale)")
+        if c.scale and float(c.scale) != model.scale:
+            raise ConfigError(f"job.scale={c.scale} but {path} is a x{model.scale} model")
+        reach = model.reach
+        if not reach.exact and not reach.recurrent:
+            raise ConfigError(f"job.model={path}: a batch-joint model (reach {reach}) needs the crossfade "
+                              f"mode, which is not implemented")
+        # as upscale picks a per-frame model's: fp16 on CUDA for auto (AnimeSR is conv only), fp32 on the CPU
+        self.dtype = pick_dtype(c.precision, self.device, True, True)
+        model.to(self.device, self.dtype)
+        self.temporal_path = path
+        self.reads_context = True  # each unit's read range, context included (Job.read_range)
+        self.deep_frames = False  # the streaming protocol takes uint8 frames
+
     def tag(self) -> str:
+        if self.temporal is not None:
+            return f"{self.temporal.scale:g}x"
         s = self.upscaler.outscale or self.upscaler.scale
         return f"{s:g}x"
 
     def settings(self) -> dict:
         c, up = self.cfg, self.upscaler
+        if self.temporal is not None:
+            return {"job": self.name, "model": fingerprint(self.temporal_path), "scale": self.temporal.scale,
+                    "outscale": None, "dtype": str(self.dtype), "reach": asdict(self.temporal.reach),
+                    "warmup": c.warmup}
         model = str(c.model) if up.path is None else fingerprint(up.path)
         return {"job": self.name, "model": model, "scale": up.scale, "outscale": up.outscale,
                 # tiling and precision change pixels only at noise level, but they do change them
@@ -79,7 +120,18 @@ class UpscaleJob(Job):
                 "spans": list(c.spans),
                 "fallback": str(c.fallback) if c.spans else None}
 
+    def plan_video(self, info: VideoInfo, video_index: int) -> list[Unit] | None:
+        """A temporal model's segments: context from its reach and job.warmup, starts aligned;
+        per-frame models get the runner's segments."""
+        if self.temporal is None:
+            return None
+        reach = self.temporal.reach
+        return plan_units([info], self.cfg.unit, self.cfg.segment_frames, 0, first_index=video_index,
+                          context=reach.context(self.cfg.warmup), align=reach.align)
+
     def output_size(self, width: int, height: int) -> tuple[int, int]:
+        if self.temporal is not None:
+            return width * self.temporal.scale, height * self.temporal.scale
         return self.upscaler.output_size(width, height)
 
     def finish_video(self, info: VideoInfo, output: Path, reader) -> dict:
@@ -92,16 +144,48 @@ class UpscaleJob(Job):
 
         mid = info.frames // 2
         lr = next(iter(reader.read(mid, mid + 1)))[0]  # (H, W, 3) uint8, display orientation
-        path = write_preview(lr, self.upscaler(lr[None])[0], output.with_name(output.stem + ".preview.png"),
+        if self.temporal is not None:
+            self.temporal.start()
+            sr = self.temporal.feed(lr[None], last=True)[0]
+        else:
+            sr = self.upscaler(lr[None])[0]
+        path = write_preview(lr, sr, output.with_name(output.stem + ".preview.png"),
                              sar=info.sar)
         return {"preview": str(path)}
 
     def begin(self, info: VideoInfo, unit: Unit, progress) -> None:
-        """Before each unit of ``info``: the model's spans of this video."""
+        """Before each unit of ``info``: the model's spans of this video; a temporal model's fresh
+        state and the unit's read range and owned frames."""
         self.spans = span_frames(self.cfg.spans, info) if self.fallback else None
+        if self.temporal is not None:
+            self.temporal.start()
+            self._fed = self._made = unit.read_start  # next frame to feed, next output to come
+            self._read_end, self._owned = unit.read_end, (unit.start, unit.end)
+
+    def seconds_per_frame(self, frames: np.ndarray, info: VideoInfo) -> float:
+        if self.temporal is None:
+            return super().seconds_per_frame(frames, info)
+        import time
+
+        def run():
+            self.temporal.start()
+            self.temporal.feed(frames, last=True)
+
+        run()  # warm-up
+        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(3):
+            run()
+        sync()
+        return (time.perf_counter() - t0) / (3 * len(frames))
 
     def process(self, frames: np.ndarray, first: int) -> np.ndarray:
-        """# (B, H, W, 3) uint8, absolute frame index of frames[0] -> (B, H', W', 3) uint8."""
+        """# (B, H, W, 3) uint8, absolute frame index of frames[0] -> (B, H', W', 3) uint8.
+        A temporal model: the next frames of the read range -> the outputs of owned frames made
+        so far (context frames' outputs are dropped; maybe none)."""
+        if self.temporal is not None:
+            return self._feed(frames, first)
         if self.spans is None:
             return self.upscaler(frames)
         idx = np.arange(first, first + len(frames))
@@ -113,3 +197,16 @@ class UpscaleJob(Job):
         parts = [(self.upscaler if use_model[a] else self.fallback)(frames[a:b])
                  for a, b in zip(cuts, cuts[1:])]
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def _feed(self, frames: np.ndarray, first: int) -> np.ndarray:
+        if first != self._fed:
+            raise RuntimeError(f"frames from {first} fed where frame {self._fed} comes next")
+        self._fed += len(frames)
+        last = self._fed == self._read_end
+        out = self.temporal.feed(frames, last=last)
+        made, self._made = self._made, self._made + len(out)  # absolute index of out[0]
+        if self._made > self._fed or (last and self._made != self._read_end):
+            raise RuntimeError(f"the temporal model made outputs up to frame {self._made} with frames up to "
+                               f"{self._fed} fed{' (the last)' if last else ''}")
+        lo, hi = self._owned
+        return out[min(len(out), max(0, lo - made)):max(0, min(len(out), hi - made))]
