@@ -144,7 +144,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--long", type=int, default=10, help="the long clip is this many times the short one")
-    ap.add_argument("--jobs", default="upscale,balance,reader,propagate,interpolate,sim2real",
+    ap.add_argument("--jobs", default="upscale,balance,reader,propagate,interpolate,warmup,sim2real",
                     help="which to measure; sim2real runs only on CUDA (SD 1.5-sized random weights); "
                          "interpolate times rife-hdv3 when it is fetched")
     args = ap.parse_args(argv)
@@ -186,6 +186,11 @@ def main(argv=None) -> int:
         r = results["interpolate"] = bench_interpolate(size, device)
         print(table(f"interpolate (midpoints of a real pan) at {size[0]}x{size[1]}",
                     [(k, v) for k, v in r.items()]), flush=True)
+    if "warmup" in jobs:
+        r = results["warmup"] = bench_warmup(device=device)
+        print(table("temporal warm-up: a recurrent model (AnimeSR's network, random weights) at 128x72, "
+                    "a segment's first frame against the whole run", [(k, v) for k, v in r.items()]),
+              flush=True)
     if "sim2real" in jobs and device.type == "cuda":
         r = results["sim2real"] = bench_sim2real(size=512, frames=8, steps=20, device=device)
         print(table("sim2real (FRESCO keyframes, SD 1.5-sized random weights) at 512x512, batch 8",
@@ -193,6 +198,37 @@ def main(argv=None) -> int:
     (root / "bench.json").write_text(json.dumps(results, indent=2))
     print(f"wrote {root / 'bench.json'}")
     return 0
+
+
+# --- Temporal models: what a segment's warm-up buys -----------------------------------------------
+
+def bench_warmup(size: tuple[int, int] = (128, 72), frames: int = 48, start: int = 40,
+                 warmups=(0, 1, 2, 4, 8, 16, 32), seed: int = 0, device: torch.device | None = None) -> dict:
+    """A recurrent model (AnimeSR's network, random weights from ``seed``) over the natural-picture
+    pan of ``make demo``: the whole clip fed from frame 0, then a segment starting at ``start``
+    fed from ``start - W`` for each warm-up W; the difference of the segment's first owned frame
+    to the whole run's (uint8 levels: max and mean), and the model time the warm-up adds."""
+    from .demo import natural_frames
+    from .models.animesr import MSRSWVSR, AnimeSR
+
+    device = device or torch.device("cpu")
+    clip = np.stack(list(natural_frames(frames, size)))  # (T, H, W, 3) uint8
+    torch.manual_seed(seed)
+    model = AnimeSR(MSRSWVSR().eval()).to(device, torch.float32)
+    model.start()
+    t0 = time.perf_counter()
+    whole = model.feed(clip, last=True)  # (T, 4H, 4W, 3)
+    per_frame_s = (time.perf_counter() - t0) / frames
+    out = {}
+    for w in warmups:
+        if w > start:
+            continue
+        model.start()
+        seg = model.feed(clip[start - w:start + 2], last=True)  # frame start + 1: its next neighbour
+        diff = np.abs(seg[w].astype(np.int16) - whole[start].astype(np.int16))
+        out[f"W={w}"] = {"max": int(diff.max()), "mean": round(float(diff.mean()), 3),
+                         "extra model s per segment": round(w * per_frame_s, 3)}
+    return out
 
 
 # --- Propagation and sim2real: the model stages alone ---------------------------------------------
