@@ -8,7 +8,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
-from builders import StubTemporal, make_clip, read_frames, save_srvgg
+from builders import StubTemporal, StubWindow, make_clip, read_frames, save_srvgg
 from conftest import read_report, run_job
 from test_settings import settings
 
@@ -122,8 +122,79 @@ def test_settings_name_the_reach_and_warm_up_and_what_is_unsupported_is_refused(
             make_job(tmp_path, monkeypatch, StubTemporal(), bad)
     joint = StubTemporal()
     joint.reach = Reach(0, 4, recurrent=False, exact=False)
-    with pytest.raises(ValueError, match="batch-joint"):
+    with pytest.raises(ValueError, match="batch-joint.*window and crossfade"):
         make_job(tmp_path, monkeypatch, joint)
+    assert "window" not in a["reach"]  # a streaming model's settings as before the crossfade mode
+
+
+def test_a_window_models_segments_read_the_windows_of_the_grid_and_equal_the_whole_run(tmp_path, monkeypatch):
+    frames = video(22)  # windows of 5 sharing 2 (starts 0, 3, .., 18); segments 7, 7, 7 and 1
+    model = StubWindow(5, 2)
+    job = make_job(tmp_path, monkeypatch, model, "work.segment_frames=7")
+    got, units = run_units(job, frames, chunk=4)
+    assert [(u.start, u.end, u.read_start, u.read_end) for u in units] == [
+        (0, 7, 0, 11), (7, 14, 3, 17), (14, 21, 12, 22), (21, 22, 18, 22)]
+    assert model.calls == [5, 5, 5] + [5] * 4 + [5, 5, 4] + [4]  # 11 windows; 7 in a whole run
+    one = StubWindow(5, 2)
+    ref, whole_units = run_units(make_job(tmp_path, monkeypatch, one, "work.unit=video"), frames, chunk=4)
+    assert len(whole_units) == 1 and one.calls == [5, 5, 5, 5, 5, 5, 4]
+    assert np.array_equal(got, ref)  # bit for bit, across the seams at 7, 14 and 21
+
+
+def test_the_crossfade_is_a_linear_ramp_over_each_overlap(tmp_path, monkeypatch):
+    frames, stub = video(22), StubWindow(5, 2)
+    got, _ = run_units(make_job(tmp_path, monkeypatch, StubWindow(5, 2), "work.segment_frames=7"), frames)
+    w0, w1, w5, w6 = (stub.run(frames[a:a + 5]) for a in (0, 3, 15, 18))
+    assert np.array_equal(got[:3], w0[:3]) and np.array_equal(got[20:], w6[2:])  # one window each
+    for k, t in enumerate((3, 4)):  # the overlap of windows 0 and 1: later weight (k+1)/3
+        want = np.float32((2 - k) / 3) * w0[t].astype(np.float32) + np.float32((k + 1) / 3) * w1[t - 3]
+        assert np.array_equal(got[t], np.clip(np.rint(want), 0, 255).astype(np.uint8)), t
+        exact = (2 - k) / 3 * w0[t].astype(np.float64) + (k + 1) / 3 * w1[t - 3]
+        assert np.abs(got[t] - exact).max() <= 0.5 + 1e-3
+        assert not np.array_equal(w0[t], w1[t - 3])  # the windows disagree there
+    want = np.float32(2 / 3) * w5[3].astype(np.float32) + np.float32(1 / 3) * w6[0]  # the last overlap
+    assert np.array_equal(got[18], np.clip(np.rint(want), 0, 255).astype(np.uint8))
+    assert temporal.window_weight(1, 4, 22, 5, 2) == pytest.approx(2 / 3)
+
+
+def test_a_window_models_outputs_do_not_depend_on_the_chunks_and_hold_at_most_a_window(tmp_path, monkeypatch):
+    frames = video(23)
+    job = make_job(tmp_path, monkeypatch, StubWindow(6, 2), "work.segment_frames=5")
+    held, feed = [], temporal.Crossfade.feed
+
+    def spy(self, chunk):
+        out = feed(self, chunk)
+        held.append(len(self.held))
+        return out
+
+    monkeypatch.setattr(temporal.Crossfade, "feed", spy)
+    outs = [run_units(job, frames, chunk)[0] for chunk in (1, 2, 3)]
+    assert outs[0].shape == (23, 16, 20, 3)
+    assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2])
+    assert max(held) < 6
+
+
+@pytest.mark.parametrize("crossfade", [0, 5, 6])
+def test_a_window_model_needs_a_crossfade_inside_its_window(tmp_path, monkeypatch, crossfade):
+    with pytest.raises(ValueError, match="0 < crossfade < window") as err:
+        make_job(tmp_path, monkeypatch, StubWindow(5, crossfade))
+    assert "\n" not in str(err.value)
+    a, b = (make_job(tmp_path, monkeypatch, StubWindow(5, o)).settings()["reach"] for o in (1, 2))
+    assert (a["window"], a["crossfade"], b["crossfade"]) == (5, 1, 2)
+
+
+def test_a_window_model_through_the_runner_segments_equal_one_unit(tmp_path, monkeypatch):
+    clip = make_clip(tmp_path / "in" / "v.mp4", frames=20, audio=False)
+    weights = tmp_path / "stub.pth"
+    weights.write_bytes(b"stub")
+    monkeypatch.setattr(temporal, "load_temporal", lambda path, device: StubWindow(5, 2))
+    common = [f"input={clip}", f"job.model={weights}", "encode.crf=0", "encode.preset=ultrafast",
+              "log.progress=false"]
+    run_job(["job=upscale", f"output={tmp_path / 'seg'}", "work.segment_frames=7", *common])
+    run_job(["job=upscale", f"output={tmp_path / 'one'}", "work.unit=video", *common])
+    assert read_report(tmp_path / "seg")["videos"][0]["status"] == "ok"
+    seg, one = (read_frames(tmp_path / d / "v.mp4") for d in ("seg", "one"))
+    assert seg.shape[0] == 20 and np.array_equal(seg, one)
 
 
 def test_the_real_loader_leaves_per_frame_checkpoints_to_spandrel(tmp_path):

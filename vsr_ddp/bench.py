@@ -9,7 +9,8 @@ the sidecars, and over the whole wall time including start-up and merge), the sh
 stage, peak host RSS and GPU memory, the merge's share of the job, and peak RSS for a clip 10x
 longer. It prints one table per run and writes bench.json. A benchmark, not a test: it
 asserts nothing. For job=propagate and job=sim2real it times their model stages alone
-(:func:`bench_propagation`, :func:`bench_sim2real`).
+(:func:`bench_propagation`, :func:`bench_sim2real`); for temporal models, what a segment's
+warm-up buys (:func:`bench_warmup`) and the temporal quality report (:func:`bench_temporal`).
 """
 from __future__ import annotations
 
@@ -144,7 +145,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--long", type=int, default=10, help="the long clip is this many times the short one")
-    ap.add_argument("--jobs", default="upscale,balance,reader,propagate,interpolate,warmup,sim2real",
+    ap.add_argument("--jobs", default="upscale,balance,reader,propagate,interpolate,warmup,temporal,sim2real",
                     help="which to measure; sim2real runs only on CUDA (SD 1.5-sized random weights); "
                          "interpolate times rife-hdv3 when it is fetched")
     args = ap.parse_args(argv)
@@ -191,6 +192,9 @@ def main(argv=None) -> int:
         print(table("temporal warm-up: a recurrent model (AnimeSR's network, random weights) at 128x72, "
                     "a segment's first frame against the whole run", [(k, v) for k, v in r.items()]),
               flush=True)
+    if "temporal" in jobs:
+        r = results["temporal"] = bench_temporal(device=device)
+        print(temporal_table(r), flush=True)
     if "sim2real" in jobs and device.type == "cuda":
         r = results["sim2real"] = bench_sim2real(size=512, frames=8, steps=20, device=device)
         print(table("sim2real (FRESCO keyframes, SD 1.5-sized random weights) at 512x512, batch 8",
@@ -229,6 +233,97 @@ def bench_warmup(size: tuple[int, int] = (128, 72), frames: int = 48, start: int
         out[f"W={w}"] = {"max": int(diff.max()), "mean": round(float(diff.mean()), 3),
                          "extra model s per segment": round(w * per_frame_s, 3)}
     return out
+
+
+def temporal_clip(frames: int, size: tuple[int, int]) -> np.ndarray:
+    """# (T, H, W, 3) uint8 ground truth for :func:`bench_temporal`: ``make demo``'s natural-picture
+    pan and zoom, its left quarter held at frame 0's picture (a locked-off region: flicker is
+    measured there)."""
+    from .demo import natural_frames
+
+    clip = np.stack(list(natural_frames(frames, size)))
+    clip[:, :, :size[0] // 4] = clip[0, :, :size[0] // 4]
+    return clip
+
+
+def bench_temporal(size: tuple[int, int] = (384, 216), frames: int = 48, segment: int = 8, warmup: int = 16,
+                   noise: float = 2.0, seed: int = 0, device: torch.device | None = None) -> dict:
+    """Temporal quality (issue 24 item 4) on a real clip with ground truth: :func:`temporal_clip` at
+    ``size`` is the ground truth, its x4 reduction (cv2.INTER_AREA) the input, once clean and once
+    with Gaussian noise of ``noise`` levels per pixel (seeded; a stand-in for sensor noise, which a
+    per-frame model turns into flicker). Outputs at x4: bicubic, the shipped x2 model followed by
+    bicubic x2, and AnimeSR's network with random weights from ``seed`` (the tooling, not a quality
+    claim). Each: PSNR to the ground truth (dB), warping error (levels; flow t+1 -> t by DIS on the
+    ground truth, shared by all outputs), flicker in the ground truth's static pixels (levels);
+    the ground truth's own figures are the floor. Then the seam check: AnimeSR run as the job
+    runs it, in segments of ``segment`` frames each fed from ``start - warmup`` (context outputs
+    dropped), against the whole run, also with no warm-up for contrast."""
+    import cv2
+
+    from .models.animesr import MSRSWVSR, AnimeSR
+    from .models.sr import Upscaler
+    from .temporal_metrics import flicker, pair_flows, psnr, seams, static_mask, warping_error
+
+    device = device or torch.device("cpu")
+    w, h = size
+    t0 = time.perf_counter()
+    gt = temporal_clip(frames, size)
+    lr = np.stack([cv2.resize(f, (w // 4, h // 4), interpolation=cv2.INTER_AREA) for f in gt])
+    rng = np.random.default_rng(seed)
+    inputs = {"clean": lr, f"noise {noise:g}": np.clip(np.rint(lr + rng.normal(0, noise, lr.shape)),
+                                                       0, 255).astype(np.uint8)}
+    flows = pair_flows(gt)
+    still = static_mask(gt)
+    bicubic4 = Upscaler("bicubic", device=device, scale=4)
+    bicubic2 = Upscaler("bicubic", device=device, scale=2)
+    per_frame = Upscaler("default", device=device, batch_size=8)
+    torch.manual_seed(seed)
+    animesr = AnimeSR(MSRSWVSR().eval()).to(device, torch.float32)
+
+    def recurrent(clip):
+        animesr.start()
+        return animesr.feed(clip, last=True)
+
+    models = {"bicubic x4": bicubic4, "shipped x2 model + bicubic x2": lambda x: bicubic2(per_frame(x)),
+              "AnimeSR net, random weights": recurrent}
+
+    def figures(out):
+        return {"psnr_db": round(psnr(out, gt), 2), "warping_error": round(warping_error(out, flow=flows), 3),
+                "flicker_static": round(flicker(out, still), 3)}
+
+    out = {"size": f"{w // 4}x{h // 4} -> {w}x{h}", "frames": frames,
+           "static_share": round(float(still.mean()), 3),
+           "ground truth": {"psnr_db": None, "warping_error": round(warping_error(gt, flow=flows), 3),
+                            "flicker_static": round(flicker(gt, still), 3)}}
+    for name, run in models.items():
+        for kind, clip in inputs.items():
+            out[f"{name} ({kind})"] = figures(run(clip))
+    whole = recurrent(lr)
+    starts = list(range(0, frames, segment))
+    for w_ in (warmup, 0):
+        parts = []
+        for s in starts:
+            a, b = max(0, s - w_), min(frames, s + segment + animesr.reach.after)
+            parts.append(recurrent(lr[a:b])[s - a:s - a + segment])  # context outputs dropped
+        segmented = np.concatenate(parts)
+        found = seams(segmented, whole, starts)
+        diff = np.abs(segmented.astype(np.int16) - whole.astype(np.int16))
+        out[f"seams W={w_}"] = {"segment": segment, "per_start": found, "max_at_starts": max(found.values()),
+                                "max_any_frame": int(diff.max()),
+                                "mean_any_frame": round(float(diff.mean()), 4)}
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def temporal_table(r: dict) -> str:
+    rows = [(k, f"PSNR {'-' if v['psnr_db'] is None else v['psnr_db']} dB, warping error "
+                f"{v['warping_error']:.3f}, flicker {v['flicker_static']:.3f}")
+            for k, v in r.items() if isinstance(v, dict) and "warping_error" in v]
+    rows += [(k, f"max {v['max_at_starts']} at starts {v['per_start']}, max {v['max_any_frame']} "
+                 f"mean {v['mean_any_frame']} over all frames")
+             for k, v in r.items() if k.startswith("seams")]
+    return table(f"temporal quality at x4, {r['size']}, {r['frames']} frames (levels; random weights: the "
+                 f"tooling, not a quality claim; {r['static_share']:.0%} static, {r['seconds']} s)", rows)
 
 
 # --- Propagation and sim2real: the model stages alone ---------------------------------------------

@@ -7,6 +7,9 @@ random conv weights, a window of ±1 frame and a recurrent state.
 x_0 and h_{-1} is 0; at its end x_{t+1} is x_t. ``decay`` < 1
 makes a state's past fade, so a warm-up of W frames brings a segment's state close to a
 whole-video run's.
+
+StubWindow: a batch-joint model of the window protocol, out_t = up2(0.75 x_t + 0.25 mean(window)),
+so two windows never make the same output for a frame they share.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import torch.nn.functional as F
 
 from vsr_ddp.models.temporal import Reach
 
-__all__ = ["StubTemporal"]
+__all__ = ["StubTemporal", "StubWindow"]
 
 
 class StubTemporal:
@@ -65,3 +68,25 @@ class StubTemporal:
             h, w = frames.shape[1:3]
             return np.empty((0, h * 2, w * 2, 3), np.uint8)
         return np.stack(outs)
+
+
+class StubWindow:
+    """A batch-joint stub (the window protocol): each output is its nearest-upsampled frame plus a
+    term from the mean of the whole window, rounded; deterministic."""
+
+    scale = 2
+
+    def __init__(self, window: int = 5, crossfade: int = 2):
+        self.reach = Reach(before=0, after=0, recurrent=False, exact=False, window=window,
+                           crossfade=crossfade)
+        self.calls = []  # frames per window run, for tests
+
+    def to(self, device, dtype):
+        return self
+
+    def run(self, frames: np.ndarray) -> np.ndarray:
+        assert 1 <= len(frames) <= self.reach.window, len(frames)
+        self.calls.append(len(frames))
+        x = frames.astype(np.float32)
+        y = np.clip(np.rint(0.75 * x + 0.25 * x.mean(axis=0)), 0, 255).astype(np.uint8)
+        return y.repeat(2, axis=1).repeat(2, axis=2)

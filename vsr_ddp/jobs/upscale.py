@@ -1,12 +1,13 @@
 """job=upscale: Real-ESRGAN-family super-resolution (any checkpoint spandrel loads) or
 classical lanczos/bicubic, frame by frame; optionally the model only inside ``job.spans``.
 A temporal model (vsr_ddp.models.temporal: AnimeSR) is fed each unit's read range in order
-instead, its context frames' outputs discarded."""
+instead, its context frames' outputs discarded; a batch-joint (window) model runs the windows of
+a global grid over the unit's read range, their overlaps crossfaded (temporal.Crossfade)."""
 from __future__ import annotations
 
 import logging
 import re
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -91,13 +92,18 @@ class UpscaleJob(Job):
         if c.scale and float(c.scale) != model.scale:
             raise ConfigError(f"job.scale={c.scale} but {path} is a x{model.scale} model")
         reach = model.reach
-        if not reach.exact and not reach.recurrent:
-            raise ConfigError(f"job.model={path}: a batch-joint model (reach {reach}) needs the crossfade "
-                              f"mode, which is not implemented")
+        if reach.window is not None:
+            if reach.recurrent or not 0 < reach.crossfade < reach.window:
+                raise ConfigError(f"job.model={path}: a window model (reach {reach}) needs 0 < crossfade < "
+                                  f"window and no recurrent state")
+        elif not reach.exact and not reach.recurrent:
+            raise ConfigError(f"job.model={path}: a batch-joint model (reach {reach}) must declare its "
+                              f"window and crossfade (the crossfade mode, vsr_ddp.models.temporal)")
         # as upscale picks a per-frame model's: fp16 on CUDA for auto (AnimeSR is conv only), fp32 on the CPU
         self.dtype = pick_dtype(c.precision, self.device, True, True)
         model.to(self.device, self.dtype)
         self.temporal_path = path
+        self._fade: temporal.Crossfade | None = None  # a window model's unit in progress
         self.reads_context = True  # each unit's read range, context included (Job.read_range)
         self.deep_frames = False  # the streaming protocol takes uint8 frames
 
@@ -110,8 +116,11 @@ class UpscaleJob(Job):
     def settings(self) -> dict:
         c, up = self.cfg, self.upscaler
         if self.temporal is not None:
+            reach = asdict(self.temporal.reach)
+            if reach["window"] is None:  # a streaming model's settings as before the crossfade mode
+                del reach["window"], reach["crossfade"]
             return {"job": self.name, "model": fingerprint(self.temporal_path), "scale": self.temporal.scale,
-                    "outscale": None, "dtype": str(self.dtype), "reach": asdict(self.temporal.reach),
+                    "outscale": None, "dtype": str(self.dtype), "reach": reach,
                     "warmup": c.warmup}
         model = str(c.model) if up.path is None else fingerprint(up.path)
         return {"job": self.name, "model": model, "scale": up.scale, "outscale": up.outscale,
@@ -121,11 +130,17 @@ class UpscaleJob(Job):
                 "fallback": str(c.fallback) if c.spans else None}
 
     def plan_video(self, info: VideoInfo, video_index: int) -> list[Unit] | None:
-        """A temporal model's segments: context from its reach and job.warmup, starts aligned;
+        """A temporal model's segments: context from its reach and job.warmup, starts aligned; a
+        window model's segments read every window of the grid that covers their owned frames;
         per-frame models get the runner's segments."""
         if self.temporal is None:
             return None
         reach = self.temporal.reach
+        if reach.window is not None:
+            units = plan_units([info], self.cfg.unit, self.cfg.segment_frames, 0, first_index=video_index,
+                               context=(0, 0), align=reach.align)
+            return [replace(u, **dict(zip(("read_start", "read_end"), temporal.window_read_range(
+                u.start, u.end, info.frames, reach.window, reach.crossfade)))) for u in units]
         return plan_units([info], self.cfg.unit, self.cfg.segment_frames, 0, first_index=video_index,
                           context=reach.context(self.cfg.warmup), align=reach.align)
 
@@ -145,8 +160,7 @@ class UpscaleJob(Job):
         mid = info.frames // 2
         lr = next(iter(reader.read(mid, mid + 1)))[0]  # (H, W, 3) uint8, display orientation
         if self.temporal is not None:
-            self.temporal.start()
-            sr = self.temporal.feed(lr[None], last=True)[0]
+            sr = self._whole(lr[None])[0]
         else:
             sr = self.upscaler(lr[None])[0]
         path = write_preview(lr, sr, output.with_name(output.stem + ".preview.png"),
@@ -158,25 +172,33 @@ class UpscaleJob(Job):
         state and the unit's read range and owned frames."""
         self.spans = span_frames(self.cfg.spans, info) if self.fallback else None
         if self.temporal is not None:
-            self.temporal.start()
             self._fed = self._made = unit.read_start  # next frame to feed, next output to come
             self._read_end, self._owned = unit.read_end, (unit.start, unit.end)
+            if self.temporal.reach.window is not None:
+                self._fade = temporal.Crossfade(self.temporal, info.frames, unit.start, unit.end)
+            else:
+                self.temporal.start()
+
+    def _whole(self, frames: np.ndarray) -> np.ndarray:
+        """A temporal model's outputs for ``frames`` as one read range (a window model: one window)."""
+        if self.temporal.reach.window is not None:
+            return self.temporal.run(frames[:self.temporal.reach.window])
+        self.temporal.start()
+        return self.temporal.feed(frames, last=True)
 
     def seconds_per_frame(self, frames: np.ndarray, info: VideoInfo) -> float:
         if self.temporal is None:
             return super().seconds_per_frame(frames, info)
         import time
 
-        def run():
-            self.temporal.start()
-            self.temporal.feed(frames, last=True)
-
-        run()  # warm-up
+        if self.temporal.reach.window is not None:
+            frames = frames[:self.temporal.reach.window]
+        self._whole(frames)  # warm-up
         sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
         sync()
         t0 = time.perf_counter()
         for _ in range(3):
-            run()
+            self._whole(frames)
         sync()
         return (time.perf_counter() - t0) / (3 * len(frames))
 
@@ -203,6 +225,12 @@ class UpscaleJob(Job):
             raise RuntimeError(f"frames from {first} fed where frame {self._fed} comes next")
         self._fed += len(frames)
         last = self._fed == self._read_end
+        if self._fade is not None:
+            out = self._fade.feed(frames)
+            if last and not self._fade.done:
+                raise RuntimeError(f"the unit's read range ended at frame {self._fed} before frame "
+                                   f"{self._fade.next_out} was made")
+            return out
         out = self.temporal.feed(frames, last=last)
         made, self._made = self._made, self._made + len(out)  # absolute index of out[0]
         if self._made > self._fed or (last and self._made != self._read_end):
