@@ -132,11 +132,12 @@ class AnimeSR:
     """The streaming wrapper: :meth:`start` a read range, then :meth:`feed` its frames in order,
     in pieces of any size; the outputs equal one call over the whole range, bit for bit."""
 
-    scale = SCALE
+    scale = SCALE  # per instance: the network's netscale (4 published, 2 for a reduced model)
     reach = _LazyReach()  # Reach(before=1, after=1, recurrent=True, exact=True, align=1)
 
     def __init__(self, net: MSRSWVSR):
         self.net = net.eval().requires_grad_(False)
+        self.scale = net.netscale  # 4 for the published checkpoints
         self.device = next(net.parameters()).device
         self.dtype = next(net.parameters()).dtype
         self.start()
@@ -151,14 +152,15 @@ class AnimeSR:
         """Forget all state: the next frame fed is the first of a read range."""
         self._prev = None     # (1, 3, Hp, Wp) the frame before the pending one
         self._pending = None  # (1, 3, Hp, Wp) the frame whose next neighbour is not fed yet
-        self._out = None      # (1, 3, 4Hp, 4Wp) the previous output, uncropped
+        self._out = None      # (1, 3, sHp, sWp) the previous output, uncropped
         self._state = None    # (1, num_feat, Hp, Wp)
         self._shape = None    # (H, W, numpy dtype) of the range's frames
 
     @torch.inference_mode()
     def feed(self, frames: np.ndarray, last: bool) -> np.ndarray:
         """frames: (B, H, W, 3) uint8 or uint16, the next frames of the read range. Returns
-        (n, 4H, 4W, 3) of the same dtype: the outputs of every frame whose next neighbour has now
+        (n, sH, sW, 3) of the same dtype (s = :attr:`scale`): the outputs of every frame whose next
+        neighbour has now
         been fed (with ``last``, of all frames still owed); then, after ``last``, the range is over."""
         frames = np.asarray(frames)
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype not in (np.uint8, np.uint16):
@@ -194,8 +196,8 @@ class AnimeSR:
                 outs.append(self._step(self._pending))  # the last frame: its own next neighbour
             self.start()
         if not outs:
-            return np.zeros((0, h * SCALE, w * SCALE, 3), dtype=dtype)
-        y = torch.cat(outs)[..., : h * SCALE, : w * SCALE]
+            return np.zeros((0, h * self.scale, w * self.scale, 3), dtype=dtype)
+        y = torch.cat(outs)[..., : h * self.scale, : w * self.scale]
         # rounded once, in float32 (as sr.Upscaler does)
         y = y.float().clamp_(0, 1).mul_(peak).round_()
         y = y.to(torch.uint8 if peak == 255 else torch.int32).permute(0, 2, 3, 1).contiguous().cpu().numpy()
@@ -206,7 +208,7 @@ class AnimeSR:
         cur = self._pending
         if self._out is None:
             _, _, hp, wp = cur.shape
-            self._out = cur.new_zeros(1, 3, hp * SCALE, wp * SCALE)
+            self._out = cur.new_zeros(1, 3, hp * self.scale, wp * self.scale)
             self._state = cur.new_zeros(1, self.net.num_feat, hp, wp)
         window = torch.cat((self._prev, cur, nxt), dim=1)  # (1, 9, Hp, Wp)
         self._out, self._state = self.net.cell(window, self._out, self._state)
@@ -234,6 +236,23 @@ def _names(keys, limit: int = 3) -> str:
     return ", ".join(keys[:limit]) + more
 
 
+def _shape_of(state: dict) -> dict:
+    """MSRSWVSR's num_feat, num_block and netscale as read from a state dict's shapes (the published
+    64 / (5, 3, 2) / 4 where they cannot be read); load_animesr then still checks every key and shape."""
+    try:
+        num_feat = int(state["recurrent_cell.conv_s1_first.0.weight"].shape[0])
+        hr = int(state["recurrent_cell.fusion.2.weight"].shape[0]) - num_feat  # 3 * netscale^2
+        netscale = round((hr / 3) ** 0.5)
+        blocks = tuple(len({k.split(".")[2] for k in state
+                            if k.startswith(f"recurrent_cell.body_s{s}_first.")}) for s in (1, 2, 4))
+        if num_feat < 1 or netscale < 1 or 3 * netscale * netscale != hr \
+                or not (blocks[0] >= blocks[1] >= blocks[2]):
+            raise ValueError
+        return {"num_feat": num_feat, "num_block": blocks, "netscale": netscale}
+    except (KeyError, IndexError, ValueError, AttributeError):
+        return {}
+
+
 def load_animesr(path, device="cpu") -> AnimeSR:
     """AnimeSR from a checkpoint file (read without unpickling code), strictly, on ``device`` in fp32;
     a file that does not fit raises a one-line ModelError (a ValueError) naming it."""
@@ -243,7 +262,7 @@ def load_animesr(path, device="cpu") -> AnimeSR:
     state = _unwrap(load_state_dict(path))
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelError(f"job.model: {path} is not an AnimeSR checkpoint (not a state dict of tensors)")
-    net = MSRSWVSR()
+    net = MSRSWVSR(**_shape_of(state))
     expected = net.state_dict()
     missing, extra = set(expected) - set(state), set(state) - set(expected)
     wrong = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != tuple(expected[k].shape))
