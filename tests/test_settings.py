@@ -203,6 +203,28 @@ def test_two_ranks_say_a_wrong_setting_once(folder, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_error_only_another_rank_finds_is_said_by_it_after_rank_0s_grace(folder, tmp_path, monkeypatch):
+    """Before the ranks can talk, a rank other than 0 waits for rank 0 to say the error (and the
+    launcher to stop this rank); when that does not come (rank 0 did not find it: a node's own file
+    system), it says the error itself, naming its rank and host. Rank 0 says it at once."""
+    import socket
+
+    from vsr_ddp import __main__ as entry
+
+    monkeypatch.setattr(entry, "RANK0_GRACE_S", 0.2)
+    args = ["job=upscale", f"input={folder}", f"output={tmp_path / 'out'}", "job.model=lanczos",
+            "job.scale=2", "work.claim=greedy"]
+    lone = run_here(args, env={"RANK": "1", "WORLD_SIZE": "2"})
+    assert lone.returncode == 2
+    assert lone.stderr.strip().splitlines() == [
+        f"error: work.claim=greedy: must be dynamic or strided (rank 1 on {socket.gethostname()}; "
+        f"rank 0 did not stop on it)"]
+    first = run_here(args, env={"RANK": "0", "WORLD_SIZE": "2"})
+    assert (first.returncode, first.stderr.strip().splitlines()) == (
+        2, ["error: work.claim=greedy: must be dynamic or strided"])
+    assert not (tmp_path / "out").exists()
+
+
 # -- inputs and outputs a run cannot use -----------------------------------------------------------
 
 def test_an_input_folder_without_videos_is_one_line_exit_2(tmp_path):

@@ -47,12 +47,35 @@ def run(cfg: DictConfig) -> int:
     except USER_ERRORS as e:
         if ctx is not None:
             log.error("stopped before any work: %s", e, exc_info=True, extra={"console": False})
-        if (ctx.is_main if ctx is not None else dist.env_rank() == 0):
-            print(f"error: {e}", file=sys.stderr, flush=True)
+        say_error(f"error: {e}", ctx)
         return CONFIG_ERROR
     finally:
         dist.teardown(ctx)
         close_logging()
+
+
+# How long a rank other than 0 waits, on an error found before the ranks can talk, for rank 0 to
+# say it (see say_error). Rank 0 reaches the same check within moments of the others.
+RANK0_GRACE_S = 10.0
+
+
+def say_error(text: str, ctx: dist.Dist | None = None) -> None:
+    """Say an error that stops the run, once for the whole launch: rank 0 prints it. The launcher
+    (torchrun, srun) stops every rank once one exits non-zero, so a rank that found the error
+    before rank 0 did and exited at once could have rank 0 stopped before it said anything: before
+    the ranks can talk, the others wait up to RANK0_GRACE_S for that stop (rank 0 found the same
+    error, said it and exited) and then say it themselves, with their rank and host: an error only
+    this rank finds (its node's own file system, say) is not lost either."""
+    if ctx.is_main if ctx is not None else dist.env_rank() == 0:
+        print(text, file=sys.stderr, flush=True)
+        return
+    if ctx is None and dist.env_world() > 1:
+        if preempt.requested.wait(RANK0_GRACE_S):
+            return  # stopped by the launcher: rank 0 has said it
+        import socket
+
+        print(f"{text} (rank {dist.env_rank()} on {socket.gethostname()}; rank 0 did not stop on it)",
+              file=sys.stderr, flush=True)
 
 
 def log_dir(settings: config.Settings) -> Path:
@@ -123,12 +146,11 @@ def cli() -> None:
         print(f"error: {e}", file=sys.stderr, flush=True)
         _leave(e.status)
     except (HydraException, OmegaConfBaseException) as e:
-        if dist.env_rank() == 0:
-            if full:  # asked for: the traceback, then the short form
-                import traceback
+        if full and dist.env_rank() == 0:  # asked for: the traceback, then the short form
+            import traceback
 
-                traceback.print_exc()
-            print("\n".join(hydra_error_lines(e)), file=sys.stderr, flush=True)
+            traceback.print_exc()
+        say_error("\n".join(hydra_error_lines(e)))
         _leave(CONFIG_ERROR)
     status = sweep.exit_status()
     if status is not None:

@@ -211,6 +211,12 @@ def env_rank() -> int:
     return _env_int("RANK", 0)
 
 
+def env_world() -> int:
+    """How many ranks the launcher started (WORLD_SIZE, srun's SLURM_NTASKS), before :func:`init`."""
+    slurm_env()
+    return _env_int("WORLD_SIZE", 1)
+
+
 def check_slurm_world(world: int, local_world: int) -> None:
     """Under Slurm + torchrun, WORLD_SIZE must be what the allocation runs: one torchrun per node
     (``srun --ntasks-per-node=1``), ``--nnodes=$SLURM_NNODES``, LOCAL_WORLD_SIZE ranks each.
