@@ -204,14 +204,17 @@ def test_two_ranks_say_a_wrong_setting_once(folder, tmp_path):
 
 
 def test_an_error_only_another_rank_finds_is_said_by_it_after_rank_0s_grace(folder, tmp_path, monkeypatch):
-    """Before the ranks can talk, a rank other than 0 waits for rank 0 to say the error (and the
-    launcher to stop this rank); when that does not come (rank 0 did not find it: a node's own file
-    system), it says the error itself, naming its rank and host. Rank 0 says it at once."""
+    """Under torchrun, before the ranks can talk, a rank other than 0 waits for rank 0 to say the
+    error (and torchrun to stop this rank); when that does not come (rank 0 did not find it: a
+    node's own file system), it says the error itself, naming its rank and host. Rank 0 says it at
+    once; under srun (no torchrun) the other tasks say nothing, as before."""
     import socket
 
     from vsr_ddp import __main__ as entry
 
     monkeypatch.setattr(entry, "RANK0_GRACE_S", 0.2)
+    torchrun = [True]  # as if under torchrun (its variable would also make the run leave with os._exit)
+    monkeypatch.setattr(entry, "_under_torchrun", lambda: torchrun[0])
     args = ["job=upscale", f"input={folder}", f"output={tmp_path / 'out'}", "job.model=lanczos",
             "job.scale=2", "work.claim=greedy"]
     lone = run_here(args, env={"RANK": "1", "WORLD_SIZE": "2"})
@@ -222,6 +225,9 @@ def test_an_error_only_another_rank_finds_is_said_by_it_after_rank_0s_grace(fold
     first = run_here(args, env={"RANK": "0", "WORLD_SIZE": "2"})
     assert (first.returncode, first.stderr.strip().splitlines()) == (
         2, ["error: work.claim=greedy: must be dynamic or strided"])
+    torchrun[0] = False
+    srun_task = run_here(args, env={"RANK": "1", "WORLD_SIZE": "2"})  # started without torchrun
+    assert (srun_task.returncode, srun_task.stderr.strip()) == (2, "")
     assert not (tmp_path / "out").exists()
 
 

@@ -60,22 +60,27 @@ RANK0_GRACE_S = 10.0
 
 
 def say_error(text: str, ctx: dist.Dist | None = None) -> None:
-    """Say an error that stops the run, once for the whole launch: rank 0 prints it. The launcher
-    (torchrun, srun) stops every rank once one exits non-zero, so a rank that found the error
-    before rank 0 did and exited at once could have rank 0 stopped before it said anything: before
-    the ranks can talk, the others wait up to RANK0_GRACE_S for that stop (rank 0 found the same
-    error, said it and exited) and then say it themselves, with their rank and host: an error only
-    this rank finds (its node's own file system, say) is not lost either."""
+    """Say an error that stops the run, once for the whole launch: rank 0 prints it. torchrun stops
+    every worker once one exits non-zero, so a rank that found the error before rank 0 did and
+    exited at once could have rank 0 stopped before it said anything: under torchrun, before the
+    ranks can talk, the others wait up to RANK0_GRACE_S for that stop (rank 0 found the same error,
+    said it and exited) and then say it themselves, with their rank and host: an error only this
+    rank finds (its node's own file system, say) is not lost either. (srun, without --kill-on-bad-exit,
+    lets every task finish: rank 0 says it, the others exit at once, as they always did.)"""
     if ctx.is_main if ctx is not None else dist.env_rank() == 0:
         print(text, file=sys.stderr, flush=True)
         return
-    if ctx is None and dist.env_world() > 1:
+    if ctx is None and dist.env_world() > 1 and _under_torchrun():
         if preempt.requested.wait(RANK0_GRACE_S):
             return  # stopped by the launcher: rank 0 has said it
         import socket
 
         print(f"{text} (rank {dist.env_rank()} on {socket.gethostname()}; rank 0 did not stop on it)",
               file=sys.stderr, flush=True)
+
+
+def _under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ
 
 
 def log_dir(settings: config.Settings) -> Path:
