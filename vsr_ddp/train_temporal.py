@@ -45,7 +45,6 @@ before its start (context outputs dropped, as the job runs it), against the whol
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import sys
@@ -58,7 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from .models.animesr import MSRSWVSR, AnimeSR
-from .train_default import HELD_OUT, TRAIN_IMAGES, load_image
+from .train_default import HELD_OUT, TRAIN_IMAGES, load_image, save
 
 SCALE = 2
 NUM_FEAT = 24
@@ -289,16 +288,6 @@ def train(out: Path, steps: int = STEPS, seed: int = SEED, max_minutes: float = 
     print(f"wrote {out} ({out.stat().st_size} bytes) and {out.with_suffix('.json')}; "
           f"trained {done} steps in {seconds:.0f}s")
     return record
-
-
-def save(net: MSRSWVSR, out: Path, record: dict) -> None:
-    from safetensors.torch import save_file
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
-    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in record.items()}
-    save_file(state, str(out), metadata=meta)
-    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
