@@ -253,13 +253,14 @@ def _shape_of(state: dict) -> dict:
         return {}
 
 
-def load_animesr(path, device="cpu") -> AnimeSR:
+def load_animesr(path, device="cpu", state: dict | None = None) -> AnimeSR:
     """AnimeSR from a checkpoint file (read without unpickling code), strictly, on ``device`` in fp32;
-    a file that does not fit raises a one-line ModelError (a ValueError) naming it."""
+    a file that does not fit raises a one-line ModelError (a ValueError) naming it. ``state``: the
+    file's contents when the caller has read them already (not read again)."""
     from .sr import ModelError, load_state_dict
 
     path = Path(path)
-    state = _unwrap(load_state_dict(path))
+    state = _unwrap(load_state_dict(path) if state is None else state)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelError(f"job.model: {path} is not an AnimeSR checkpoint (not a state dict of tensors)")
     net = MSRSWVSR(**_shape_of(state))

@@ -221,6 +221,7 @@ def load_temporal(path: str | Path, device) -> TemporalModel | WindowModel | Non
         return None
     from .sr import load_state_dict
 
-    if not looks_like_animesr(load_state_dict(Path(path))):
+    state = load_state_dict(Path(path))
+    if not looks_like_animesr(state):
         return None
-    return load_animesr(path, device)
+    return load_animesr(path, device, state=state)  # the file is read once
