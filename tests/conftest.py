@@ -109,6 +109,25 @@ def _must_be_slow(what: str) -> None:
         raise AssertionError(f"{_current[0].nodeid} starts {what}: mark it @pytest.mark.slow")
 
 
+def job_runner(job_cls, inputs: Path, out: Path, monkeypatch, *overrides: str):
+    """The runner, one rank in this process, for a test job class (registered under its ``name``
+    for the test) on the shipped config: ``inputs`` -> ``out``, rank logs in ``<out>/logs``, no
+    bar; ``overrides`` on top."""
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from vsr_ddp import config, jobs
+    from vsr_ddp.dist import Dist
+    from vsr_ddp.runner import Runner
+
+    monkeypatch.setitem(jobs.JOBS, job_cls.name, job_cls)
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"input={inputs}", f"output={out}", "job.model=lanczos",
+                                           f"job.name={job_cls.name}", f"log.dir={out / 'logs'}",
+                                           "log.progress=false", *overrides])
+    return Runner(config.check(cfg), Dist(device=torch.device("cpu")))
+
+
 def read_report(output: Path) -> dict:
     return json.loads((Path(output) / "run_report.json").read_text(encoding="utf-8"))
 

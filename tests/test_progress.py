@@ -10,17 +10,13 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 from builders import make_clip
-from conftest import read_report, run_job
-from hydra import compose, initialize_config_dir
+from conftest import job_runner, read_report, run_job
 
-from vsr_ddp import claims, config, jobs
-from vsr_ddp.dist import Dist
+from vsr_ddp import claims, jobs
 from vsr_ddp.logs import human_duration
 from vsr_ddp.plan import Unit
 from vsr_ddp.runner import Runner
-from test_configs import CONF
 
 LINE = re.compile(r"all ranks (-?\d+)/(-?\d+) frames, ETA (\S+(?: \S+)*)$")
 
@@ -102,14 +98,8 @@ class Slow(jobs.Job):
 
 def run_in_process(tmp_path, monkeypatch, caplog, fail_unit=None) -> tuple[Runner, int]:
     make_clip(tmp_path / "in" / "v.mp4", frames=30, audio=False)
-    monkeypatch.setitem(jobs.JOBS, "slowcopy", Slow)
-    out = tmp_path / "out"
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=[f"input={tmp_path / 'in'}", f"output={out}", "job.model=lanczos",
-                                           "job.name=slowcopy", f"log.dir={out / 'logs'}",
-                                           "log.progress=false", "log.every_s=0.5",
-                                           "encode.preset=ultrafast"])
-    runner = Runner(config.check(cfg), Dist(device=torch.device("cpu")))
+    runner = job_runner(Slow, tmp_path / "in", tmp_path / "out", monkeypatch, "log.every_s=0.5",
+                        "encode.preset=ultrafast")
     runner.job.fail_unit = fail_unit
     with caplog.at_level(logging.INFO, logger="vsr_ddp.progress"):
         status = runner.run()

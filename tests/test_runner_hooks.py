@@ -3,16 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from builders import make_clip, read_frames
-from conftest import read_report
-from hydra import compose, initialize_config_dir
+from conftest import job_runner, read_report
 
-from vsr_ddp import config, jobs
-from vsr_ddp.dist import Dist
+from vsr_ddp import jobs
 from vsr_ddp.plan import InputError, Unit
-from vsr_ddp.runner import Runner
-from test_configs import CONF
 
 
 class TemporalMean(jobs.Job):
@@ -51,13 +46,9 @@ class TemporalMean(jobs.Job):
 def test_whole_unit_job_gets_its_units_with_context(tmp_path, monkeypatch):
     clip = make_clip(tmp_path / "in" / "v.mp4", frames=30, audio=False)
     make_clip(tmp_path / "in" / "w.mp4", frames=6, audio=False)
-    monkeypatch.setitem(jobs.JOBS, "tmean", TemporalMean)
     out = tmp_path / "out"
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=[f"input={tmp_path / 'in'}", f"output={out}", "job.model=lanczos",
-                                           "job.name=tmean", f"log.dir={out / 'logs'}", "log.progress=false",
-                                           "encode.crf=0", "encode.preset=ultrafast"])
-    runner = Runner(config.check(cfg), Dist(device=torch.device("cpu")))
+    runner = job_runner(TemporalMean, tmp_path / "in", out, monkeypatch, "encode.crf=0",
+                        "encode.preset=ultrafast")
     assert runner.run() == 1  # w.mp4 was rejected by the job's own planning
     assert runner.job.calls == [(0, 8, 8), (6, 20, 14), (18, 30, 12)]
     report = {v["input"].rsplit("/", 1)[1]: v for v in read_report(out)["videos"]}

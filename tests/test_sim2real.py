@@ -12,17 +12,15 @@ import torch
 import torch.nn.functional as F
 from builders import (copy_configs_only, make_clip, probe_streams, read_frames, save_controlnet_single_file,
                       save_sd15_single_file, save_tiny_controlnet, save_tiny_sd15, synth_frames)
-from conftest import read_report, run_job
+from conftest import job_runner, read_report, run_job
 from hydra import compose, initialize_config_dir
 from test_configs import CONF
 
-from vsr_ddp import config, jobs
-from vsr_ddp.dist import Dist
+from vsr_ddp import jobs
 from vsr_ddp.models import fresco
 from vsr_ddp.models.flow import warp
 from vsr_ddp.models.propagation import propagate_keys
 from vsr_ddp.plan import SkipVideo, Unit
-from vsr_ddp.runner import Runner
 
 # every frame a keyframe, in one batch: the output is FRESCO's alone, no propagation between keys
 ALL_KEYS = ["job.short_side=64", "job.steps=2", "job.strength=1.0", "job.batch_size=4",
@@ -572,13 +570,8 @@ class SkippingJob(jobs.Job):
 def test_a_skipped_video_is_reported_and_is_not_a_failure(tmp_path, monkeypatch):
     make_clip(tmp_path / "in" / "a.mp4", frames=6, audio=False)
     make_clip(tmp_path / "in" / "x.mp4", frames=6, audio=False)
-    monkeypatch.setitem(jobs.JOBS, "skipper", SkippingJob)
     out = tmp_path / "out"
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=[f"input={tmp_path / 'in'}", f"output={out}", "job.model=lanczos",
-                                           "job.name=skipper", f"log.dir={out / 'logs'}",
-                                           "log.progress=false", "encode.preset=ultrafast"])
-    assert Runner(config.check(cfg), Dist(device=torch.device("cpu"))).run() == 0
+    assert job_runner(SkippingJob, tmp_path / "in", out, monkeypatch, "encode.preset=ultrafast").run() == 0
     report = {v["input"].rsplit("/", 1)[1]: v for v in read_report(out)["videos"]}
     assert report["a.mp4"]["status"] == "ok"
     assert report["x.mp4"]["status"] == "skipped" and report["x.mp4"]["reason"] == "no prompt for it"
