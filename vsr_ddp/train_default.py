@@ -359,16 +359,19 @@ def save(model: nn.Module, out: Path, record: dict) -> None:
     out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+def main(argv: list[str] | None = None, *, train_fn=None, doc: str = __doc__, steps: int = STEPS,
+         seed: int = SEED, max_minutes: float = 25.0) -> int:
+    """The command line of a training script: this one's, or (``train_fn``, its ``doc``, default
+    ``steps``, ``seed`` and ``max_minutes``) another's, such as train_temporal's."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="the .safetensors to write (JSON goes next to it)")
-    p.add_argument("--steps", type=int, default=STEPS)
-    p.add_argument("--seed", type=int, default=SEED)
-    p.add_argument("--max-minutes", type=float, default=25.0,
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--seed", type=int, default=seed)
+    p.add_argument("--max-minutes", type=float, default=max_minutes,
                    help="stop training early (recorded as stopped_early) past this wall time")
     args = p.parse_args(argv)
-    train(args.out, steps=args.steps, seed=args.seed, max_minutes=args.max_minutes)
+    (train_fn or train)(args.out, steps=args.steps, seed=args.seed, max_minutes=args.max_minutes)
     return 0
 
 

@@ -44,7 +44,6 @@ before its start (context outputs dropped, as the job runs it), against the whol
 """
 from __future__ import annotations
 
-import argparse
 import math
 import platform
 import sys
@@ -57,6 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from .models.animesr import MSRSWVSR, AnimeSR
+from . import train_default
 from .train_default import HELD_OUT, TRAIN_IMAGES, load_image, save
 
 SCALE = 2
@@ -291,16 +291,8 @@ def train(out: Path, steps: int = STEPS, seed: int = SEED, max_minutes: float = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True, help="the .safetensors to write (JSON goes next to it)")
-    p.add_argument("--steps", type=int, default=STEPS)
-    p.add_argument("--seed", type=int, default=SEED)
-    p.add_argument("--max-minutes", type=float, default=40.0,
-                   help="stop training early (recorded as stopped_early) past this wall time")
-    args = p.parse_args(argv)
-    train(args.out, steps=args.steps, seed=args.seed, max_minutes=args.max_minutes)
-    return 0
+    return train_default.main(argv, train_fn=train, doc=__doc__, steps=STEPS, seed=SEED,
+                              max_minutes=40.0)
 
 
 if __name__ == "__main__":
