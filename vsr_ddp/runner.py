@@ -174,7 +174,8 @@ class Runner:
         # of runs that ended (retried), and videos whose shards are all done but not merged yet.
         poll_s = min(2.0, self.leases.timeout_s / 10)
         told = False
-        mine = set(strided(range(len(plan.units)), self.ctx.rank, self.ctx.world))  # for work.claim=strided
+        mine = (set(strided(range(len(plan.units)), self.ctx.rank, self.ctx.world))
+                if self.claim == "strided" else None)  # the fixed assignment's units of this rank
         while not preempt.requested.is_set():
             pending, busy = self.survey(plan)
             if not pending and not busy:
@@ -182,7 +183,7 @@ class Runner:
             if not told:
                 log.info("waiting for %d unit(s) and %d merge(s) in other hands", len(pending), busy)
                 told = True
-            if self.claim == "strided":  # the fixed assignment: no rank takes another's units
+            if mine is not None:  # work.claim=strided: no rank takes another's units
                 pending = [i for i in pending if i in mine]
             for i in pending:
                 if preempt.requested.is_set() or self.try_unit(plan, i, progress) == "made":
