@@ -1,0 +1,8 @@
+"""FlashVSR (OpenImagingLab/FlashVSR, Apache-2.0): a one-step distilled DiT on Wan 2.1 1.3B with a
+causal low-quality projector, a streaming KV window and a tiny conditional decoder (issue 25).
+
+vsr_ddp's own implementation, written from the original's code: ``sparse`` (the locality-constrained
+block-sparse attention and its exact masked fallback), ``dit`` (the Wan DiT backbone as FlashVSR
+runs it), ``decoder`` (the tiny conditional decoder and the LQ projector). Not yet a job model:
+job.model=flashvsr comes with the streaming inference on the temporal contract.
+"""
