@@ -23,9 +23,12 @@ float32 and bfloat16, head dims 32 and 128; tests/test_flashvsr_dit.py checks it
 Self-attention goes through one hook, :data:`SelfAttentionFn` (``WanDiT(config, attention=...)`` or
 :meth:`WanDiT.set_attention`): dense scaled-dot-product attention by default; FlashVSR's
 locality-constrained block-sparse attention (``vsr_ddp.models.flashvsr.sparse``) plugs in there.
-Not here yet: the streaming path (FlashVSR's ``is_stream`` with the per-block ``pre_cache_k/v``
-windows) and the cached cross-attention keys/values of the fixed prompt; :meth:`WanDiT.embed_time`,
-:meth:`WanDiT.embed_context` and ``frame_offset`` are the pieces that path reuses.
+The streaming path (FlashVSR's ``is_stream``): :meth:`WanDiT.stream_step` runs one step of latent
+frames against a :class:`KVCache` that holds, per block, the RoPE-rotated keys and values of the last
+``kv_len`` frame pairs of earlier steps; each block attends from the step's tokens to the cached
+tokens followed by its own (the hook gets q of the step, k and v of cache + step), then the cache
+keeps the newest pairs (the original's rule: more than kv_len pairs -> drop the oldest one). The
+prompt is fixed, so its cross-attention keys/values are computed once (:meth:`WanDiT.context_kv`).
 """
 from __future__ import annotations
 
@@ -172,6 +175,20 @@ class SelfAttention(nn.Module):
         v = self.v(x)                                                 # (B, L, C)
         return self.o(self.attention(q, k, v, self.num_heads, grid))
 
+    def stream(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], grid: tuple[int, int, int],
+               past: tuple[torch.Tensor, torch.Tensor] | None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One streaming step: the step's tokens x (B, L, C) attend to ``past`` keys/values
+        (B, Lp, C) (RoPE already applied at their own positions; None at a stream's start) followed
+        by their own. Returns the output (B, L, C) and the keys and values (B, Lp + L, C) seen."""
+        q = apply_rope(self.norm_q(self.q(x)), rope, self.num_heads)  # (B, L, C)
+        k = apply_rope(self.norm_k(self.k(x)), rope, self.num_heads)  # (B, L, C)
+        v = self.v(x)                                                 # (B, L, C)
+        if past is not None:
+            k = torch.cat([past[0], k], dim=1)                        # (B, Lp + L, C)
+            v = torch.cat([past[1], v], dim=1)                        # (B, Lp + L, C)
+        return self.o(self.attention(q, k, v, self.num_heads, grid)), k, v
+
 
 class CrossAttention(nn.Module):
     """Attention of the video tokens to the embedded prompt (no RoPE). FlashVSR's prompt is fixed,
@@ -191,8 +208,10 @@ class CrossAttention(nn.Module):
         """context (B, S, C), already through the model's text_embedding -> k, v (B, S, C)."""
         return self.norm_k(self.k(context)), self.v(context)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        k, v = self.context_kv(context)
+    def forward(self, x: torch.Tensor, context: torch.Tensor,
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x (B, L, C); context (B, S, C) embedded, or its :meth:`context_kv` given as ``kv``."""
+        k, v = self.context_kv(context) if kv is None else kv
         return self.o(dense_attention(self.norm_q(self.q(x)), k, v, self.num_heads))
 
 
@@ -220,6 +239,19 @@ class DiTBlock(nn.Module):
         x = x + gate_sa * self.self_attn(self.norm1(x) * (1 + scale_sa) + shift_sa, rope, grid)
         x = x + self.cross_attn(self.norm3(x), context)
         return x + gate_ff * self.ffn(self.norm2(x) * (1 + scale_ff) + shift_ff)
+
+    def stream(self, x: torch.Tensor, context_kv: tuple[torch.Tensor, torch.Tensor], t_mod: torch.Tensor,
+               rope: tuple[torch.Tensor, torch.Tensor], grid: tuple[int, int, int],
+               past: tuple[torch.Tensor, torch.Tensor] | None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`forward` of one streaming step (see :meth:`SelfAttention.stream`), with the
+        prompt's cross-attention keys/values precomputed. Returns x and the keys/values seen."""
+        mod = self.modulation.to(dtype=t_mod.dtype, device=t_mod.device) + t_mod  # (B, 6, C)
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mod.chunk(6, dim=1)  # each (B, 1, C)
+        y, k, v = self.self_attn.stream(self.norm1(x) * (1 + scale_sa) + shift_sa, rope, grid, past)
+        x = x + gate_sa * y
+        x = x + self.cross_attn(self.norm3(x), None, kv=context_kv)
+        return x + gate_ff * self.ffn(self.norm2(x) * (1 + scale_ff) + shift_ff), k, v
 
 
 class Head(nn.Module):
@@ -306,6 +338,67 @@ class WanDiT(nn.Module):
                 tokens = tokens + lq_latents[i]
             tokens = block(tokens, context, t_mod, rope, grid)
         return self.unpatchify(self.head(tokens, t), grid)
+
+    def context_kv(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The prompt embedding (B, S, text_dim) -> every block's cross-attention keys/values
+        (B, S, C): FlashVSR's prompt is fixed, so a stream computes them once (``init_cross_kv``)."""
+        emb = self.embed_context(context)                             # (B, S, C)
+        return [block.cross_attn.context_kv(emb) for block in self.blocks]
+
+    def stream_step(self, x: torch.Tensor, t: torch.Tensor, t_mod: torch.Tensor,
+                    context_kv: Sequence[tuple[torch.Tensor, torch.Tensor]], cache: KVCache,
+                    lq_latents: Sequence[torch.Tensor] | None = None, frame_offset: int = 0) -> torch.Tensor:
+        """One step of FlashVSR's streaming forward (``model_fn_wan_video`` with ``is_stream``).
+
+        x (B, in_dim, F, H, W): the step's latent frames (F even: whole frame pairs; 6 at a stream's
+        start, 2 after in the original); t, t_mod: :meth:`embed_time` of the timestep; context_kv:
+        :meth:`context_kv` of the prompt; cache: the blocks' keys/values of earlier steps, updated
+        here; lq_latents as in :meth:`forward`; frame_offset: the RoPE frame index of x's first frame
+        (its index in the stream). Every block's self-attention sees the cached pairs then the step's
+        own (all of them: no causal mask inside a step). Returns (B, out_dim, F, H, W)."""
+        tokens, grid = self.patchify(x)                               # (B, L, C)
+        f, h, w = grid
+        if f % 2:
+            raise ValueError(f"stream_step takes whole latent frame pairs, not {f} frames")
+        rope = rope_angles(self.config, grid, frame_offset, device=tokens.device)
+        for i, block in enumerate(self.blocks):
+            if lq_latents is not None and i < len(lq_latents):
+                tokens = tokens + lq_latents[i]
+            tokens, k, v = block.stream(tokens, context_kv[i], t_mod, rope, grid, cache.layers[i])
+            cache.keep(i, k, v, 2 * h * w)
+        return self.unpatchify(self.head(tokens, t), grid)
+
+
+class KVCache:
+    """The streaming self-attention memory of every block: keys and values (B, L, C), RoPE applied,
+    of the last ``kv_len`` latent frame pairs of the steps run so far (tokens in (f, h, w) order,
+    oldest pair first). After each step a block's cache is what it attended to, less the oldest
+    pair when that holds more than kv_len pairs: the original's rule (FlashVSR's ``pre_cache_k/v``
+    with ``kv_len = int(kv_ratio)``), which at inference keeps exactly kv_len pairs (the first step
+    brings 3, each later one adds 1 and drops 1), so the cache's size is bounded."""
+
+    def __init__(self, num_layers: int, kv_len: int = 3):
+        if kv_len < 1:
+            raise ValueError(f"KVCache: kv_len must be >= 1, not {kv_len}")
+        self.kv_len = kv_len
+        self.layers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
+
+    def reset(self) -> None:
+        """Forget everything: the next step is a stream's first."""
+        self.layers = [None] * len(self.layers)
+
+    def keep(self, i: int, k: torch.Tensor, v: torch.Tensor, pair_tokens: int) -> None:
+        """Store block i's keys/values (B, L, C) of this step (cache + step), trimmed by the rule."""
+        if k.shape[1] % pair_tokens:
+            raise ValueError(f"KVCache: {k.shape[1]} tokens are not whole frame pairs of {pair_tokens}")
+        if k.shape[1] // pair_tokens > self.kv_len:
+            k, v = k[:, pair_tokens:], v[:, pair_tokens:]
+        # copies: the step's larger tensors can be freed
+        self.layers[i] = (k.contiguous().clone(), v.contiguous().clone())
+
+    def nbytes(self) -> int:
+        """Bytes held by the cached tensors."""
+        return sum(t.numel() * t.element_size() for kv in self.layers if kv is not None for t in kv)
 
 
 class DiTLoadError(ValueError):

@@ -1,0 +1,465 @@
+"""FlashVSR's streaming "tiny" inference (OpenImagingLab/FlashVSR, Apache-2.0:
+``diffsynth/pipelines/flashvsr_tiny.py`` and ``examples/WanVSR/infer_flashvsr_tiny.py``), as
+vsr_ddp's own code: LR frames in, x4 frames out, as a stream (the temporal model protocol of
+vsr_ddp.models.temporal: :meth:`FlashVSRTiny.start`, :meth:`FlashVSRTiny.feed`).
+
+What one read range goes through, as the original does it:
+
+1. input preparation: each LR frame is upscaled x4 with PIL's bicubic (a = -0.5, horizontal pass,
+   rounding to 8 bits, vertical pass, rounding: what ``Image.resize(BICUBIC)`` computes), scaled to
+   [-1, 1], and the range is padded at its end with copies of its last frame (below);
+2. the LQ projector (``decoder.LQProjector``) turns the upscaled frames into tokens, one token frame
+   per 4 input frames, added to the DiT's tokens before its first block;
+3. the DiT (``dit.WanDiT``) makes one denoising step at timestep 1000 from Gaussian noise with the
+   fixed prompt embedding (``posi_prompt.pth``): latents = noise - prediction. It streams: a first
+   step of 6 latent frames (3 frame pairs), then steps of 2, each block attending to the keys and
+   values of up to ``kv_len`` earlier pairs (``dit.KVCache``) plus its own, through locality-
+   constrained block-sparse attention (:class:`BlockSparseSelfAttention`) or dense attention;
+4. the tiny conditional decoder (``decoder.TCDecoder``) turns the latents into frames, conditioned
+   on the upscaled input frames, keeping its own per-layer memory across steps;
+5. colour correction: each output frame's per-channel mean and standard deviation are set to those
+   of its upscaled input frame (AdaIN; the tiny pipeline's ``ColorCorrector(method='adain')``), then
+   clamped to [-1, 1]; then ``(x + 1) * 127.5`` truncated to uint8, as the original's tensor2video.
+
+Frame bookkeeping (:attr:`FlashVSRTiny.first_window`, ``step``, ``first_outputs``, ``latency``).
+Output frame j stands for input frame j. The first step needs input frames 0..24 (25 =
+``first_window``: 6 token frames = 1 + 4 * 6 frames) and yields outputs 0..20 (21 =
+``first_outputs``: the decoder makes 4 frames per latent frame less the first 3). Step i >= 1 needs
+8 more input frames, 8i + 17 .. 8i + 24 (``step`` = 8), and yields outputs 8i + 13 .. 8i + 20. So
+in a stream an output comes out once the input 4 frames later has been fed (``latency`` = 4), the
+first 21 of them together when frame 24 arrives. At the end of a read range (``last=True``) of n
+frames, the range is padded with copies of its last frame to F = 8m + 1 frames, m = max(3,
+ceil((n + 3) / 8)), the least that makes 8m - 3 >= n outputs, and the outputs are cut to n: every
+frame comes out (:func:`padded_length`). Read ranges of 8m - 3 frames (21, 29, 37, ...) waste no
+computation; a range may start at any frame (no alignment), each start costing the first window.
+
+Positions: the RoPE frame index of a latent frame is its index in the read range (0..5, then 4 + 2i
+and 5 + 2i at step i, as the original), from 0 at every :meth:`FlashVSRTiny.start`; it is computed,
+not read from a table, so a range has no length limit (the original's table ends at 1024 latent
+frames: 4,096 input frames). Memory does not grow with the range: the KV cache holds kv_len pairs
+per block, the projector at most a few frames, the decoder one frame per memory block, and the
+input buffer at most 32 upscaled frames (input is taken 8 frames at a time, whatever the piece size).
+
+Deviations from the original, and why:
+
+* frames are padded, not cropped: the upscaled frame is padded (replicating its edges) to multiples
+  of 128 and the output cropped back to 4H x 4W (the original centre-crops the upscaled frame to
+  multiples of 128, losing up to 127 pixels per side);
+* the range end is padded to cover every frame (the original repeats the last frame 4 times and then
+  drops frames down to 8m + 1: up to 7 input frames get no output);
+* the noise is drawn per step (6 latent frames, then 2 at a time) from one generator seeded at
+  :meth:`start` (the original draws the whole clip's noise at once, which a stream cannot: the same
+  distribution, other numbers);
+* the colour correction's statistics are taken over the cropped frame, the part that is output (the
+  original's frame has no padding);
+* the bicubic upscaling computes PIL's weights in floating point (PIL: 22-bit fixed point), so a
+  rare pixel may differ by one level.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..temporal import Reach
+from .decoder import LQProjector, TCDecoder, load_lq_proj, load_tcdecoder
+from .dit import DiTConfig, KVCache, SelfAttentionFn, WanDiT, dense_attention, load_dit
+from .sparse import (LOCAL_RANGE, SPARSE_RATIO, WINDOW, block_sparse_attention, draft_block_mask,
+                     inference_topk, local_block_mask, pool_blocks, tile_block_mask, topk_ratio_for)
+
+SCALE = 4
+MULTIPLE = 128        # the upscaled frame's height and width: whole blocks of 8 x 8 tokens of 16 pixels
+FIRST_WINDOW = 25     # input frames of the first step (6 token frames)
+FIRST_OUTPUTS = 21    # output frames of the first step
+STEP = 8              # input (and output) frames of every later step (2 latent frames)
+LATENCY = 4           # an output comes out once the input 4 frames after it has been fed
+FIRST_LATENTS = 6     # latent frames of the first step
+STEP_LATENTS = 2      # latent frames of every later step
+TIMESTEP = 1000.0     # the one denoising step
+KV_RATIO = 3.0        # the examples' kv_ratio: kv_len = int(kv_ratio) cached frame pairs
+
+FILES = {"dit": "diffusion_pytorch_model_streaming_dmd.safetensors", "lq_proj": "LQ_proj_in.ckpt",
+         "decoder": "TCDecoder.ckpt", "prompt": "posi_prompt.pth"}
+"""The published files of a FlashVSR folder (v1: JunhaoZhuang/FlashVSR, v1.1: JunhaoZhuang/FlashVSR-v1.1;
+the prompt embedding is the original repository's examples/WanVSR/prompt_tensor/posi_prompt.pth)."""
+
+
+def padded_length(n: int) -> int:
+    """Input frames a read range of n frames is computed as: 8m + 1 with m = max(3, ceil((n + 3) / 8)),
+    the least such count whose 8m - 3 outputs cover the n frames (0 for an empty range)."""
+    if n <= 0:
+        return 0
+    return 8 * max(3, -(-(n + 3) // 8)) + 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Input preparation
+# ------------------------------------------------------------------------------------------------
+
+def _cubic(x: float, a: float = -0.5) -> float:
+    """PIL's bicubic kernel (a = -0.5)."""
+    x = abs(x)
+    if x < 1:
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+    if x < 2:
+        return (((x - 5) * x + 8) * x - 4) * a
+    return 0.0
+
+
+@functools.lru_cache(maxsize=8)
+def _bicubic_matrix(n_in: int, scale: int) -> torch.Tensor:
+    """(n_in * scale, n_in) float64: PIL's bicubic resampling weights for one axis (ImagingResample's
+    precompute_coeffs when upscaling: support 2, taps outside the image dropped, each row normalised)."""
+    n_out = n_in * scale
+    m = torch.zeros(n_out, n_in, dtype=torch.float64)
+    for i in range(n_out):
+        center = (i + 0.5) / scale
+        lo = max(int(center - 2 + 0.5), 0)
+        hi = min(int(center + 2 + 0.5), n_in)
+        w = [_cubic(x + lo - center + 0.5) for x in range(hi - lo)]
+        total = sum(w)
+        m[i, lo:hi] = torch.tensor([v / total for v in w], dtype=torch.float64)
+    return m
+
+
+def upscale_bicubic(frames: torch.Tensor, scale: int = SCALE) -> torch.Tensor:
+    """frames (T, H, W, 3) uint8 -> (T, 3, sH, sW) float32 in [0, 255], whole numbers: what PIL's
+    ``resize((sW, sH), Image.BICUBIC)`` makes of each frame (horizontal pass, then vertical, each
+    rounded to 8 bits)."""
+    t, h, w, _ = frames.shape
+    # float64: exact enough to round like PIL, and immune to TF32 matmuls
+    x = frames.permute(0, 3, 1, 2).to(torch.float64)                     # (T, 3, H, W)
+    mw = _bicubic_matrix(w, scale).to(x.device)                          # (sW, W)
+    mh = _bicubic_matrix(h, scale).to(x.device)                          # (sH, H)
+    x = torch.floor(x @ mw.T + 0.5).clamp_(0, 255)                       # (T, 3, H, sW)
+    return torch.floor(mh @ x + 0.5).clamp_(0, 255).float()              # (T, 3, sH, sW)
+
+
+# ------------------------------------------------------------------------------------------------
+# The block-sparse self-attention hook
+# ------------------------------------------------------------------------------------------------
+
+def to_blocks(x: torch.Tensor, grid: tuple[int, int, int], num_heads: int) -> torch.Tensor:
+    """Tokens (B, f*h*w, C) in (f, h, w) order -> (B, heads, L, D) in block order: the original's
+    WindowPartition3D with windows (2, 8, 8), blocks row-major over (pair, row, col), each block's
+    128 tokens in (frame, row, col) order."""
+    f, h, w = grid
+    wf, wh, ww = WINDOW
+    b, _, c = x.shape
+    x = x.view(b, f // wf, wf, h // wh, wh, w // ww, ww, num_heads, c // num_heads)
+    x = x.permute(0, 7, 1, 3, 5, 2, 4, 6, 8)          # (B, heads, f/2, h/8, w/8, 2, 8, 8, D)
+    return x.reshape(b, num_heads, f * h * w, c // num_heads)
+
+
+def from_blocks(x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    """The inverse of :func:`to_blocks`: (B, heads, L, D) -> (B, f*h*w, heads*D) in (f, h, w) order."""
+    f, h, w = grid
+    wf, wh, ww = WINDOW
+    b, nh, _, d = x.shape
+    x = x.view(b, nh, f // wf, h // wh, w // ww, wf, wh, ww, d)
+    x = x.permute(0, 2, 5, 3, 6, 4, 7, 1, 8)          # (B, f/2, 2, h/8, 8, w/8, 8, heads, D)
+    return x.reshape(b, f * h * w, nh * d)
+
+
+class BlockSparseSelfAttention:
+    """FlashVSR's streaming self-attention as a ``dit.SelfAttentionFn``: q of the step's tokens,
+    k and v of the cached pairs then the step's, all cut into (2, 8, 8) blocks; a query block sees
+    the key blocks in the local_range x local_range square around it (every frame pair), and of
+    those only the draft top-k (per head and query frame pair) of the pooled scores survive, with
+    the budget ``inference_topk(P, topk_ratio_for(H, W, sparse_ratio))`` of the original (H, W the
+    upscaled frame's size: 16 pixels per token). Exact attention over the surviving blocks
+    (``sparse.block_sparse_attention``: the CUDA kernel where it applies).
+
+    ``draft=False`` skips the top-k and keeps every locally allowed block (not the original: with a
+    window covering the whole grid the original's top-k still drops the least probable block; the
+    switch is there to check the block plumbing against dense attention)."""
+
+    def __init__(self, local_range: int = LOCAL_RANGE, sparse_ratio: float = SPARSE_RATIO,
+                 draft: bool = True):
+        self.local_range = local_range
+        self.sparse_ratio = sparse_ratio
+        self.draft = draft
+        self._local: dict = {}
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
+                 grid: tuple[int, int, int]) -> torch.Tensor:
+        f, h, w = grid
+        wf, wh, ww = WINDOW
+        if f % wf or h % wh or w % ww or k.shape[1] % (h * w):
+            raise ValueError(f"block-sparse attention needs whole (2, 8, 8) blocks, not the token grid "
+                             f"{grid} with {k.shape[1]} keys")
+        fk = k.shape[1] // (h * w)
+        gh, gw = h // wh, w // ww
+        key = (gh, gw, q.device)
+        if key not in self._local:
+            self._local[key] = local_block_mask(gh, gw, self.local_range, device=q.device)
+        local = self._local[key]                          # (P, P) bool
+        qb = to_blocks(q, grid, num_heads)                # (B, heads, Lq, D)
+        kb = to_blocks(k, (fk, h, w), num_heads)          # (B, heads, Lk, D)
+        vb = to_blocks(v, (fk, h, w), num_heads)          # (B, heads, Lk, D)
+        if self.draft:
+            topk = inference_topk(gh * gw, topk_ratio_for(16 * h, 16 * w, self.sparse_ratio))
+            mask = draft_block_mask(pool_blocks(qb), pool_blocks(kb), local, topk)  # (B, heads, Nq, Nk)
+        else:
+            mask = tile_block_mask(local, f // wf, fk // wf)                          # (Nq, Nk)
+        return from_blocks(block_sparse_attention(qb, kb, vb, mask), grid)
+
+
+# ------------------------------------------------------------------------------------------------
+# The streaming pipeline
+# ------------------------------------------------------------------------------------------------
+
+def _adain(hq: torch.Tensor, lq: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Each frame's channels of hq (T, 3, H, W) moved to lq's per-frame, per-channel mean and std
+    (population variance + eps), as the original's ``_adain``; in float32."""
+    hq, lq = hq.float(), lq.float()
+    hm, hv = hq.mean(dim=(2, 3), keepdim=True), hq.var(dim=(2, 3), unbiased=False, keepdim=True)
+    lm, lv = lq.mean(dim=(2, 3), keepdim=True), lq.var(dim=(2, 3), unbiased=False, keepdim=True)
+    return (hq - hm) / (hv + eps).sqrt() * (lv + eps).sqrt() + lm
+
+
+class FlashVSRTiny:
+    """FlashVSR's tiny pipeline as a stream: (T, H, W, 3) uint8 LR frames in, (T, 4H, 4W, 3) uint8
+    out (module docstring: the steps and the frame bookkeeping).
+
+    dit, lq_proj, decoder: the three networks (``load_flashvsr`` loads the published files); the DiT's
+    self-attention hook is set here. prompt: the prompt embedding (1, S, text_dim) or (S, text_dim).
+    sparse_ratio, local_range: the block-sparse attention's settings (the examples' 2.0 and 11);
+    kv_ratio: cached frame pairs (int(kv_ratio), the examples' 3.0); attention: "sparse" (the
+    original), "dense" (every query sees every cached and current key), or a ``SelfAttentionFn``;
+    color_fix: the AdaIN colour correction (the examples': on); seed: the noise generator's seed
+    (the examples': 0), re-seeded at every :meth:`start`.
+    """
+
+    scale = SCALE
+    first_window = FIRST_WINDOW
+    first_outputs = FIRST_OUTPUTS
+    step = STEP
+    latency = LATENCY
+    alignment = 1   # a read range may start at any frame
+    reach = Reach(before=0, after=FIRST_WINDOW - 1, recurrent=True, exact=False)
+    """For job=upscale's segment planning: frame 0's output needs frames up to 24 (later ones 4
+    ahead); the caches carry the past (a warm-up stands in for it); a segment started mid-video is
+    not bit-equal to a whole run (its first window, its noise)."""
+    decoder_frames_per_pass: int | None = 1
+    """Latent frames the decoder runs through its layers at once (None: a step's all): 1 bounds its
+    memory to 4 full-size frames of activations, as the original's frame-by-frame decoding."""
+
+    def __init__(self, dit: WanDiT, lq_proj: LQProjector, decoder: TCDecoder, prompt: torch.Tensor, *,
+                 sparse_ratio: float = SPARSE_RATIO, kv_ratio: float = KV_RATIO,
+                 local_range: int = LOCAL_RANGE, attention: str | SelfAttentionFn = "sparse",
+                 color_fix: bool = True, seed: int = 0):
+        self.dit, self.lq_proj, self.decoder = dit.eval(), lq_proj.eval(), decoder.eval()
+        if attention == "sparse":
+            self.attention: SelfAttentionFn = BlockSparseSelfAttention(local_range, sparse_ratio)
+        elif attention == "dense":
+            self.attention = dense_attention
+        elif callable(attention):
+            self.attention = attention
+        else:
+            raise ValueError(f"FlashVSRTiny: attention must be 'sparse', 'dense' or a function, "
+                             f"not {attention!r}")
+        dit.set_attention(self.attention)
+        self.kv_len = int(kv_ratio)
+        self.color_fix = color_fix
+        self.seed = seed
+        param = next(dit.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        prompt = torch.as_tensor(prompt)
+        if prompt.ndim == 2:
+            prompt = prompt[None]
+        if prompt.ndim != 3 or prompt.shape[0] != 1 or prompt.shape[-1] != dit.config.text_dim:
+            raise ValueError(f"FlashVSRTiny: the prompt embedding must be (1, S, {dit.config.text_dim}), "
+                             f"not {tuple(prompt.shape)}")
+        self._prompt = prompt
+        self._cache = KVCache(dit.config.num_layers, self.kv_len)
+        self.to(self.device, self.dtype)
+
+    def to(self, device, dtype: torch.dtype = torch.bfloat16) -> "FlashVSRTiny":
+        """Move the three networks to ``device`` in ``dtype`` (the original: bfloat16), recompute the
+        fixed prompt's keys/values and the timestep's embeddings there, and :meth:`start`."""
+        self.device, self.dtype = torch.device(device), dtype
+        for net in (self.dit, self.lq_proj, self.decoder):
+            net.to(device=self.device, dtype=dtype)
+        with torch.no_grad():
+            self._context_kv = self.dit.context_kv(self._prompt.to(device=self.device, dtype=dtype))
+            self._t, self._t_mod = self.dit.embed_time(torch.tensor([TIMESTEP], device=self.device))
+        self.start()
+        return self
+
+    def start(self) -> None:
+        """Forget the read range: caches, buffers, positions (back to 0) and the noise generator."""
+        self._cache.reset()
+        self.lq_proj.reset()
+        self.decoder.reset()
+        self._gen = torch.Generator().manual_seed(self.seed)
+        self._shape: tuple[int, int] | None = None  # (H, W) of the range's LR frames
+        self._buf: torch.Tensor | None = None       # (n, 3, Hp, Wp) upscaled frames not yet done with
+        self._buf_start = 0                          # range index of self._buf[0]
+        self._fed = 0                                # LR frames fed in this range
+        self._steps = 0                              # steps run in this range
+        self._emitted = 0                            # output frames returned in this range
+
+    def cache_bytes(self) -> int:
+        """Bytes held by the stream's state tensors (KV cache, projector, decoder, input buffer)."""
+        tensors = [self._buf] + [getattr(self.lq_proj, n) for n in ("_pending_in", "_pending_mid")]
+        tensors += list(self.decoder._memory.values())
+        return self._cache.nbytes() + sum(t.numel() * t.element_size() for t in tensors
+                                          if isinstance(t, torch.Tensor))
+
+    @torch.no_grad()
+    def feed(self, frames: np.ndarray, last: bool) -> np.ndarray:
+        """frames: (T, H, W, 3) uint8, the next LR frames of the read range (T may be 0). Returns the
+        (n, 4H, 4W, 3) uint8 outputs whose computation these frames complete, in order (maybe none);
+        with ``last``, all outputs still owed (the range padded at its end), and the range is over:
+        the next call starts a new one. Any split of a range into calls gives the same outputs."""
+        frames = np.asarray(frames)
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+            raise ValueError(f"FlashVSRTiny.feed takes (T, H, W, 3) uint8 frames, not {frames.shape} "
+                             f"{frames.dtype}")
+        if len(frames):
+            if self._shape is None:
+                self._shape = frames.shape[1:3]
+            elif frames.shape[1:3] != self._shape:
+                raise ValueError(f"FlashVSRTiny.feed: {frames.shape[1]}x{frames.shape[2]} frames after "
+                                 f"{self._shape[0]}x{self._shape[1]} ones in one read range; "
+                                 "call start() first")
+        outs = []
+        for i in range(0, len(frames), STEP):  # a step's frames at a time: the buffer stays small
+            self._append(self._prepare(frames[i:i + STEP]))
+            self._fed += len(frames[i:i + STEP])
+            outs += self._run_ready()
+        if last and self._fed:
+            total = padded_length(self._fed)
+            have = self._buf_start + len(self._buf)
+            if total > have:
+                self._append(self._buf[-1:].expand(total - have, -1, -1, -1))
+            outs += self._run_ready()
+        if self._buf is not None:
+            self._buf = self._buf.clone()  # the frames still needed (at most 11), without the rest
+        h, w = self._shape or (0, 0)
+        out = (np.concatenate(outs) if outs else
+               np.zeros((0, h * SCALE, w * SCALE, 3), dtype=np.uint8))
+        keep = max(0, min(len(out), self._fed - self._emitted))
+        out = out[:keep]
+        self._emitted += keep
+        if last:
+            self.start()
+        return out
+
+    def _prepare(self, frames: np.ndarray) -> torch.Tensor:
+        """(T, H, W, 3) uint8 -> (T, 3, Hp, Wp) in [-1, 1], the model dtype: bicubic x4, then padded
+        (edges replicated) to multiples of 128."""
+        x = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device)
+        x = upscale_bicubic(x) / 255.0 * 2.0 - 1.0                      # (T, 3, 4H, 4W) float32
+        ph, pw = -x.shape[-2] % MULTIPLE, -x.shape[-1] % MULTIPLE
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+        return x.to(self.dtype)
+
+    def _append(self, x: torch.Tensor) -> None:
+        self._buf = x.clone() if self._buf is None else torch.cat([self._buf, x])
+
+    def _run_ready(self) -> list[np.ndarray]:
+        """Run every step whose input frames are all buffered; returns their outputs."""
+        outs = []
+        while self._buf is not None:
+            end = FIRST_WINDOW if self._steps == 0 else FIRST_WINDOW + STEP * self._steps
+            if self._buf_start + len(self._buf) < end:
+                break
+            outs.append(self._step())
+        return outs
+
+    def _noise(self, frames: int, h: int, w: int) -> torch.Tensor:
+        """The step's noise (1, 16, frames, h, w): float32 draws of the range's CPU generator, in step
+        order, cast to the model's device and dtype."""
+        shape = (1, self.dit.config.in_dim, frames, h, w)
+        return torch.randn(shape, generator=self._gen).to(device=self.device, dtype=self.dtype)
+
+    def _step(self) -> np.ndarray:
+        """One step of the original's loop (``cur_process_idx`` = i): the projector's frames, the DiT
+        step, the decoder, the colour fix. Returns its (21 or 8, 4H, 4W, 3) uint8 outputs."""
+        i = self._steps
+        if i == 0:   # projector frames [0, 25), decoder condition [0, 21), latent frames 0..5
+            p0, p1, c0, c1, n_lat, offset = 0, FIRST_WINDOW, 0, FIRST_OUTPUTS, FIRST_LATENTS, 0
+        else:        # projector frames [8i+17, 8i+25), condition [8i+13, 8i+21), latents 4+2i, 5+2i
+            p0 = FIRST_WINDOW + STEP * (i - 1)
+            c0 = FIRST_OUTPUTS + STEP * (i - 1)
+            p1, c1, n_lat, offset = p0 + STEP, c0 + STEP, STEP_LATENTS, 4 + 2 * i
+        s = self._buf_start
+        video = self._buf[p0 - s:p1 - s].transpose(0, 1)[None]          # (1, 3, n, Hp, Wp)
+        cond = self._buf[c0 - s:c1 - s].transpose(0, 1)[None]           # (1, 3, m, Hp, Wp)
+        pdtype = next(self.lq_proj.parameters()).dtype
+        tokens = self.lq_proj.feed(video.to(pdtype))
+        hp, wp = video.shape[-2:]
+        if tokens is None or tokens[0].shape[1] != n_lat * (hp // 16) * (wp // 16):
+            raise RuntimeError("FlashVSRTiny: the LQ projector's token frames are out of step")  # a bug
+        tokens = [t.to(self.dtype) for t in tokens]
+        noise = self._noise(n_lat, hp // 8, wp // 8)                    # (1, 16, n_lat, Hp/8, Wp/8)
+        pred = self.dit.stream_step(noise, self._t, self._t_mod, self._context_kv, self._cache,
+                                    lq_latents=tokens, frame_offset=offset)
+        latents = noise - pred                                           # (1, 16, n_lat, Hp/8, Wp/8)
+        ddtype = next(self.decoder.parameters()).dtype
+        y = self.decoder.decode(latents.to(ddtype), cond.to(ddtype),
+                                self.decoder_frames_per_pass)            # (1, 3, c1 - c0, Hp, Wp)
+        self._steps += 1
+        keep = c1 - s   # the next step's condition starts at c1
+        self._buf = self._buf[keep:]   # a view: feed() copies what is left once it has run the steps
+        self._buf_start += keep
+        h, w = self._shape
+        y = y[0].transpose(0, 1)[..., :h * SCALE, :w * SCALE]           # (m, 3, 4H, 4W)
+        if self.color_fix:
+            y = _adain(y, cond[0].transpose(0, 1)[..., :h * SCALE, :w * SCALE]).clamp(-1, 1)
+        y = ((y.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8)     # truncated, as the original
+        return y.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading the published files
+# ------------------------------------------------------------------------------------------------
+
+def load_prompt(path) -> torch.Tensor:
+    """The prompt embedding from ``posi_prompt.pth``: ``torch.save`` of one tensor (1, S, text_dim)
+    (the original passes ``torch.load``'s result straight to ``init_cross_kv``); a dict holding a single
+    tensor and an (S, text_dim) tensor are accepted too. Read without unpickling code."""
+    path = Path(path)
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to read is the same user problem
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ValueError(f"FlashVSR prompt: cannot read {path} ({first})") from None
+    if isinstance(obj, dict) and len(obj) == 1:
+        obj = next(iter(obj.values()))
+    if not isinstance(obj, torch.Tensor) or obj.ndim not in (2, 3) or (obj.ndim == 3 and obj.shape[0] != 1):
+        what = tuple(obj.shape) if isinstance(obj, torch.Tensor) else type(obj).__name__
+        raise ValueError(f"FlashVSR prompt: {path} is not a (1, S, C) prompt embedding ({what})")
+    return obj if obj.ndim == 3 else obj[None]
+
+
+def load_flashvsr(folder, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16, *,
+                  version: str = "1.1", config: DiTConfig | None = None,
+                  **options) -> FlashVSRTiny:
+    """The tiny pipeline from a folder of the published files (:data:`FILES`), on ``device`` in
+    ``dtype`` (the original runs bfloat16). ``version``: "1.1" (the causal LQ projector of
+    FlashVSR-v1.1) or "1.0" (v1's per-group one); the files cannot tell. ``config``: the DiT's shape
+    (the published Wan 2.1 1.3B by default). ``options`` go to :class:`FlashVSRTiny`. A missing file
+    raises a one-line ValueError naming the folder and the file; a file that does not fit, the
+    loaders' one-line ValueErrors naming it."""
+    folder = Path(folder)
+    if version not in ("1.0", "1.1"):
+        raise ValueError(f"FlashVSR: version must be '1.0' or '1.1', not {version!r}")
+    for name in FILES.values():
+        if not (folder / name).is_file():
+            raise ValueError(f"FlashVSR folder {folder}: missing {name}")
+    dit = load_dit(folder / FILES["dit"], config, device=device, dtype=dtype)
+    lq_proj = load_lq_proj(folder / FILES["lq_proj"], causal=version == "1.1").to(device=device, dtype=dtype)
+    decoder = load_tcdecoder(folder / FILES["decoder"]).to(device=device, dtype=dtype)
+    prompt = load_prompt(folder / FILES["prompt"])
+    return FlashVSRTiny(dit, lq_proj, decoder, prompt, **options)
+
+
+__all__ = ["FlashVSRTiny", "BlockSparseSelfAttention", "load_flashvsr", "load_prompt", "padded_length",
+           "upscale_bicubic", "FILES", "to_blocks", "from_blocks"]
