@@ -53,5 +53,9 @@ models: $(VENV)/.installed ## fetch published models once (MODELS="realesrgan-x4
 train-default: $(VENV)/.installed ## retrain the shipped x2 model (CPU, under 30 min)
 	$(PY) -m vsr_ddp.train_default --out vsr_ddp/weights/compact_x2.safetensors
 
+.PHONY: train-temporal
+train-temporal: $(VENV)/.installed ## retrain the shipped temporal x2 model, job.model=default-temporal (CPU, under 50 min)
+	$(PY) -m vsr_ddp.train_temporal --out vsr_ddp/weights/temporal_x2.safetensors
+
 clean: ## remove demo and bench output and caches (keeps .venv and fetched models)
 	rm -rf $(DEMO_DIR) bench_out .pytest_cache

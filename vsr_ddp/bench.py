@@ -189,8 +189,8 @@ def main(argv=None) -> int:
                     [(k, v) for k, v in r.items()]), flush=True)
     if "warmup" in jobs:
         r = results["warmup"] = bench_warmup(device=device)
-        print(table("temporal warm-up: a recurrent model (AnimeSR's network, random weights) at 128x72, "
-                    "a segment's first frame against the whole run", [(k, v) for k, v in r.items()]),
+        print(table("temporal warm-up: recurrent models (AnimeSR's network: random x4, shipped x2) at "
+                    "128x72, a segment's first frame against the whole run", [(k, v) for k, v in r.items()]),
               flush=True)
     if "temporal" in jobs:
         r = results["temporal"] = bench_temporal(device=device)
@@ -208,30 +208,35 @@ def main(argv=None) -> int:
 
 def bench_warmup(size: tuple[int, int] = (128, 72), frames: int = 48, start: int = 40,
                  warmups=(0, 1, 2, 4, 8, 16, 32), seed: int = 0, device: torch.device | None = None) -> dict:
-    """A recurrent model (AnimeSR's network, random weights from ``seed``) over the natural-picture
-    pan of ``make demo``: the whole clip fed from frame 0, then a segment starting at ``start``
-    fed from ``start - W`` for each warm-up W; the difference of the segment's first owned frame
-    to the whole run's (uint8 levels: max and mean), and the model time the warm-up adds."""
+    """Recurrent models over the natural-picture pan of ``make demo``: AnimeSR's network at x4 with
+    random weights from ``seed``, and the shipped trained one (``job.model=default-temporal``, x2).
+    For each: the whole clip fed from frame 0, then a segment starting at ``start`` fed from
+    ``start - W`` for each warm-up W; the difference of the segment's first owned frame to the whole
+    run's (uint8 levels: max and mean), and the model time the warm-up adds."""
     from .demo import natural_frames
     from .models.animesr import MSRSWVSR, AnimeSR
+    from .models.sr import DEFAULT_TEMPORAL
+    from .models.temporal import load_temporal
 
     device = device or torch.device("cpu")
     clip = np.stack(list(natural_frames(frames, size)))  # (T, H, W, 3) uint8
     torch.manual_seed(seed)
-    model = AnimeSR(MSRSWVSR().eval()).to(device, torch.float32)
-    model.start()
-    t0 = time.perf_counter()
-    whole = model.feed(clip, last=True)  # (T, 4H, 4W, 3)
-    per_frame_s = (time.perf_counter() - t0) / frames
+    models = {"AnimeSR x4, random weights": AnimeSR(MSRSWVSR().eval()).to(device, torch.float32),
+              "default-temporal x2, trained": load_temporal(DEFAULT_TEMPORAL, device)}
     out = {}
-    for w in warmups:
-        if w > start:
-            continue
+    for name, model in models.items():
         model.start()
-        seg = model.feed(clip[start - w:start + 2], last=True)  # frame start + 1: its next neighbour
-        diff = np.abs(seg[w].astype(np.int16) - whole[start].astype(np.int16))
-        out[f"W={w}"] = {"max": int(diff.max()), "mean": round(float(diff.mean()), 3),
-                         "extra model s per segment": round(w * per_frame_s, 3)}
+        t0 = time.perf_counter()
+        whole = model.feed(clip, last=True)  # (T, sH, sW, 3)
+        per_frame_s = (time.perf_counter() - t0) / frames
+        for w in warmups:
+            if w > start:
+                continue
+            model.start()
+            seg = model.feed(clip[start - w:start + 2], last=True)  # frame start + 1: its next neighbour
+            diff = np.abs(seg[w].astype(np.int16) - whole[start].astype(np.int16))
+            out[f"{name}: W={w}"] = {"max": int(diff.max()), "mean": round(float(diff.mean()), 3),
+                                     "extra model s per segment": round(w * per_frame_s, 3)}
     return out
 
 

@@ -105,7 +105,9 @@ class UpscaleJob(Job):
         self.temporal_path = path
         self._fade: temporal.Crossfade | None = None  # a window model's unit in progress
         self.reads_context = True  # each unit's read range, context included (Job.read_range)
-        self.deep_frames = False  # the streaming protocol takes uint8 frames
+        # uint16 frames of a >8-bit video go in and come out where the model says it takes them
+        # (AnimeSR does); a window model's crossfade rounds to uint8
+        self.deep_frames = bool(getattr(model, "deep_frames", False)) and reach.window is None
 
     def tag(self) -> str:
         if self.temporal is not None:

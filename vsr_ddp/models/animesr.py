@@ -133,6 +133,7 @@ class AnimeSR:
     in pieces of any size; the outputs equal one call over the whole range, bit for bit."""
 
     scale = SCALE  # per instance: the network's netscale (4 published, 2 for a reduced model)
+    deep_frames = True  # feed takes uint16 frames too (a 10-bit video stays 10-bit)
     reach = _LazyReach()  # Reach(before=1, after=1, recurrent=True, exact=True, align=1)
 
     def __init__(self, net: MSRSWVSR):

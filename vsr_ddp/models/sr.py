@@ -17,8 +17,10 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 CLASSICAL = ("lanczos", "bicubic")
-# job.model=default: the small x2 model shipped in the package (vsr_ddp/train_default.py made it).
+# job.model=default: the small x2 model shipped in the package (vsr_ddp/train_default.py made it);
+# job.model=default-temporal: its recurrent sibling (AnimeSR's network, vsr_ddp/train_temporal.py).
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "weights" / "compact_x2.safetensors"
+DEFAULT_TEMPORAL = DEFAULT_MODEL.with_name("temporal_x2.safetensors")
 
 
 WEIGHTS_HELP = ("Real-ESRGAN's weights by name: `python -m vsr_ddp.models fetch realesrgan-x4plus` "
@@ -32,12 +34,14 @@ class ModelError(ValueError):
 
 
 def model_path(model: str, models_dir: str | Path | None = None) -> Path:
-    """The checkpoint file ``job.model`` names: ``default`` (the shipped model), a published
-    model's name (from the model folder, never downloaded here), or a path."""
+    """The checkpoint file ``job.model`` names: ``default`` or ``default-temporal`` (the shipped
+    models), a published model's name (from the model folder, never downloaded here), or a path."""
     from . import published
 
     if model == "default":
         return DEFAULT_MODEL
+    if model == "default-temporal":
+        return DEFAULT_TEMPORAL
     if model in published.MODELS:
         if not published.MODELS[model].scale:
             raise ModelError(f"job.model={model} is a frame interpolation model (job=interpolate), "

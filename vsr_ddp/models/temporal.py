@@ -86,7 +86,9 @@ class TemporalModel(Protocol):
     now been fed, in order (maybe none). ``last=True``: the read range ends with these frames:
     the outputs still owed come too, the last frame standing in for its missing next neighbours
     (and, after :meth:`start`, the first frame for its missing previous ones). Feeding a range in
-    pieces of any size gives the same outputs as feeding it in one call.
+    pieces of any size gives the same outputs as feeding it in one call. A model whose
+    ``deep_frames`` is True also takes # uint16 frames of a >8-bit video and returns uint16
+    (job=upscale then keeps them to the encoder).
     """
 
     scale: int
