@@ -25,8 +25,8 @@ from PIL import Image
 
 from vsr_ddp.models.flashvsr.decoder import LQProjector, TCDecoder
 from vsr_ddp.models.flashvsr.dit import DiTConfig, KVCache, WanDiT, dense_attention
-from vsr_ddp.models.flashvsr.pipeline import (FILES, BlockSparseSelfAttention, FlashVSRTiny, load_flashvsr,
-                                              padded_length, upscale_bicubic)
+from vsr_ddp.models.flashvsr.pipeline import (FILES, BlockSparseSelfAttention, FlashVSRTiny, latent_noise,
+                                              load_flashvsr, padded_length, upscale_bicubic)
 
 TINY = dict(dim=64, num_heads=2, num_layers=2, ffn_dim=64, text_dim=32, freq_dim=16)
 LQ_TINY = dict(in_dim=3, out_dim=64, layer_num=1, hidden=(8, 12))
@@ -178,8 +178,7 @@ def test_pipeline_equals_whole_range_reference():
     hr = torch.cat([hr, hr[-1:].expand(total - n, -1, -1, -1)])    # the last frame repeated
     video = hr.transpose(0, 1)[None]                               # (1, 3, 33, 128, 256)
     tokens = lq(video)                                             # 8 token frames
-    g = torch.Generator().manual_seed(0)                           # the pipeline's draws: 6, then 2
-    noise = torch.cat([torch.randn(1, 16, n_lat, 16, 32, generator=g) for n_lat in (6, 2)], dim=2)
+    noise = latent_noise(0, [4 * j for j in range(8)], 16, 16, 32)  # latent j ends on frame 4j
     dit.set_attention(pair_mask_attention())
     latents = noise - dit(noise, torch.tensor([1000.0]), context, lq_latents=tokens)
     y = dec(latents, video[:, :, :29])[0].transpose(0, 1)[..., :80, :144]   # (29, 3, 80, 144)
@@ -308,3 +307,28 @@ def test_load_flashvsr_names_the_missing_file(tmp_path):
         load_flashvsr(tmp_path, config=DiTConfig(**TINY))
     with pytest.raises(ValueError, match="version"):
         load_flashvsr(tmp_path, version="2")
+
+
+@torch.no_grad()
+def test_full_mode_decodes_with_the_wan_vae_in_pieces_as_in_one_call(tmp_path):
+    """mode=full: the Wan 2.1 VAE decoder (tiny widths) in place of the TCDecoder, streamed with its
+    feature cache: every frame comes out x4, and pieces of any size give one call's frames."""
+    from vsr_ddp.models.flashvsr.pipeline import VAE_FILE
+    from vsr_ddp.models.flashvsr.vae import WanVAEDecoder
+
+    dit, lq, _, prompt = networks(8)
+    vae = WanVAEDecoder(dim=8).eval()
+    pipe = FlashVSRTiny(dit, lq, vae, prompt, attention="dense")
+    assert pipe.mode == "full"
+    lr = frames(38, 12, 20, seed=8)
+    one = pipe.feed(lr, last=True)
+    assert one.shape == (38, 48, 80, 3)
+    parts = [pipe.feed(lr[i:i + 5], last=i + 5 >= 38) for i in range(0, 38, 5)]
+    assert np.array_equal(np.concatenate(parts), one)
+    # by folder: Wan2.1_VAE.pth in place of TCDecoder.ckpt
+    write_folder(tmp_path)
+    with pytest.raises(ValueError, match=f"missing {VAE_FILE}"):
+        load_flashvsr(tmp_path, mode="full", config=DiTConfig(**TINY))
+    torch.save(vae.state_dict(), tmp_path / VAE_FILE)
+    (tmp_path / FILES["decoder"]).unlink()
+    assert load_flashvsr(tmp_path, "cpu", torch.float32, mode="full", config=DiTConfig(**TINY)).mode == "full"

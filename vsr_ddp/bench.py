@@ -10,7 +10,9 @@ stage, peak host RSS and GPU memory, the merge's share of the job, and peak RSS 
 longer. It prints one table per run and writes bench.json. A benchmark, not a test: it
 asserts nothing. For job=propagate and job=sim2real it times their model stages alone
 (:func:`bench_propagation`, :func:`bench_sim2real`); for temporal models, what a segment's
-warm-up buys (:func:`bench_warmup`) and the temporal quality report (:func:`bench_temporal`).
+warm-up buys (:func:`bench_warmup`) and the temporal quality report (:func:`bench_temporal`); for
+FlashVSR (``--jobs flashvsr,flashvsr-warmup``) its frames/s and peak memory (:func:`bench_flashvsr`)
+and what a segment's warm-up buys it (:func:`bench_flashvsr_warmup`).
 """
 from __future__ import annotations
 
@@ -147,7 +149,9 @@ def main(argv=None) -> int:
     ap.add_argument("--long", type=int, default=10, help="the long clip is this many times the short one")
     ap.add_argument("--jobs", default="upscale,balance,reader,propagate,interpolate,warmup,temporal,sim2real",
                     help="which to measure; sim2real runs only on CUDA (SD 1.5-sized random weights); "
-                         "interpolate times rife-hdv3 when it is fetched")
+                         "interpolate times rife-hdv3 when it is fetched; also flashvsr (frames/s: a tiny "
+                         "random configuration on the CPU, the published 1.3B shapes on CUDA) and "
+                         "flashvsr-warmup (what a segment's warm-up buys)")
     args = ap.parse_args(argv)
     jobs = set(args.jobs.split(","))
     root = Path(args.dir).resolve()
@@ -195,6 +199,15 @@ def main(argv=None) -> int:
     if "temporal" in jobs:
         r = results["temporal"] = bench_temporal(device=device)
         print(temporal_table(r), flush=True)
+    if "flashvsr" in jobs:
+        r = results["flashvsr"] = bench_flashvsr(device)
+        print(table("FlashVSR (job.model=flashvsr, tiny mode, random weights): x4 streaming, whole range",
+                    [(k, v) for k, v in r.items()]), flush=True)
+    if "flashvsr-warmup" in jobs:
+        r = results["flashvsr-warmup"] = bench_flashvsr_warmup()
+        print(table("FlashVSR segment warm-up (tiny random model, dim 128, 64x48 -> 256x192, CPU): a "
+                    "segment's first owned frame (72) against the whole run", [(k, v) for k, v in r.items()]),
+              flush=True)
     if "sim2real" in jobs and device.type == "cuda":
         r = results["sim2real"] = bench_sim2real(size=512, frames=8, steps=20, device=device)
         print(table("sim2real (FRESCO keyframes, SD 1.5-sized random weights) at 512x512, batch 8",
@@ -237,6 +250,89 @@ def bench_warmup(size: tuple[int, int] = (128, 72), frames: int = 48, start: int
             diff = np.abs(seg[w].astype(np.int16) - whole[start].astype(np.int16))
             out[f"{name}: W={w}"] = {"max": int(diff.max()), "mean": round(float(diff.mean()), 3),
                                      "extra model s per segment": round(w * per_frame_s, 3)}
+    return out
+
+
+FLASHVSR_TINY = dict(dim=128, num_heads=1, num_layers=2, ffn_dim=256, text_dim=64, freq_dim=32)
+"""The tiny random FlashVSR of the CPU figures: one head of 128 (the published head width), two blocks."""
+
+
+def bench_flashvsr(device: torch.device, frames: int = 41, size: tuple[int, int] | None = None,
+                   sizes=((352, 192), (480, 270))) -> dict:
+    """FlashVSR's tiny pipeline (job.model=flashvsr) fed one read range of ``frames`` frames of the
+    natural-picture pan, x4: frames/s of the whole range (the first window included) after one
+    untimed run, and on CUDA the peak memory. On the CPU a tiny random configuration
+    (:data:`FLASHVSR_TINY`, LR ``size``, default 64x48); on CUDA the published shapes (Wan 2.1 1.3B,
+    the published projector and decoder) with random weights in bf16, built on the device, at LR
+    352x192 (768x1408 out) and 480x270 (1920x1080 out), each where memory allows."""
+    from .demo import natural_frames
+    from .models.flashvsr.dit import DiTConfig
+    from .models.flashvsr.pipeline import random_flashvsr
+
+    out = {}
+    if device.type != "cuda":
+        w, h = size or (64, 48)
+        model = random_flashvsr(DiTConfig(**FLASHVSR_TINY), lq_hidden=(16, 24),
+                                decoder_channels=(16, 12, 8, 8), prompt_tokens=8, device=device,
+                                dtype=torch.float32)
+        runs = [(f"tiny random configuration, CPU: {w}x{h} -> {4 * w}x{4 * h}", model, (w, h))]
+    else:
+        model = random_flashvsr(device=device, dtype=torch.bfloat16)
+        runs = [(f"published 1.3B shapes, random weights, bf16: {w}x{h} -> {4 * w}x{4 * h}", model, (w, h))
+                for w, h in ([size] if size else sizes)]
+    for label, model, (w, h) in runs:
+        clip = np.stack(list(natural_frames(frames, (w, h))))  # (T, H, W, 3) uint8
+        try:
+            model.start()
+            model.feed(clip[:model.first_window], last=True)  # untimed: kernels, allocator
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            t0 = time.perf_counter()
+            model.start()
+            made = model.feed(clip, last=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - t0
+        except torch.cuda.OutOfMemoryError:
+            out[label] = {"skipped": "out of memory"}
+            torch.cuda.empty_cache()
+            continue
+        row = {"frames": len(made), "seconds": round(seconds, 2), "frames/s": round(len(made) / seconds, 2)}
+        if device.type == "cuda":
+            row["peak GiB"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        out[label] = row
+    return out
+
+
+def bench_flashvsr_warmup(layers=(1, 2, 30), warmups=(0, 8, 16, 24, 32, 40, 48, 64), start: int = 72,
+                          owned: int = 16, size: tuple[int, int] = (64, 48)) -> dict:
+    """What a segment's warm-up buys FlashVSR (job.warmup; FlashVSRTiny.default_warmup), on the CPU in
+    float32: tiny random models (:data:`FLASHVSR_TINY` with ``layers`` blocks; 30 is the published
+    depth) over the natural-picture pan at ``size``; the whole clip fed from frame 0, then a segment
+    owning [start, start + owned) read from start - W with the job's noise rule (first_frame) and 9
+    frames past its end; the difference of its first owned frame (and of all its owned frames) to the
+    whole run's, in uint8 levels."""
+    from .demo import natural_frames
+    from .models.flashvsr.dit import DiTConfig
+    from .models.flashvsr.pipeline import random_flashvsr
+
+    n = start + owned + 9
+    clip = np.stack(list(natural_frames(n, size)))
+    out = {}
+    for depth in layers:
+        model = random_flashvsr(DiTConfig(**{**FLASHVSR_TINY, "num_layers": depth}), lq_hidden=(16, 24),
+                                decoder_channels=(16, 12, 8, 8), prompt_tokens=8, attention="sparse")
+        model.start()
+        whole = model.feed(clip, last=True)
+        for w in warmups:
+            model.start(first_frame=start - w)
+            seg = model.feed(clip[start - w:], last=True)[w:w + owned]
+            first = np.abs(seg[0].astype(np.int16) - whole[start].astype(np.int16))
+            every = np.abs(seg.astype(np.int16) - whole[start:start + owned].astype(np.int16))
+            out[f"{depth} block(s): W={w}"] = {"max": int(first.max()), "mean": round(float(first.mean()), 4),
+                                               "owned max": int(every.max()),
+                                               "owned mean": round(float(every.mean()), 4)}
     return out
 
 

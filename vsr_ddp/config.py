@@ -164,6 +164,41 @@ DIS_PRESETS = Literal["ultrafast", "fast", "medium"]
 
 
 @dataclass(frozen=True)
+class FlashVSR:
+    """``job.flashvsr``: FlashVSR's settings (job.model=flashvsr; vsr_ddp.models.flashvsr)."""
+
+    dir: Optional[str] = reads()
+    version: Union[str, float]
+    mode: Literal["tiny", "full"]
+    attention: Literal["sparse", "dense"]
+    sparse_ratio: float
+    kv_ratio: float
+    local_range: int
+    seed: int
+
+    def __post_init__(self):
+        # the command line's job.flashvsr.version=1.0 arrives as the float 1.0
+        version = f"{self.version:.1f}" if isinstance(self.version, float) else str(self.version)
+        _need(version in ("1.1", "1.0"), "job.flashvsr.version", self.version,
+              "1.1 (FlashVSR-v1.1) or 1.0 (FlashVSR v1)")
+        object.__setattr__(self, "version", version)
+        _need(self.sparse_ratio > 0, "job.flashvsr.sparse_ratio", self.sparse_ratio,
+              "positive (the examples: 2.0)")
+        _need(self.kv_ratio >= 1, "job.flashvsr.kv_ratio", self.kv_ratio,
+              "at least 1 (cached frame pairs: int(kv_ratio); the examples: 3.0)")
+        _need(self.local_range >= 1, "job.flashvsr.local_range", self.local_range,
+              "at least 1 (blocks; the examples: 11)")
+
+    @classmethod
+    def from_values(cls, values: Mapping) -> "FlashVSR":
+        """The checked settings of a ``job.flashvsr`` group (a dict or the composed config node)."""
+        if not isinstance(values, Mapping):
+            values = OmegaConf.to_container(values, resolve=True)
+        _need(isinstance(values, Mapping), "job.flashvsr", values, "a group of settings")
+        return cls(**_build(cls, values, "job.flashvsr."))
+
+
+@dataclass(frozen=True)
 class Upscale:
     name: str
     model: str = reads()  # also a name: lanczos, default, realesrgan-x4plus ...
@@ -179,12 +214,20 @@ class Upscale:
     fallback: Literal["lanczos", "bicubic"]
     calibrate: bool
     preview: bool
-    warmup: int
+    warmup: Union[int, Literal["auto"]]
+    flashvsr: dict
     unit: Literal["segment", "video"]
     segment_frames: int
 
     def __post_init__(self):
-        _need(self.warmup >= 0, "job.warmup", self.warmup, "0 or more (frames)")
+        _need(self.warmup == "auto" or self.warmup >= 0, "job.warmup", self.warmup,
+              "auto (the model's own) or 0 or more (frames)")
+        flashvsr = FlashVSR.from_values(self.flashvsr)
+        if self.model == "flashvsr":
+            if not flashvsr.dir:
+                raise ConfigError("job.model=flashvsr needs job.flashvsr.dir=... (the folder of FlashVSR's "
+                                  "published files: diffusion_pytorch_model_streaming_dmd.safetensors, "
+                                  "LQ_proj_in.ckpt, TCDecoder.ckpt, posi_prompt.pth)")
         for key in ("scale", "outscale"):
             value = getattr(self, key)
             _need(value is None or value > 0, f"job.{key}", value, "positive, or null")
@@ -443,6 +486,8 @@ def read_paths(settings: Settings) -> list[tuple[str, Path]]:
             value = getattr(settings.job, f.name)
             if f.metadata.get("reads") and isinstance(value, str) and value:
                 found.append((f"job.{f.name}", Path(value).expanduser()))
+        if isinstance(settings.job, Upscale) and settings.job.model == "flashvsr":
+            found.append(("job.flashvsr.dir", Path(str(settings.job.flashvsr["dir"])).expanduser()))
     return [(k, p) for k, p in found if p.exists()]
 
 

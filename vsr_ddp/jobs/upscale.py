@@ -1,10 +1,12 @@
 """job=upscale: Real-ESRGAN-family super-resolution (any checkpoint spandrel loads) or
 classical lanczos/bicubic, frame by frame; optionally the model only inside ``job.spans``.
-A temporal model (vsr_ddp.models.temporal: AnimeSR) is fed each unit's read range in order
-instead, its context frames' outputs discarded; a batch-joint (window) model runs the windows of
-a global grid over the unit's read range, their overlaps crossfaded (temporal.Crossfade)."""
+A temporal model (vsr_ddp.models.temporal: AnimeSR, FlashVSR with job.model=flashvsr) is fed each
+unit's read range in order instead, its context frames' outputs discarded; a batch-joint (window)
+model runs the windows of a global grid over the unit's read range, their overlaps crossfaded
+(temporal.Crossfade)."""
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 from dataclasses import asdict, replace
@@ -13,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import ConfigError
+from ..config import ConfigError, FlashVSR
 from ..models import temporal
 from ..models.sr import CLASSICAL, Upscaler, model_path, pick_dtype
 from ..plan import Unit, VideoInfo, plan_units
@@ -65,7 +67,12 @@ class UpscaleJob(Job):
 
     def setup(self) -> None:
         c = self.cfg
-        if str(c.model) not in CLASSICAL:
+        self.flashvsr: FlashVSR | None = None
+        if str(c.model) == "flashvsr":
+            self.flashvsr = FlashVSR.from_values(c.flashvsr)
+            path = Path(self.flashvsr.dir).expanduser()
+            self.temporal = self._load_flashvsr(path)
+        elif str(c.model) not in CLASSICAL:
             path = model_path(str(c.model), c.models_dir)
             if path.is_file():
                 self.temporal = temporal.load_temporal(path, self.device)
@@ -80,6 +87,18 @@ class UpscaleJob(Job):
             # Same final size as the model's output, so the two kinds of frame splice seamlessly.
             self.fallback = Upscaler(str(c.fallback), device=self.device,
                                      scale=self.upscaler.outscale or self.upscaler.scale)
+
+    def _load_flashvsr(self, folder: Path):
+        """FlashVSR's tiny pipeline from job.flashvsr.dir, in the precision job.precision picks on
+        this device (auto: bf16 on CUDA, as the original runs; fp32 on the CPU). A missing or
+        ill-fitting file: load_flashvsr's one-line ValueError (exit 2 before any work)."""
+        from ..models.flashvsr.pipeline import FlashVSRTiny, load_flashvsr
+
+        o = self.flashvsr
+        dtype = pick_dtype(self.cfg.precision, self.device, FlashVSRTiny.supports_half, True)
+        return load_flashvsr(folder, self.device, dtype, version=o.version, mode=o.mode,
+                             attention=o.attention, sparse_ratio=o.sparse_ratio, kv_ratio=o.kv_ratio,
+                             local_range=o.local_range, seed=o.seed)
 
     def _setup_temporal(self, path: Path) -> None:
         """A temporal model: what it cannot do refused before any work; its units read context."""
@@ -99,10 +118,18 @@ class UpscaleJob(Job):
         elif not reach.exact and not reach.recurrent:
             raise ConfigError(f"job.model={path}: a batch-joint model (reach {reach}) must declare its "
                               f"window and crossfade (the crossfade mode, vsr_ddp.models.temporal)")
-        # as upscale picks a per-frame model's: fp16 on CUDA for auto (AnimeSR is conv only), fp32 on the CPU
-        self.dtype = pick_dtype(c.precision, self.device, True, True)
+        # as upscale picks a per-frame model's: fp16 on CUDA for auto (AnimeSR is conv only; FlashVSR
+        # says supports_half=False: bf16), fp32 on the CPU
+        self.dtype = pick_dtype(c.precision, self.device, getattr(model, "supports_half", True), True)
         model.to(self.device, self.dtype)
         self.temporal_path = path
+        # job.warmup=auto: the model's own number (16 where it names none: AnimeSR, default-temporal)
+        warmup = int(getattr(model, "default_warmup", 16)) if c.warmup == "auto" else int(c.warmup)
+        self.warmup = -(-warmup // reach.align) * reach.align  # read starts stay on the model's grid
+        # a model whose noise or positions follow the frame's place in the video (FlashVSR) is told
+        # where each read range starts
+        start = getattr(model, "start", None)  # a window model has none
+        self._absolute = start is not None and "first_frame" in inspect.signature(start).parameters
         self._fade: temporal.Crossfade | None = None  # a window model's unit in progress
         self.reads_context = True  # each unit's read range, context included (Job.read_range)
         # uint16 frames of a >8-bit video go in and come out where the model says it takes them
@@ -121,9 +148,12 @@ class UpscaleJob(Job):
             reach = asdict(self.temporal.reach)
             if reach["window"] is None:  # a streaming model's settings as before the crossfade mode
                 del reach["window"], reach["crossfade"]
-            return {"job": self.name, "model": fingerprint(self.temporal_path), "scale": self.temporal.scale,
-                    "outscale": None, "dtype": str(self.dtype), "reach": reach,
-                    "warmup": c.warmup}
+            out = {"job": self.name, "model": fingerprint(self.temporal_path), "scale": self.temporal.scale,
+                   "outscale": None, "dtype": str(self.dtype), "reach": reach,
+                   "warmup": self.warmup}  # the resolved number: AnimeSR's runs keep warmup 16
+            if self.flashvsr is not None:  # every option changes pixels; the folder is in "model"
+                out["flashvsr"] = {k: v for k, v in asdict(self.flashvsr).items() if k != "dir"}
+            return out
         model = str(c.model) if up.path is None else fingerprint(up.path)
         return {"job": self.name, "model": model, "scale": up.scale, "outscale": up.outscale,
                 # tiling and precision change pixels only at noise level, but they do change them
@@ -143,8 +173,13 @@ class UpscaleJob(Job):
                                context=(0, 0), align=reach.align)
             return [replace(u, **dict(zip(("read_start", "read_end"), temporal.window_read_range(
                 u.start, u.end, info.frames, reach.window, reach.crossfade)))) for u in units]
-        return plan_units([info], self.cfg.unit, self.cfg.segment_frames, 0, first_index=video_index,
-                          context=reach.context(self.cfg.warmup), align=reach.align)
+        units = plan_units([info], self.cfg.unit, self.cfg.segment_frames, 0, first_index=video_index,
+                           context=reach.context(self.warmup), align=reach.align)
+        # A model whose first step takes a window of frames (FlashVSR: 25) pads a shorter read range
+        # at its end, and every output of that step depends on the padding: such a range reads its
+        # whole first window where the video has it.
+        first = int(getattr(self.temporal, "first_window", 0))
+        return [replace(u, read_end=min(info.frames, max(u.read_end, u.read_start + first))) for u in units]
 
     def output_size(self, width: int, height: int) -> tuple[int, int]:
         if self.temporal is not None:
@@ -178,6 +213,8 @@ class UpscaleJob(Job):
             self._read_end, self._owned = unit.read_end, (unit.start, unit.end)
             if self.temporal.reach.window is not None:
                 self._fade = temporal.Crossfade(self.temporal, info.frames, unit.start, unit.end)
+            elif self._absolute:
+                self.temporal.start(first_frame=unit.read_start)
             else:
                 self.temporal.start()
 

@@ -73,8 +73,12 @@ class Reach:
             raise ValueError(f"bad reach {self}: window must be None or >= 1, crossfade >= 0")
 
     def context(self, warmup: int) -> tuple[int, int]:
-        """(frames read before a segment's first owned frame, frames read after its last)."""
-        return max(self.before, warmup if self.recurrent else 0), self.after
+        """(frames read before a segment's first owned frame, frames read after its last). The
+        frames before are rounded up to a multiple of ``align``: segment starts are multiples of
+        it, so read starts (a start less the frames before, or frame 0) are too, and a model that
+        works on a grid of frame groups (FlashVSR's steps of 8) meets the whole run's grid."""
+        before = max(self.before, warmup if self.recurrent else 0)
+        return -(-before // self.align) * self.align, self.after
 
 
 @runtime_checkable
@@ -89,6 +93,12 @@ class TemporalModel(Protocol):
     pieces of any size gives the same outputs as feeding it in one call. A model whose
     ``deep_frames`` is True also takes # uint16 frames of a >8-bit video and returns uint16
     (job=upscale then keeps them to the encoder).
+
+    Optional, read with ``getattr``: ``default_warmup`` (job.warmup=auto's number; 16 where absent),
+    ``first_window`` (a range shorter than it is padded at its end, so job=upscale reads at least
+    that many frames from a read start where the video has them), ``supports_half`` (False: bf16,
+    not fp16, for job.precision=auto on CUDA), and a ``first_frame`` parameter of :meth:`start`
+    (job=upscale then passes each unit's read_start: FlashVSR draws its noise by absolute frame).
     """
 
     scale: int

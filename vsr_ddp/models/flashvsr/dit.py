@@ -430,6 +430,50 @@ def _describe(c: DiTConfig) -> str:
             f"in/out {c.in_dim}/{c.out_dim}, patch {c.patch_size}, text {c.text_dim}, freq {c.freq_dim}")
 
 
+HEAD_DIM = 128
+"""Every Wan 2.1 DiT's attention head width (1.3B: 1536 / 12, 14B: 5120 / 40): the head count is the
+one shape a weights file cannot show (q, k and v are (dim, dim) whatever it is)."""
+
+
+def config_from_shapes(shapes: dict, path="the weights") -> DiTConfig:
+    """The DiTConfig of a file's tensor shapes ({key: shape}, the safetensors header): width, latent
+    channels in and out, patch, ffn, prompt and time embedding widths, block count, and
+    ``num_heads = dim // 128`` (:data:`HEAD_DIM`; a width under 128 gets one head). Raises
+    DiTLoadError, one line naming the file, when the keys that carry them are absent."""
+    try:
+        dim, in_dim, *patch = shapes["patch_embedding.weight"]               # (dim, in, pt, ph, pw)
+        text_dim = shapes["text_embedding.0.weight"][1]                      # (dim, text_dim)
+        freq_dim = shapes["time_embedding.0.weight"][1]                      # (dim, freq_dim)
+        ffn_dim = shapes["blocks.0.ffn.0.weight"][0]                         # (ffn, dim)
+        head_out = shapes["head.head.weight"][0]                             # (out * pt*ph*pw, dim)
+    except (KeyError, ValueError, IndexError):
+        raise DiTLoadError(f"{path}: not a Wan DiT (no patch_embedding / text_embedding / time_embedding "
+                           f"/ blocks.0.ffn / head.head weights to read its shape from)") from None
+    layers = len({k.split(".")[1] for k in shapes if k.startswith("blocks.")})
+    voxels = math.prod(patch) if len(patch) == 3 else 0
+    if not voxels or head_out % voxels:
+        raise DiTLoadError(f"{path}: not a Wan DiT (patch {tuple(patch)}, head rows {head_out})")
+    try:
+        return DiTConfig(dim=int(dim), in_dim=int(in_dim), out_dim=int(head_out // voxels),
+                         ffn_dim=int(ffn_dim), text_dim=int(text_dim), freq_dim=int(freq_dim),
+                         num_heads=max(1, int(dim) // HEAD_DIM), num_layers=layers,
+                         patch_size=tuple(int(p) for p in patch))
+    except ValueError as e:  # a width that is not whole heads of 128
+        raise DiTLoadError(f"{path}: not a Wan DiT of heads of {HEAD_DIM} ({e})") from None
+
+
+def read_shapes(path) -> dict:
+    """{key: shape} from a safetensors file's header (no tensor read); DiTLoadError if unreadable."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - any unreadable file is one user-facing problem
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise DiTLoadError(f"{path}: cannot read it as a safetensors file ({first})") from None
+
+
 def load_dit(path, config: DiTConfig | None = None, device: torch.device | str = "cpu",
              dtype: torch.dtype | None = None, attention: SelfAttentionFn = dense_attention) -> WanDiT:
     """WanDiT from a safetensors file with the published key names (FlashVSR's
@@ -439,15 +483,8 @@ def load_dit(path, config: DiTConfig | None = None, device: torch.device | str =
     file's dtype unless ``dtype`` is given. Raises DiTLoadError (a ValueError), one line naming the
     file, for an unreadable file or missing / unexpected / mis-shaped keys."""
     path = Path(path)
+    shapes = read_shapes(path)
     config = config or DiTConfig()
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception as e:  # noqa: BLE001 - any unreadable file is one user-facing problem
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise DiTLoadError(f"{path}: cannot read it as a safetensors file ({first})") from None
     with torch.device("meta"):
         model = WanDiT(config, attention=attention)
     check_shapes(model, shapes, path)

@@ -16,7 +16,9 @@ What one read range goes through, as the original does it:
    values of up to ``kv_len`` earlier pairs (``dit.KVCache``) plus its own, through locality-
    constrained block-sparse attention (:class:`BlockSparseSelfAttention`) or dense attention;
 4. the tiny conditional decoder (``decoder.TCDecoder``) turns the latents into frames, conditioned
-   on the upscaled input frames, keeping its own per-layer memory across steps;
+   on the upscaled input frames, keeping its own per-layer memory across steps (the "full" mode:
+   the Wan 2.1 VAE decoder, ``vae.WanVAEDecoder``, with its feature cache, in its place; the colour
+   fix below is applied as in the tiny mode, not checked against the original's full pipeline);
 5. colour correction: each output frame's per-channel mean and standard deviation are set to those
    of its upscaled input frame (AdaIN; the tiny pipeline's ``ColorCorrector(method='adain')``), then
    clamped to [-1, 1]; then ``(x + 1) * 127.5`` truncated to uint8, as the original's tensor2video.
@@ -31,14 +33,45 @@ first 21 of them together when frame 24 arrives. At the end of a read range (``l
 frames, the range is padded with copies of its last frame to F = 8m + 1 frames, m = max(3,
 ceil((n + 3) / 8)), the least that makes 8m - 3 >= n outputs, and the outputs are cut to n: every
 frame comes out (:func:`padded_length`). Read ranges of 8m - 3 frames (21, 29, 37, ...) waste no
-computation; a range may start at any frame (no alignment), each start costing the first window.
+computation; each read range's start costs the first window.
 
 Positions: the RoPE frame index of a latent frame is its index in the read range (0..5, then 4 + 2i
-and 5 + 2i at step i, as the original), from 0 at every :meth:`FlashVSRTiny.start`; it is computed,
-not read from a table, so a range has no length limit (the original's table ends at 1024 latent
-frames: 4,096 input frames). Memory does not grow with the range: the KV cache holds kv_len pairs
-per block, the projector at most a few frames, the decoder one frame per memory block, and the
-input buffer at most 32 upscaled frames (input is taken 8 frames at a time, whatever the piece size).
+and 5 + 2i at step i, as the original) plus ``first_frame // 4`` (:meth:`FlashVSRTiny.start`; 0 by
+default, so a range read alone counts from 0 as the original); it is computed, not read from a
+table, so a range has no length limit (the original's table ends at 1024 latent frames: 4,096
+input frames). RoPE is relative (a query-key score depends on the difference of their positions),
+so the offset changes results only at the level of rounding; it is there so that a segment and the
+whole run round alike. Memory does not grow with the range: the KV cache holds kv_len pairs per
+block, the projector at most a few frames, the decoder one frame per memory block, and the input
+buffer at most 32 upscaled frames (input is taken 8 frames at a time, whatever the piece size).
+
+Segments (job=upscale, :attr:`FlashVSRTiny.reach`). A segment owning [s, e) is read from r = s - W
+(W = job.warmup; frame 0 at the latest) to e + 9, its outputs before s dropped:
+
+* the step grid: a whole run's steps yield outputs [0, 21), then [8i + 13, 8i + 21); a range read
+  from r yields its steps' outputs at r + the same numbers, so only r on multiples of 8 lays its
+  steps, latent frames and projector groups on the whole run's (``Reach.align`` = 8: segment starts
+  are multiples of 8, and the warm-up is rounded up to one so read starts are too);
+* the noise: latent frame j of a range from r ends on video frame r + 4j, and its noise is drawn
+  from (seed, r + 4j) (:func:`latent_noise`), so a segment's latents get the whole run's noise;
+* ``after`` = 9: the last owned output e - 1 (e a multiple of 8 relative to r, or the video's end)
+  comes from the step with outputs [e - 3, e + 5), which needs input frames up to e + 8; reading one
+  fewer pads that step with a copy of the last frame and changes e - 1 (measured: with e = 40 and
+  read_end = e + 8 the outputs from 38 on differ; tests/test_flashvsr_job.py). A range shorter than
+  the first window is padded up to 25 frames anyway, so job=upscale reads at least r + 25
+  (:attr:`first_window`) where the video has them;
+* ``exact``: a segment read from frame 0 runs the whole run's steps on the same frames, so its owned
+  outputs are the whole run's bit for bit. From a later r the caches (the DiT's kv_len pairs per
+  block, each block's keys depending on the block below over 3 more pairs; the decoder's memory; the
+  projector's convolutions) start empty and the first step sees 3 frame pairs at once: the warm-up
+  stands in. The past's reach is finite (about 3 pairs per block plus the decoder's), so a warm-up
+  beyond it makes the whole run's frames exactly (a one-block model: 64 frames), but for 30 blocks
+  that is hundreds of frames; the differences left fall fast (``python -m vsr_ddp.bench --jobs
+  flashvsr-warmup``, random weights, a segment's first owned frame, uint8 levels, 30 blocks: W=0 max
+  116 / mean 9.1, W=8 2 / 0.14, W=16 1 / 0.025, W=24 1 / 0.0056, W=32 1 / 0.0023, W=40 1 / 0.0007,
+  W=48 1 / 0.0007, W=64 1 / 0.0004): ``default_warmup`` (job.warmup=auto) is 48, one step past the
+  knee at 40 as a margin for trained weights, whose past may reach further than random ones'; it
+  costs 48 / work.segment_frames (8% at 600).
 
 Deviations from the original, and why:
 
@@ -47,9 +80,9 @@ Deviations from the original, and why:
   multiples of 128, losing up to 127 pixels per side);
 * the range end is padded to cover every frame (the original repeats the last frame 4 times and then
   drops frames down to 8m + 1: up to 7 input frames get no output);
-* the noise is drawn per step (6 latent frames, then 2 at a time) from one generator seeded at
-  :meth:`start` (the original draws the whole clip's noise at once, which a stream cannot: the same
-  distribution, other numbers);
+* the noise is drawn per latent frame from a generator seeded by the seed and the frame's place in
+  the video (:func:`latent_noise`; the original draws the whole clip's noise at once from one
+  generator, which a stream read in segments cannot: the same distribution, other numbers);
 * the colour correction's statistics are taken over the cropped frame, the part that is output (the
   original's frame has no padding);
 * the bicubic upscaling computes PIL's weights in floating point (PIL: 22-bit fixed point), so a
@@ -66,9 +99,11 @@ import torch.nn.functional as F
 
 from ..temporal import Reach
 from .decoder import LQProjector, TCDecoder, load_lq_proj, load_tcdecoder
-from .dit import DiTConfig, KVCache, SelfAttentionFn, WanDiT, dense_attention, load_dit
+from .dit import (DiTConfig, KVCache, SelfAttentionFn, WanDiT, config_from_shapes, dense_attention, load_dit,
+                  read_shapes)
 from .sparse import (LOCAL_RANGE, SPARSE_RATIO, WINDOW, block_sparse_attention, draft_block_mask,
                      inference_topk, local_block_mask, pool_blocks, tile_block_mask, topk_ratio_for)
+from .vae import WanVAEDecoder, load_wan_vae_decoder
 
 SCALE = 4
 MULTIPLE = 128        # the upscaled frame's height and width: whole blocks of 8 x 8 tokens of 16 pixels
@@ -80,11 +115,29 @@ FIRST_LATENTS = 6     # latent frames of the first step
 STEP_LATENTS = 2      # latent frames of every later step
 TIMESTEP = 1000.0     # the one denoising step
 KV_RATIO = 3.0        # the examples' kv_ratio: kv_len = int(kv_ratio) cached frame pairs
+AFTER = 9             # frames a segment reads past its end (module docstring, "Segments")
+DEFAULT_WARMUP = 48   # job.warmup=auto (module docstring, "Segments")
 
 FILES = {"dit": "diffusion_pytorch_model_streaming_dmd.safetensors", "lq_proj": "LQ_proj_in.ckpt",
          "decoder": "TCDecoder.ckpt", "prompt": "posi_prompt.pth"}
 """The published files of a FlashVSR folder (v1: JunhaoZhuang/FlashVSR, v1.1: JunhaoZhuang/FlashVSR-v1.1;
 the prompt embedding is the original repository's examples/WanVSR/prompt_tensor/posi_prompt.pth)."""
+VAE_FILE = "Wan2.1_VAE.pth"
+"""The full mode's decoder, in place of FILES["decoder"] (the same repositories)."""
+
+
+def latent_noise(seed: int, frames, channels: int, h: int, w: int) -> torch.Tensor:
+    """Gaussian noise (1, channels, len(frames), h, w) float32 on the CPU, latent frame j drawn from
+    its own generator seeded by (seed, frames[j]): frames[j] is the absolute video frame the latent
+    frame ends on (4j for a range read from frame 0; latent 0 stands for frame 0 alone). So a latent
+    frame's noise depends on the seed and where it is in the video, never on where its read range
+    started: a segment and the whole run draw the same noise for the same frames."""
+    out = torch.empty(1, channels, len(frames), h, w)
+    for j, frame in enumerate(frames):
+        seeds = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(frame)])
+        key = int(seeds.generate_state(1, np.uint64)[0])
+        out[0, :, j] = torch.randn(channels, h, w, generator=torch.Generator().manual_seed(key))
+    return out
 
 
 def padded_length(n: int) -> int:
@@ -226,7 +279,10 @@ class FlashVSRTiny:
     out (module docstring: the steps and the frame bookkeeping).
 
     dit, lq_proj, decoder: the three networks (``load_flashvsr`` loads the published files); the DiT's
-    self-attention hook is set here. prompt: the prompt embedding (1, S, text_dim) or (S, text_dim).
+    self-attention hook is set here. ``decoder`` a ``vae.WanVAEDecoder`` in place of the TCDecoder is
+    the "full" mode (:attr:`mode`): the latents decoded by the Wan 2.1 VAE, streamed with its feature
+    cache (a step's 6 latent frames give 21 frames, later steps' 2 give 8, as the TCDecoder's), the
+    LQ frames used only by the colour fix. prompt: the prompt embedding (1, S, text_dim) or (S, text_dim).
     sparse_ratio, local_range: the block-sparse attention's settings (the examples' 2.0 and 11);
     kv_ratio: cached frame pairs (int(kv_ratio), the examples' 3.0); attention: "sparse" (the
     original), "dense" (every query sees every cached and current key), or a ``SelfAttentionFn``;
@@ -239,11 +295,15 @@ class FlashVSRTiny:
     first_outputs = FIRST_OUTPUTS
     step = STEP
     latency = LATENCY
-    alignment = 1   # a read range may start at any frame
-    reach = Reach(before=0, after=FIRST_WINDOW - 1, recurrent=True, exact=False)
-    """For job=upscale's segment planning: frame 0's output needs frames up to 24 (later ones 4
-    ahead); the caches carry the past (a warm-up stands in for it); a segment started mid-video is
-    not bit-equal to a whole run (its first window, its noise)."""
+    alignment = STEP  # read starts on multiples of 8 meet a whole run's step grid ("Segments")
+    reach = Reach(before=0, after=AFTER, recurrent=True, exact=True, align=STEP)
+    """For job=upscale's segment planning (module docstring, "Segments"): read starts on the whole
+    run's step grid (align 8), 9 frames read past a segment's end, the caches' past stood in for by
+    a warm-up, and a segment read from frame 0 equal to the whole run bit for bit (exact)."""
+    supports_half = False
+    """job.precision=auto picks bf16 on CUDA (the original runs bf16; fp16 is not checked for overflow)."""
+    default_warmup = DEFAULT_WARMUP
+    """``job.warmup: auto``'s number for FlashVSR (measured: module docstring, "Segments")."""
     decoder_frames_per_pass: int | None = 1
     """Latent frames the decoder runs through its layers at once (None: a step's all): 1 bounds its
     memory to 4 full-size frames of activations, as the original's frame-by-frame decoding."""
@@ -253,6 +313,7 @@ class FlashVSRTiny:
                  local_range: int = LOCAL_RANGE, attention: str | SelfAttentionFn = "sparse",
                  color_fix: bool = True, seed: int = 0):
         self.dit, self.lq_proj, self.decoder = dit.eval(), lq_proj.eval(), decoder.eval()
+        self.mode = "full" if isinstance(decoder, WanVAEDecoder) else "tiny"
         if attention == "sparse":
             self.attention: SelfAttentionFn = BlockSparseSelfAttention(local_range, sparse_ratio)
         elif attention == "dense":
@@ -290,12 +351,21 @@ class FlashVSRTiny:
         self.start()
         return self
 
-    def start(self) -> None:
-        """Forget the read range: caches, buffers, positions (back to 0) and the noise generator."""
+    def start(self, first_frame: int = 0) -> None:
+        """Forget the read range: caches, buffers, positions and the noise. ``first_frame``: the
+        absolute index in the video of the range's first frame (job=upscale passes a unit's
+        read_start): each latent frame's noise is drawn from the seed and the absolute frame it ends
+        on, and its RoPE position counts from ``first_frame // 4``, so a range read from a later
+        frame of the step grid (a multiple of 8) gives its latents the whole run's noise and
+        positions."""
+        if first_frame < 0:
+            raise ValueError(f"FlashVSRTiny.start: first_frame must be >= 0, not {first_frame}")
+        self._first = int(first_frame)
         self._cache.reset()
         self.lq_proj.reset()
-        self.decoder.reset()
-        self._gen = torch.Generator().manual_seed(self.seed)
+        if self.mode == "tiny":
+            self.decoder.reset()
+        self._vae_cache: dict = {}                   # the full mode's VAE feature cache
         self._shape: tuple[int, int] | None = None  # (H, W) of the range's LR frames
         self._buf: torch.Tensor | None = None       # (n, 3, Hp, Wp) upscaled frames not yet done with
         self._buf_start = 0                          # range index of self._buf[0]
@@ -306,7 +376,8 @@ class FlashVSRTiny:
     def cache_bytes(self) -> int:
         """Bytes held by the stream's state tensors (KV cache, projector, decoder, input buffer)."""
         tensors = [self._buf] + [getattr(self.lq_proj, n) for n in ("_pending_in", "_pending_mid")]
-        tensors += list(self.decoder._memory.values())
+        memory = self.decoder._memory if self.mode == "tiny" else self._vae_cache
+        tensors += list(memory.values())
         return self._cache.nbytes() + sum(t.numel() * t.element_size() for t in tensors
                                           if isinstance(t, torch.Tensor))
 
@@ -373,11 +444,12 @@ class FlashVSRTiny:
             outs.append(self._step())
         return outs
 
-    def _noise(self, frames: int, h: int, w: int) -> torch.Tensor:
-        """The step's noise (1, 16, frames, h, w): float32 draws of the range's CPU generator, in step
-        order, cast to the model's device and dtype."""
-        shape = (1, self.dit.config.in_dim, frames, h, w)
-        return torch.randn(shape, generator=self._gen).to(device=self.device, dtype=self.dtype)
+    def _noise(self, first_latent: int, frames: int, h: int, w: int) -> torch.Tensor:
+        """The step's noise (1, 16, frames, h, w) for the range's latent frames first_latent, ...:
+        :func:`latent_noise` of each one's absolute frame, cast to the model's device and dtype."""
+        keys = [self._first + 4 * j for j in range(first_latent, first_latent + frames)]
+        noise = latent_noise(self.seed, keys, self.dit.config.in_dim, h, w)
+        return noise.to(device=self.device, dtype=self.dtype)
 
     def _step(self) -> np.ndarray:
         """One step of the original's loop (``cur_process_idx`` = i): the projector's frames, the DiT
@@ -398,13 +470,16 @@ class FlashVSRTiny:
         if tokens is None or tokens[0].shape[1] != n_lat * (hp // 16) * (wp // 16):
             raise RuntimeError("FlashVSRTiny: the LQ projector's token frames are out of step")  # a bug
         tokens = [t.to(self.dtype) for t in tokens]
-        noise = self._noise(n_lat, hp // 8, wp // 8)                    # (1, 16, n_lat, Hp/8, Wp/8)
+        noise = self._noise(offset, n_lat, hp // 8, wp // 8)            # (1, 16, n_lat, Hp/8, Wp/8)
         pred = self.dit.stream_step(noise, self._t, self._t_mod, self._context_kv, self._cache,
-                                    lq_latents=tokens, frame_offset=offset)
+                                    lq_latents=tokens, frame_offset=offset + self._first // 4)
         latents = noise - pred                                           # (1, 16, n_lat, Hp/8, Wp/8)
         ddtype = next(self.decoder.parameters()).dtype
-        y = self.decoder.decode(latents.to(ddtype), cond.to(ddtype),
-                                self.decoder_frames_per_pass)            # (1, 3, c1 - c0, Hp, Wp)
+        if self.mode == "full":
+            y = self.decoder.feed(latents.to(ddtype), self._vae_cache)   # (1, 3, c1 - c0, Hp, Wp)
+        else:
+            y = self.decoder.decode(latents.to(ddtype), cond.to(ddtype),
+                                    self.decoder_frames_per_pass)        # (1, 3, c1 - c0, Hp, Wp)
         self._steps += 1
         keep = c1 - s   # the next step's condition starts at c1
         self._buf = self._buf[keep:]   # a view: feed() copies what is left once it has run the steps
@@ -440,26 +515,60 @@ def load_prompt(path) -> torch.Tensor:
 
 
 def load_flashvsr(folder, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16, *,
-                  version: str = "1.1", config: DiTConfig | None = None,
+                  version: str = "1.1", config: DiTConfig | None = None, mode: str = "tiny",
                   **options) -> FlashVSRTiny:
     """The tiny pipeline from a folder of the published files (:data:`FILES`), on ``device`` in
     ``dtype`` (the original runs bfloat16). ``version``: "1.1" (the causal LQ projector of
     FlashVSR-v1.1) or "1.0" (v1's per-group one); the files cannot tell. ``config``: the DiT's shape
-    (the published Wan 2.1 1.3B by default). ``options`` go to :class:`FlashVSRTiny`. A missing file
+    (None: read off the DiT file's header, ``dit.config_from_shapes``: the published file gives Wan 2.1
+    1.3B). ``mode``: "tiny" (TCDecoder.ckpt) or "full" (the Wan 2.1 VAE decoder from
+    :data:`VAE_FILE` in its place). ``options`` go to :class:`FlashVSRTiny`. A missing file
     raises a one-line ValueError naming the folder and the file; a file that does not fit, the
     loaders' one-line ValueErrors naming it."""
     folder = Path(folder)
     if version not in ("1.0", "1.1"):
         raise ValueError(f"FlashVSR: version must be '1.0' or '1.1', not {version!r}")
-    for name in FILES.values():
+    if mode not in ("tiny", "full"):
+        raise ValueError(f"FlashVSR: mode must be 'tiny' or 'full', not {mode!r}")
+    names = dict(FILES, decoder=VAE_FILE) if mode == "full" else FILES
+    for name in names.values():
         if not (folder / name).is_file():
             raise ValueError(f"FlashVSR folder {folder}: missing {name}")
-    dit = load_dit(folder / FILES["dit"], config, device=device, dtype=dtype)
+    dit_path = folder / FILES["dit"]
+    config = config or config_from_shapes(read_shapes(dit_path), dit_path)
+    dit = load_dit(dit_path, config, device=device, dtype=dtype)
     lq_proj = load_lq_proj(folder / FILES["lq_proj"], causal=version == "1.1").to(device=device, dtype=dtype)
-    decoder = load_tcdecoder(folder / FILES["decoder"]).to(device=device, dtype=dtype)
+    if mode == "full":
+        decoder = load_wan_vae_decoder(folder / VAE_FILE, device=device, dtype=dtype)
+    else:
+        decoder = load_tcdecoder(folder / FILES["decoder"]).to(device=device, dtype=dtype)
     prompt = load_prompt(folder / FILES["prompt"])
     return FlashVSRTiny(dit, lq_proj, decoder, prompt, **options)
 
 
-__all__ = ["FlashVSRTiny", "BlockSparseSelfAttention", "load_flashvsr", "load_prompt", "padded_length",
-           "upscale_bicubic", "FILES", "to_blocks", "from_blocks"]
+def random_flashvsr(config: DiTConfig | None = None, *, lq_hidden: tuple[int, int] | None = None,
+                    decoder_channels: tuple[int, int, int, int] | None = None, prompt_tokens: int = 512,
+                    seed: int = 0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                    **options) -> FlashVSRTiny:
+    """A FlashVSRTiny of random weights (PyTorch's initialisation, from ``seed``), built on ``device``
+    with no file: ``config`` None is the published Wan 2.1 1.3B, ``lq_hidden`` / ``decoder_channels``
+    None the published projector and decoder; smaller ones make the tiny models of tests and of the
+    CPU benchmark. ``options`` go to :class:`FlashVSRTiny`. For timing and for the segment
+    measurements (module docstring, "Segments"): random weights make no meaningful picture."""
+    from .decoder import DECODER_CHANNELS, LQ_HIDDEN
+
+    config = config or DiTConfig()
+    torch.manual_seed(seed)
+    with torch.device(device):
+        dit = WanDiT(config)
+        lq_proj = LQProjector(out_dim=config.dim, hidden=lq_hidden or LQ_HIDDEN)
+        decoder = TCDecoder(channels=decoder_channels or DECODER_CHANNELS, latent_channels=config.out_dim)
+        prompt = torch.randn(1, prompt_tokens, config.text_dim)
+    for net in (dit, lq_proj, decoder):
+        net.to(dtype=dtype)
+    return FlashVSRTiny(dit, lq_proj, decoder, prompt, **options)
+
+
+__all__ = ["FlashVSRTiny", "random_flashvsr", "BlockSparseSelfAttention", "load_flashvsr", "load_prompt",
+           "padded_length", "latent_noise", "VAE_FILE", "upscale_bicubic", "FILES", "to_blocks",
+           "from_blocks"]
