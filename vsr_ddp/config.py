@@ -175,6 +175,8 @@ class FlashVSR:
     kv_ratio: float
     local_range: int
     seed: int
+    tile: int
+    tile_overlap: int
 
     def __post_init__(self):
         # the command line's job.flashvsr.version=1.0 arrives as the float 1.0
@@ -188,6 +190,12 @@ class FlashVSR:
               "at least 1 (cached frame pairs: int(kv_ratio); the examples: 3.0)")
         _need(self.local_range >= 1, "job.flashvsr.local_range", self.local_range,
               "at least 1 (blocks; the examples: 11)")
+        # a tile smaller than one block of 8 x 8 tokens (32 LR pixels, x4 = 128) is padded to it anyway
+        _need(self.tile == 0 or self.tile >= 32, "job.flashvsr.tile", self.tile,
+              "0 (whole frames) or at least 32 (LR pixels per tile side)")
+        _need(self.tile_overlap >= 0 and (self.tile == 0 or self.tile_overlap < self.tile),
+              "job.flashvsr.tile_overlap", self.tile_overlap,
+              "0 or more and less than job.flashvsr.tile" + (f"={self.tile}" if self.tile else ""))
 
     @classmethod
     def from_values(cls, values: Mapping) -> "FlashVSR":

@@ -90,15 +90,17 @@ class UpscaleJob(Job):
 
     def _load_flashvsr(self, folder: Path):
         """FlashVSR's tiny pipeline from job.flashvsr.dir, in the precision job.precision picks on
-        this device (auto: bf16 on CUDA, as the original runs; fp32 on the CPU). A missing or
-        ill-fitting file: load_flashvsr's one-line ValueError (exit 2 before any work)."""
+        this device (auto: bf16 on CUDA, as the original runs; fp32 on the CPU), in job.flashvsr.tile's
+        spatial tiles where it is set. A missing or ill-fitting file: load_flashvsr's one-line
+        ValueError (exit 2 before any work)."""
         from ..models.flashvsr.pipeline import FlashVSRTiny, load_flashvsr
 
         o = self.flashvsr
         dtype = pick_dtype(self.cfg.precision, self.device, FlashVSRTiny.supports_half, True)
         return load_flashvsr(folder, self.device, dtype, version=o.version, mode=o.mode,
                              attention=o.attention, sparse_ratio=o.sparse_ratio, kv_ratio=o.kv_ratio,
-                             local_range=o.local_range, seed=o.seed)
+                             local_range=o.local_range, seed=o.seed, tile=o.tile,
+                             tile_overlap=o.tile_overlap)
 
     def _setup_temporal(self, path: Path) -> None:
         """A temporal model: what it cannot do refused before any work; its units read context."""

@@ -73,6 +73,13 @@ Segments (job=upscale, :attr:`FlashVSRTiny.reach`). A segment owning [s, e) is r
   knee at 40 as a margin for trained weights, whose past may reach further than random ones'; it
   costs 48 / work.segment_frames (8% at 600).
 
+Tiles (job.flashvsr.tile, tile_overlap; not in the original's streaming pipeline): frames larger
+than a tile are cut into overlapping LR tiles (:func:`tile_grid`), each its own stream with its own
+caches, positions and noise (the absolute-frame rule with the tile's place), so a segment and the
+whole run agree tile by tile; the x4 outputs are colour-fixed per tile, blended with linear ramps in
+the overlaps (:func:`blend_ramps`) and made uint8 once (:class:`FlashVSRTiny`: why, and the memory).
+Each tile's sparse-attention budget is the original's for a video of the tile's size.
+
 Deviations from the original, and why:
 
 * frames are padded, not cropped: the upscaled frame is padded (replicating its edges) to multiples
@@ -117,6 +124,8 @@ TIMESTEP = 1000.0     # the one denoising step
 KV_RATIO = 3.0        # the examples' kv_ratio: kv_len = int(kv_ratio) cached frame pairs
 AFTER = 9             # frames a segment reads past its end (module docstring, "Segments")
 DEFAULT_WARMUP = 48   # job.warmup=auto (module docstring, "Segments")
+MIN_TILE = MULTIPLE // SCALE  # the least tile side (LR pixels): one block of 8 x 8 tokens after x4
+TILE_OVERLAP = 16     # LR pixels neighbouring tiles share (job.flashvsr.tile_overlap's default)
 
 FILES = {"dit": "diffusion_pytorch_model_streaming_dmd.safetensors", "lq_proj": "LQ_proj_in.ckpt",
          "decoder": "TCDecoder.ckpt", "prompt": "posi_prompt.pth"}
@@ -126,15 +135,22 @@ VAE_FILE = "Wan2.1_VAE.pth"
 """The full mode's decoder, in place of FILES["decoder"] (the same repositories)."""
 
 
-def latent_noise(seed: int, frames, channels: int, h: int, w: int) -> torch.Tensor:
+def latent_noise(seed: int, frames, channels: int, h: int, w: int,
+                 place: tuple[int, int] = (0, 0)) -> torch.Tensor:
     """Gaussian noise (1, channels, len(frames), h, w) float32 on the CPU, latent frame j drawn from
     its own generator seeded by (seed, frames[j]): frames[j] is the absolute video frame the latent
     frame ends on (4j for a range read from frame 0; latent 0 stands for frame 0 alone). So a latent
     frame's noise depends on the seed and where it is in the video, never on where its read range
-    started: a segment and the whole run draw the same noise for the same frames."""
+    started: a segment and the whole run draw the same noise for the same frames.
+
+    ``place``: the (row, column) in LR pixels of the tile the noise is for (tiled streams,
+    :func:`tile_grid`); a tile away from the frame's origin seeds with (seed, frame, row, column),
+    so tiles of the same size do not all get the same noise (which would repeat any texture the noise
+    makes at the tile stride); (0, 0), the whole frame's and the first tile's, keeps the untiled rule."""
     out = torch.empty(1, channels, len(frames), h, w)
+    extra = [int(place[0]), int(place[1])] if tuple(place) != (0, 0) else []
     for j, frame in enumerate(frames):
-        seeds = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(frame)])
+        seeds = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(frame), *extra])
         key = int(seeds.generate_state(1, np.uint64)[0])
         out[0, :, j] = torch.randn(channels, h, w, generator=torch.Generator().manual_seed(key))
     return out
@@ -146,6 +162,48 @@ def padded_length(n: int) -> int:
     if n <= 0:
         return 0
     return 8 * max(3, -(-(n + 3) // 8)) + 1
+
+
+def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Where the tiles along one axis of ``size`` LR pixels start: every ``tile - overlap`` pixels
+    from 0 while a tile ends before the frame does, then one more shifted back to end on the frame's
+    edge (``size - tile``), so every tile is whole; ``[0]`` for a frame no larger than a tile (one
+    tile of the frame's size). ``tile`` 0: whole frames."""
+    if tile <= 0 or size <= tile:
+        return [0]
+    return [*range(0, size - tile, tile - overlap), size - tile]
+
+
+def tile_grid(h: int, w: int, tile: int, overlap: int) -> list[tuple[int, int, int, int]]:
+    """The tiles of an h x w LR frame, row by row: (top, left, height, width) in LR pixels, the
+    product of :func:`tile_starts` along each axis (a side no larger than ``tile`` is one tile of
+    that side's size)."""
+    th, tw = (min(tile, h), min(tile, w)) if tile > 0 else (h, w)
+    return [(y, x, th, tw) for y in tile_starts(h, tile, overlap) for x in tile_starts(w, tile, overlap)]
+
+
+def blend_ramps(size: int, starts: list[int], tile: int, scale: int = SCALE) -> list[torch.Tensor]:
+    """Each tile's blend weights along one axis of the x``scale`` output, (min(tile, size) * scale,)
+    float32: 1 where the tile alone covers a pixel; where two neighbours overlap (the x``scale``
+    pixels [a, b)), linear ramps (k + 0.5) / (b - a) for the later tile and (b - a - k - 0.5) / (b - a)
+    for the earlier one at pixel a + k: they sum to 1, and neither reaches 0 or 1 inside the overlap.
+    The frame's outer edges get no ramp. Computed as each tile's raw weight (the smaller of its
+    ramps) divided by the sum of the raw weights at the pixel (float64), which is the ramp above
+    where two tiles meet and still sums to 1 where an overlap larger than half a tile makes three."""
+    side = min(tile, size) * scale if tile > 0 else size * scale
+    ends = [s * scale + side for s in starts]
+    x = torch.arange(size * scale, dtype=torch.float64) + 0.5                   # pixel centres
+    raw = []
+    for i, s in enumerate(starts):
+        r = ((x >= s * scale) & (x < ends[i])).double()                           # (size * scale,)
+        if i > 0 and ends[i - 1] > s * scale:                                     # ramp up
+            r = torch.minimum(r, ((x - s * scale) / (ends[i - 1] - s * scale)).clamp(0, 1))
+        if i + 1 < len(starts) and ends[i] > starts[i + 1] * scale:               # ramp down
+            a = starts[i + 1] * scale
+            r = torch.minimum(r, ((ends[i] - x) / (ends[i] - a)).clamp(0, 1))
+        raw.append(r)
+    total = torch.stack(raw).sum(0)                                               # > 0 everywhere
+    return [(r / total)[s * scale:s * scale + side].float() for r, s in zip(raw, starts)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -274,6 +332,13 @@ def _adain(hq: torch.Tensor, lq: torch.Tensor, eps: float = 1e-5) -> torch.Tenso
     return (hq - hm) / (hv + eps).sqrt() * (lv + eps).sqrt() + lm
 
 
+def _to_uint8(y: torch.Tensor) -> np.ndarray:
+    """Output frames (n, 3, H, W) in [-1, 1] -> (n, H, W, 3) uint8: ``(y + 1) * 127.5`` truncated, as
+    the original's tensor2video."""
+    y = ((y.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8)
+    return y.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
 class FlashVSRTiny:
     """FlashVSR's tiny pipeline as a stream: (T, H, W, 3) uint8 LR frames in, (T, 4H, 4W, 3) uint8
     out (module docstring: the steps and the frame bookkeeping).
@@ -288,6 +353,26 @@ class FlashVSRTiny:
     original), "dense" (every query sees every cached and current key), or a ``SelfAttentionFn``;
     color_fix: the AdaIN colour correction (the examples': on); seed: the noise generator's seed
     (the examples': 0), re-seeded at every :meth:`start`.
+
+    tile, tile_overlap: spatial tiles (0: whole frames, the original). Frames larger than ``tile``
+    LR pixels on a side are cut into the overlapping tiles of :func:`tile_grid`, and each tile is a
+    stream of its own (its own KV cache, projector, decoder memory and input buffer; RoPE positions
+    from the tile's corner; the noise of :func:`latent_noise` with the tile's place), run one tile
+    after another on each 8 input frames, so only one tile's activations exist at a time. Each
+    tile's output is colour-fixed against its own upscaled input (below), the tiles' float outputs are
+    blended with :func:`blend_ramps` and turned into uint8 once. A frame no larger than a tile is one
+    tile: the untiled pipeline, bit for bit. Why the colour fix runs per tile: the AdaIN corrects
+    the colour drift of the stream that made the pixels, and each tile's stream drifts on its own
+    (its own noise, caches and context); matched to the same bicubic input, neighbouring tiles agree
+    in colour before the blend, where one fix of the blended frame would leave each tile's own cast
+    (the original has no spatial tiles in its streaming pipeline: its ``tiled`` options reach only
+    the full pipeline's VAE). The cost: the per-tile state, which grows with the tile count; in
+    bf16 with the published networks about 69,000 T^2 bytes of KV cache (30 blocks x keys and values x
+    3 frame pairs x (T/4)^2 tokens per frame x 1536), 5,376 T^2 of decoder memory, about 700 T^2 in
+    the projector and up to 11 upscaled input frames (1,056 T^2) per tile of T LR pixels (T a
+    multiple of 32; measured with :meth:`cache_bytes`, one block of the published width, x30): 1.25 GB
+    at T=128, 5.0 GB at T=256. The tiles' total state is about the untiled one's (plus the
+    overlaps): tiles bound the activations (attention, FFN, projector, decoder), not the caches.
     """
 
     scale = SCALE
@@ -311,8 +396,12 @@ class FlashVSRTiny:
     def __init__(self, dit: WanDiT, lq_proj: LQProjector, decoder: TCDecoder, prompt: torch.Tensor, *,
                  sparse_ratio: float = SPARSE_RATIO, kv_ratio: float = KV_RATIO,
                  local_range: int = LOCAL_RANGE, attention: str | SelfAttentionFn = "sparse",
-                 color_fix: bool = True, seed: int = 0):
+                 color_fix: bool = True, seed: int = 0, tile: int = 0, tile_overlap: int = TILE_OVERLAP):
         self.dit, self.lq_proj, self.decoder = dit.eval(), lq_proj.eval(), decoder.eval()
+        if tile and (tile < MIN_TILE or not 0 <= tile_overlap < tile):
+            raise ValueError(f"FlashVSRTiny: tile must be 0 or at least {MIN_TILE} and tile_overlap in "
+                             f"[0, tile), not tile={tile}, tile_overlap={tile_overlap}")
+        self.tile, self.tile_overlap = int(tile), int(tile_overlap)
         self.mode = "full" if isinstance(decoder, WanVAEDecoder) else "tiny"
         if attention == "sparse":
             self.attention: SelfAttentionFn = BlockSparseSelfAttention(local_range, sparse_ratio)
@@ -360,26 +449,64 @@ class FlashVSRTiny:
         positions."""
         if first_frame < 0:
             raise ValueError(f"FlashVSRTiny.start: first_frame must be >= 0, not {first_frame}")
-        self._first = int(first_frame)
-        self._cache.reset()
+        self._frame_shape: tuple[int, int] | None = None  # (H, W) of the range's LR frames
+        self._tiles: list[tuple[int, int, int, int]] | None = None  # tile_grid of them, once known
+        self._streams: list[dict] = []              # each tile's stream state (_get_stream), > 1 tile
+        self._weights: list[torch.Tensor] = []      # each tile's (4h, 4w) float32 blend weights
+        self._reset_stream(int(first_frame))
+
+    def _reset_stream(self, first_frame: int, place: tuple[int, int] = (0, 0)) -> None:
+        """A fresh stream (the whole frame's, or one tile's at ``place``) in the attributes the
+        stream code works on: caches, buffers, positions and the noise's frame and place."""
+        self._first = first_frame
+        self._place = place                          # (row, col) of the stream's tile: its noise
+        self._cache = KVCache(self.dit.config.num_layers, self.kv_len)
         self.lq_proj.reset()
         if self.mode == "tiny":
             self.decoder.reset()
         self._vae_cache: dict = {}                   # the full mode's VAE feature cache
-        self._shape: tuple[int, int] | None = None  # (H, W) of the range's LR frames
+        self._shape: tuple[int, int] | None = None  # (H, W) of the stream's LR frames (tile)
         self._buf: torch.Tensor | None = None       # (n, 3, Hp, Wp) upscaled frames not yet done with
         self._buf_start = 0                          # range index of self._buf[0]
         self._fed = 0                                # LR frames fed in this range
         self._steps = 0                              # steps run in this range
         self._emitted = 0                            # output frames returned in this range
 
+    _STREAM = ("_first", "_place", "_cache", "_vae_cache", "_shape", "_buf", "_buf_start", "_fed", "_steps",
+               "_emitted")
+    _LQ_STREAM = ("_started", "_pending_in", "_pending_mid", "_primed")
+
+    def _get_stream(self) -> dict:
+        """The current stream's state (references, no copies): this object's stream attributes, the
+        projector's and the decoder's memory."""
+        state = {a: getattr(self, a) for a in self._STREAM}
+        state["lq_proj"] = {a: getattr(self.lq_proj, a) for a in self._LQ_STREAM}
+        if self.mode == "tiny":
+            state["decoder"] = self.decoder._memory
+        return state
+
+    def _set_stream(self, state: dict) -> None:
+        """Make ``state`` (:meth:`_get_stream`) the current stream."""
+        for a in self._STREAM:
+            setattr(self, a, state[a])
+        for a, v in state["lq_proj"].items():
+            setattr(self.lq_proj, a, v)
+        if self.mode == "tiny":
+            self.decoder._memory = state["decoder"]
+
+    def _stream_bytes(self, state: dict) -> int:
+        """Bytes held by one stream's state tensors (:meth:`_get_stream`)."""
+        tensors = [state["_buf"], *state["lq_proj"].values()]
+        tensors += list((state["decoder"] if self.mode == "tiny" else state["_vae_cache"]).values())
+        held = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+        return state["_cache"].nbytes() + held
+
     def cache_bytes(self) -> int:
-        """Bytes held by the stream's state tensors (KV cache, projector, decoder, input buffer)."""
-        tensors = [self._buf] + [getattr(self.lq_proj, n) for n in ("_pending_in", "_pending_mid")]
-        memory = self.decoder._memory if self.mode == "tiny" else self._vae_cache
-        tensors += list(memory.values())
-        return self._cache.nbytes() + sum(t.numel() * t.element_size() for t in tensors
-                                          if isinstance(t, torch.Tensor))
+        """Bytes held by the stream's state tensors (KV cache, projector, decoder, input buffer);
+        tiled, those of every tile's stream."""
+        if self._streams:
+            return sum(self._stream_bytes(state) for state in self._streams)
+        return self._stream_bytes(self._get_stream())
 
     @torch.no_grad()
     def feed(self, frames: np.ndarray, last: bool) -> np.ndarray:
@@ -392,16 +519,74 @@ class FlashVSRTiny:
             raise ValueError(f"FlashVSRTiny.feed takes (T, H, W, 3) uint8 frames, not {frames.shape} "
                              f"{frames.dtype}")
         if len(frames):
-            if self._shape is None:
-                self._shape = frames.shape[1:3]
-            elif frames.shape[1:3] != self._shape:
+            if self._frame_shape is None:
+                self._frame_shape = frames.shape[1:3]
+                self._start_tiles()
+            elif frames.shape[1:3] != self._frame_shape:
                 raise ValueError(f"FlashVSRTiny.feed: {frames.shape[1]}x{frames.shape[2]} frames after "
-                                 f"{self._shape[0]}x{self._shape[1]} ones in one read range; "
+                                 f"{self._frame_shape[0]}x{self._frame_shape[1]} ones in one read range; "
                                  "call start() first")
         outs = []
-        for i in range(0, len(frames), STEP):  # a step's frames at a time: the buffer stays small
-            self._append(self._prepare(frames[i:i + STEP]))
-            self._fed += len(frames[i:i + STEP])
+        # a step's frames at a time: the input buffer, and a tiled call's float frames, stay small
+        pieces = [frames[i:i + STEP] for i in range(0, len(frames), STEP)] or [frames]
+        for i, piece in enumerate(pieces):
+            end = last and i == len(pieces) - 1
+            if self._streams:
+                outs.append(self._feed_tiles(piece, end))
+            else:
+                outs.append(_to_uint8(self._feed_stream(piece, end)))
+        h, w = self._frame_shape or (0, 0)
+        outs = [o for o in outs if len(o)]
+        out = np.concatenate(outs) if outs else np.zeros((0, h * SCALE, w * SCALE, 3), dtype=np.uint8)
+        if last:
+            self.start()
+        return out
+
+    def _start_tiles(self) -> None:
+        """With ``tile`` set and a frame larger than a tile: a fresh stream per tile of the grid, and
+        each tile's blend weights (:func:`blend_ramps`)."""
+        h, w = self._frame_shape
+        self._tiles = tile_grid(h, w, self.tile, self.tile_overlap)
+        if len(self._tiles) == 1:
+            return
+        rows = blend_ramps(h, tile_starts(h, self.tile, self.tile_overlap), self.tile)
+        cols = blend_ramps(w, tile_starts(w, self.tile, self.tile_overlap), self.tile)
+        first = self._first
+        for i, (top, left, _, _) in enumerate(self._tiles):
+            self._reset_stream(first, (top, left))
+            self._streams.append(self._get_stream())
+            self._weights.append(rows[i // len(cols)][:, None] * cols[i % len(cols)][None, :])
+
+    def _feed_tiles(self, frames: np.ndarray, last: bool) -> np.ndarray:
+        """The next frames (T, H, W, 3) through every tile's stream in turn, their float outputs
+        weighted and summed (float32, on the CPU), then uint8 once: (n, 4H, 4W, 3)."""
+        h, w = self._frame_shape
+        acc = None
+        for i, (top, left, th, tw) in enumerate(self._tiles):
+            self._set_stream(self._streams[i])
+            y = self._feed_stream(frames[:, top:top + th, left:left + tw], last)   # (n, 3, 4th, 4tw)
+            self._streams[i] = self._get_stream()
+            if acc is None:
+                acc = torch.zeros(len(y), 3, h * SCALE, w * SCALE)               # (n, 3, 4H, 4W)
+            elif len(y) != len(acc):
+                raise RuntimeError("FlashVSRTiny: tiles out of step")  # a bug
+            r, c = top * SCALE, left * SCALE
+            acc[:, :, r:r + th * SCALE, c:c + tw * SCALE] += y.float().cpu() * self._weights[i]
+        return _to_uint8(acc)
+
+    def _feed_stream(self, frames: np.ndarray, last: bool) -> torch.Tensor:
+        """The current stream (the whole frame's or a tile's): its next LR frames (T, h, w, 3) uint8
+        -> the float outputs (n, 3, 4h, 4w) in [-1, 1] they complete (float32 with the colour fix,
+        else the model's dtype), on the model's device; with ``last`` all that are owed."""
+        if len(frames):
+            if self._shape is None:
+                self._shape = frames.shape[1:3]
+            elif frames.shape[1:3] != self._shape:  # a bug: feed() checks the frame size
+                raise RuntimeError("FlashVSRTiny: a stream's frame size changed")
+        outs = []
+        if len(frames):
+            self._append(self._prepare(frames))
+            self._fed += len(frames)
             outs += self._run_ready()
         if last and self._fed:
             total = padded_length(self._fed)
@@ -412,14 +597,11 @@ class FlashVSRTiny:
         if self._buf is not None:
             self._buf = self._buf.clone()  # the frames still needed (at most 11), without the rest
         h, w = self._shape or (0, 0)
-        out = (np.concatenate(outs) if outs else
-               np.zeros((0, h * SCALE, w * SCALE, 3), dtype=np.uint8))
+        out = (torch.cat(outs) if outs else
+               torch.zeros(0, 3, h * SCALE, w * SCALE, device=self.device))
         keep = max(0, min(len(out), self._fed - self._emitted))
-        out = out[:keep]
         self._emitted += keep
-        if last:
-            self.start()
-        return out
+        return out[:keep]
 
     def _prepare(self, frames: np.ndarray) -> torch.Tensor:
         """(T, H, W, 3) uint8 -> (T, 3, Hp, Wp) in [-1, 1], the model dtype: bicubic x4, then padded
@@ -448,12 +630,13 @@ class FlashVSRTiny:
         """The step's noise (1, 16, frames, h, w) for the range's latent frames first_latent, ...:
         :func:`latent_noise` of each one's absolute frame, cast to the model's device and dtype."""
         keys = [self._first + 4 * j for j in range(first_latent, first_latent + frames)]
-        noise = latent_noise(self.seed, keys, self.dit.config.in_dim, h, w)
+        noise = latent_noise(self.seed, keys, self.dit.config.in_dim, h, w, self._place)
         return noise.to(device=self.device, dtype=self.dtype)
 
-    def _step(self) -> np.ndarray:
+    def _step(self) -> torch.Tensor:
         """One step of the original's loop (``cur_process_idx`` = i): the projector's frames, the DiT
-        step, the decoder, the colour fix. Returns its (21 or 8, 4H, 4W, 3) uint8 outputs."""
+        step, the decoder, the colour fix. Returns its (21 or 8, 3, 4H, 4W) outputs in [-1, 1]
+        (float32 with the colour fix, else the model's dtype; :func:`_to_uint8` makes the frames)."""
         i = self._steps
         if i == 0:   # projector frames [0, 25), decoder condition [0, 21), latent frames 0..5
             p0, p1, c0, c1, n_lat, offset = 0, FIRST_WINDOW, 0, FIRST_OUTPUTS, FIRST_LATENTS, 0
@@ -488,8 +671,7 @@ class FlashVSRTiny:
         y = y[0].transpose(0, 1)[..., :h * SCALE, :w * SCALE]           # (m, 3, 4H, 4W)
         if self.color_fix:
             y = _adain(y, cond[0].transpose(0, 1)[..., :h * SCALE, :w * SCALE]).clamp(-1, 1)
-        y = ((y.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8)     # truncated, as the original
-        return y.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+        return y
 
 
 # ------------------------------------------------------------------------------------------------
@@ -571,4 +753,4 @@ def random_flashvsr(config: DiTConfig | None = None, *, lq_hidden: tuple[int, in
 
 __all__ = ["FlashVSRTiny", "random_flashvsr", "BlockSparseSelfAttention", "load_flashvsr", "load_prompt",
            "padded_length", "latent_noise", "VAE_FILE", "upscale_bicubic", "FILES", "to_blocks",
-           "from_blocks"]
+           "from_blocks", "tile_starts", "tile_grid", "blend_ramps", "MIN_TILE", "TILE_OVERLAP"]
