@@ -187,3 +187,26 @@ def _net() -> MSRSWVSR:
     net = MSRSWVSR()
     net.load_state_dict(random_state())
     return net
+
+
+def test_a_preroll_holds_the_first_frame_still_before_its_output(tmp_path):
+    """AnimeSR(net, preroll=k): the outputs of a range are those of the same range with its first
+    frame put k more times in front (the preroll-0 path, checked against ccrestoration above), the
+    first k outputs dropped; in pieces as in one call; 0 leaves AnimeSR's own cold start. A
+    safetensors checkpoint names its pre-roll in its metadata."""
+    from safetensors.torch import save_file
+
+    frames = clip(5, 16, 20)
+    plain = AnimeSR(_net())
+    for k in (1, 3):
+        rolled = AnimeSR(_net(), preroll=k)
+        want = stream(plain, np.concatenate([np.repeat(frames[:1], k, 0), frames]), [5 + k])[k:]
+        got = stream(rolled, frames, [5])
+        assert got.shape == (5, 64, 80, 3) and np.array_equal(got, want), k
+        assert np.array_equal(stream(rolled, frames, [2, 1, 2]), got)
+        assert not np.array_equal(got[0], stream(plain, frames, [5])[0])  # the cold start differs
+    state = {k: v.contiguous() for k, v in _net().state_dict().items()}
+    save_file(state, str(tmp_path / "m.safetensors"), metadata={"preroll": "3"})
+    save_file(state, str(tmp_path / "plain.safetensors"))
+    assert load_animesr(tmp_path / "m.safetensors").preroll == 3
+    assert load_animesr(tmp_path / "plain.safetensors").preroll == 0

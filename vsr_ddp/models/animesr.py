@@ -136,8 +136,13 @@ class AnimeSR:
     deep_frames = True  # feed takes uint16 frames too (a 10-bit video stays 10-bit)
     reach = _LazyReach()  # Reach(before=1, after=1, recurrent=True, exact=True, align=1)
 
-    def __init__(self, net: MSRSWVSR):
+    def __init__(self, net: MSRSWVSR, preroll: int = 0):
         self.net = net.eval().requires_grad_(False)
+        # frames the recurrence runs on a range's first frame held still before that frame's own
+        # output (outputs dropped): the edge rule (the first frame stands in for the missing past)
+        # applied to the state, which then starts settled instead of from zeros. 0 = AnimeSR's own
+        # cold start (the published checkpoints); the shipped default-temporal model says 8.
+        self.preroll = int(preroll)
         self.scale = net.netscale  # 4 for the published checkpoints
         self.device = next(net.parameters()).device
         self.dtype = next(net.parameters()).dtype
@@ -190,7 +195,9 @@ class AnimeSR:
                 if self._pending is not None:
                     outs.append(self._step(frame))
                 else:  # the first frame of the range: its own previous neighbour
-                    self._prev = frame
+                    self._prev = self._pending = frame
+                    for _ in range(self.preroll):  # held still: window (frame, frame, frame)
+                        self._step(frame)
                 self._pending = frame
         if last:
             if self._pending is not None:
@@ -257,7 +264,8 @@ def _shape_of(state: dict) -> dict:
 def load_animesr(path, device="cpu", state: dict | None = None) -> AnimeSR:
     """AnimeSR from a checkpoint file (read without unpickling code), strictly, on ``device`` in fp32;
     a file that does not fit raises a one-line ModelError (a ValueError) naming it. ``state``: the
-    file's contents when the caller has read them already (not read again)."""
+    file's contents when the caller has read them already (not read again). A safetensors file may
+    name its :attr:`AnimeSR.preroll` in its header's metadata (``"preroll"``; 0 where absent)."""
     from .sr import ModelError, load_state_dict
 
     path = Path(path)
@@ -275,4 +283,18 @@ def load_animesr(path, device="cpu", state: dict | None = None) -> AnimeSR:
             f"wrong shape {_names(wrong)}" if wrong else "") if p)
         raise ModelError(f"job.model: {path} does not fit AnimeSR's network ({why})")
     net.load_state_dict(state, strict=True)
-    return AnimeSR(net).to(device, torch.float32)
+    return AnimeSR(net, preroll=_preroll(path)).to(device, torch.float32)
+
+
+def _preroll(path: Path) -> int:
+    """The ``preroll`` a safetensors checkpoint's metadata names (vsr_ddp's trained models), else 0."""
+    if path.suffix != ".safetensors":
+        return 0
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    try:
+        return max(0, int(meta.get("preroll", 0)))
+    except ValueError:
+        return 0
