@@ -53,10 +53,13 @@ def model_path(model: str, models_dir: str | Path | None = None) -> Path:
     return Path(model).expanduser()
 
 
-def load_state_dict(path: Path) -> dict:
-    """Read weights without unpickling code: safetensors, or torch.load(weights_only=True)."""
+def read_weights(path: Path, what: str, help: str = "") -> dict:
+    """A checkpoint file's contents without unpickling code: safetensors, or
+    torch.load(weights_only=True). A missing or unreadable file: ModelError, one line naming
+    ``what`` (e.g. "job.model"), the file and the cause, then ``help``."""
+    tail = f" {help}" if help else ""
     if not path.is_file():
-        raise ModelError(f"job.model: {path} does not exist. {WEIGHTS_HELP}")
+        raise ModelError(f"{what}: {path} does not exist.{tail}")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -65,11 +68,16 @@ def load_state_dict(path: Path) -> dict:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         # torch's own text here suggests weights_only=False, which would run code from the file
-        raise ModelError(f"job.model: cannot read {path} (not a tensors-only PyTorch checkpoint: a damaged "
-                         f"file, or one that stores Python objects). {WEIGHTS_HELP}") from None
+        raise ModelError(f"{what}: cannot read {path} (not a tensors-only PyTorch checkpoint: a damaged "
+                         f"file, or one that stores Python objects).{tail}") from None
     except Exception as e:  # noqa: BLE001 - any failure to read is the same user problem
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else e.__class__.__name__
-        raise ModelError(f"job.model: cannot read {path} ({first}). {WEIGHTS_HELP}") from None
+        raise ModelError(f"{what}: cannot read {path} ({first}).{tail}") from None
+
+
+def load_state_dict(path: Path) -> dict:
+    """``job.model``'s weights (:func:`read_weights`; the error says where to get weights)."""
+    return read_weights(path, "job.model", WEIGHTS_HELP)
 
 
 def load_descriptor(path: Path):

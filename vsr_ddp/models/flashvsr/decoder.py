@@ -33,14 +33,13 @@ is fed 1 frame, then 4 at a time; the decoder keeps per-layer memory across call
 """
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..sr import ModelError
+from ..sr import ModelError, read_weights
 
 # the projector: space-to-channel unshuffle of each frame, then two causal 3-D convolutions
 LQ_UNSHUFFLE = 16                 # (3, H, W) -> (3 * 16 * 16, H/16, W/16): the DiT's token grid
@@ -376,22 +375,8 @@ class TCDecoder(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 def _read(path: Path, what: str) -> dict:
-    """A state dict from ``path`` without unpickling code: safetensors, or torch.load(weights_only)."""
-    if not path.is_file():
-        raise ModelError(f"FlashVSR {what}: {path} does not exist")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise ModelError(f"FlashVSR {what}: cannot read {path} (not a tensors-only PyTorch checkpoint: a "
-                         f"damaged file, or one that stores Python objects)") from None
-    except Exception as e:  # noqa: BLE001 - any failure to read is the same user problem
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else e.__class__.__name__
-        raise ModelError(f"FlashVSR {what}: cannot read {path} ({first})") from None
+    """A state dict from ``path`` without unpickling code (sr.read_weights), checked to be one."""
+    state = read_weights(path, f"FlashVSR {what}")
     # the published files are raw state dicts: no wrapper key, no prefix
     if not isinstance(state, dict) or not state or \
             not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):

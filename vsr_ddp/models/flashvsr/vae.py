@@ -46,14 +46,13 @@ configuration of the published layout: equal bit for bit when fed one latent fra
 """
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..sr import ModelError
+from ..sr import ModelError, read_weights
 
 # the latent normalisation of Wan 2.1 (WanVideoVAE.mean / .std): the DiT works on (z - mean) / std
 LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -329,24 +328,10 @@ def _names(keys, limit: int = 3) -> str:
 
 
 def _read(path: Path) -> dict:
-    """The file's state dict without unpickling code (safetensors, or torch.load(weights_only)),
-    unwrapped from a ``model_state`` key as the original's converter does."""
+    """The file's state dict without unpickling code (sr.read_weights), unwrapped from a
+    ``model_state`` key as the original's converter does."""
     what = "Wan VAE"
-    if not path.is_file():
-        raise ModelError(f"FlashVSR {what}: {path} does not exist")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise ModelError(f"FlashVSR {what}: cannot read {path} (not a tensors-only PyTorch checkpoint: a "
-                         f"damaged file, or one that stores Python objects)") from None
-    except Exception as e:  # noqa: BLE001 - any failure to read is the same user problem
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else e.__class__.__name__
-        raise ModelError(f"FlashVSR {what}: cannot read {path} ({first})") from None
+    state = read_weights(path, f"FlashVSR {what}")
     if isinstance(state, dict) and isinstance(state.get("model_state"), dict):
         state = state["model_state"]
     if not isinstance(state, dict) or not state or \
