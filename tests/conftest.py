@@ -95,6 +95,18 @@ def _set_env(values: dict) -> None:
 _current: list = []  # the test running now (pytest's item), for _must_be_slow
 
 
+@pytest.fixture
+def one_thread():
+    """torch at one thread for the test, restored after: tiny models are many small ops, and on a
+    busy 2-core machine two threads spin against each other (several times slower)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _note_test(request):
     _current[:] = [request.node]

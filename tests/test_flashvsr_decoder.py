@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from builders import randomize
 import torch.nn.functional as F
 
 from vsr_ddp.models.flashvsr.decoder import (CausalConv3d, LQProjector, TCDecoder, load_lq_proj,
@@ -18,29 +19,7 @@ LQ_TINY = dict(in_dim=3, out_dim=6, layer_num=2, hidden=(8, 12))
 DEC_TINY = dict(channels=(6, 5, 4, 3), latent_channels=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is fastest, and several spin against each other on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def randomize(net: torch.nn.Module, seed: int) -> dict:
-    """Random weights of a useful scale (weights ~ 1/sqrt(fan_in), biases and gains near 0 and 1)."""
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for k, v in net.state_dict().items():
-        r = torch.randn(v.shape, generator=g)
-        if k.endswith("gamma"):
-            state[k] = 1 + 0.2 * r
-        elif v.ndim == 1:
-            state[k] = 0.1 * r
-        else:
-            state[k] = r / math.sqrt(v[0].numel())
-    net.load_state_dict(state)
-    return state
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch at one thread
 
 
 # ------------------------------------------------------------------------------------------------

@@ -56,13 +56,7 @@ def folder(tmp_path_factory):
     return write_folder(tmp_path_factory.mktemp("flashvsr") / "FlashVSR-v1.1")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is fastest, and several spin against each other on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch at one thread
 
 
 def clip_frames(n: int, h: int = 24, w: int = 32) -> np.ndarray:

@@ -34,13 +34,7 @@ DEC_TINY = dict(channels=(6, 5, 4, 3), latent_channels=16)
 TOL = 2e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is fastest, and several spin against each other on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch at one thread
 
 
 def networks(seed: int = 0, dit: dict = TINY, lq: dict = LQ_TINY, dec: dict = DEC_TINY):

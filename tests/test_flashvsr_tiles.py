@@ -27,13 +27,7 @@ from vsr_ddp.models.flashvsr.pipeline import (FlashVSRTiny, blend_ramps, latent_
                                               tile_starts)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is fastest, and several spin against each other on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch at one thread
 
 
 def pipeline(seed: int = 0, **options) -> FlashVSRTiny:

@@ -15,11 +15,11 @@ clip's first frame is not doubled, the second frame's time_conv pads with zeros)
 one-latent-frame-at-a-time decode loop are the same in both."""
 from __future__ import annotations
 
-import math
 import re
 
 import pytest
 import torch
+from builders import randomize
 
 from vsr_ddp.models.flashvsr.vae import (LATENT_MEAN, LATENT_STD, ModelError, WanVAEDecoder,
                                          load_wan_vae_decoder)
@@ -34,29 +34,7 @@ TINY = dict(base_dim=DIM, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
 RES_PER_LEVEL = TINY["num_res_blocks"] + 1  # residual blocks per decoder level
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is fastest, and several spin against each other on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def randomize(net: torch.nn.Module, seed: int) -> dict:
-    """Random weights of a useful scale (weights ~ 1/sqrt(fan_in), biases and gains near 0 and 1)."""
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for k, v in net.state_dict().items():
-        r = torch.randn(v.shape, generator=g)
-        if k.endswith("gamma"):
-            state[k] = 1 + 0.2 * r
-        elif v.ndim == 1:
-            state[k] = 0.1 * r
-        else:
-            state[k] = r / math.sqrt(v[0].numel())
-    net.load_state_dict(state)
-    return state
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch at one thread
 
 
 RESNET = {"norm1": "residual.0", "conv1": "residual.2", "norm2": "residual.3", "conv2": "residual.6",

@@ -30,15 +30,6 @@ TINY_JOB = ["job.short_side=64", "job.steps=3", "job.strength=1.0", "job.batch_s
             "job.ebsynth.search_vote_iters=1", "job.ebsynth.patchmatch_iters=1"]
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models are many small ops: on a busy CPU one thread is several times faster than many."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     d = tmp_path_factory.mktemp("sd")

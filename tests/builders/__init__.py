@@ -10,7 +10,7 @@ One module per thing built: sr_models (Real-ESRGAN layouts), clips (index-coded 
 reference readers), footage (rotation, VFR, interlacing, 10-bit, audio/subtitle timing, camera
 motion; the streams beside the video: audio tracks, cover art, DVD subtitles), bad_inputs, sd15
 (SD 1.5 + ControlNet folders and single files), temporal_models (a stub of the temporal model
-protocol), runs (killing a run mid-way, its finished shards
+protocol), weights (random weights of a useful scale), runs (killing a run mid-way, its finished shards
 and "already done" counts). Tests import them all from here: ``from builders import make_clip``.
 """
 from .bad_inputs import *  # noqa: F401,F403
@@ -21,3 +21,4 @@ from .runs import *  # noqa: F401,F403
 from .sd15 import *  # noqa: F401,F403
 from .sr_models import *  # noqa: F401,F403
 from .temporal_models import *  # noqa: F401,F403
+from .weights import *  # noqa: F401,F403
