@@ -353,16 +353,18 @@ def bench_temporal(size: tuple[int, int] = (384, 216), frames: int = 48, segment
     ``size`` is the ground truth, its x4 reduction (cv2.INTER_AREA) the input, once clean and once
     with Gaussian noise of ``noise`` levels per pixel (seeded; a stand-in for sensor noise, which a
     per-frame model turns into flicker). Outputs at x4: bicubic, the shipped x2 model followed by
-    bicubic x2, and AnimeSR's network with random weights from ``seed`` (the tooling, not a quality
-    claim). Each: PSNR to the ground truth (dB), warping error (levels; flow t+1 -> t by DIS on the
-    ground truth, shared by all outputs), flicker in the ground truth's static pixels (levels);
+    bicubic x2, the shipped temporal x2 model (default-temporal) followed by bicubic x2, and
+    AnimeSR's network with random weights from ``seed`` (the tooling, not a quality claim). Each:
+    PSNR to the ground truth (dB), warping error (levels; flow t+1 -> t by DIS on the ground truth,
+    shared by all outputs), flicker in the ground truth's static pixels (levels);
     the ground truth's own figures are the floor. Then the seam check: AnimeSR run as the job
     runs it, in segments of ``segment`` frames each fed from ``start - warmup`` (context outputs
     dropped), against the whole run, also with no warm-up for contrast."""
     import cv2
 
     from .models.animesr import MSRSWVSR, AnimeSR
-    from .models.sr import Upscaler
+    from .models.sr import DEFAULT_TEMPORAL, Upscaler
+    from .models.temporal import load_temporal
     from .temporal_metrics import flicker, pair_flows, psnr, seams, static_mask, warping_error
 
     device = device or torch.device("cpu")
@@ -385,7 +387,14 @@ def bench_temporal(size: tuple[int, int] = (384, 216), frames: int = 48, segment
         animesr.start()
         return animesr.feed(clip, last=True)
 
+    shipped_temporal = load_temporal(DEFAULT_TEMPORAL, device)
+
+    def shipped_recurrent(clip):
+        shipped_temporal.start()
+        return shipped_temporal.feed(clip, last=True)
+
     models = {"bicubic x4": bicubic4, "shipped x2 model + bicubic x2": lambda x: bicubic2(per_frame(x)),
+              "shipped temporal x2 + bicubic x2": lambda x: bicubic2(shipped_recurrent(x)),
               "AnimeSR net, random weights": recurrent}
 
     def figures(out):
