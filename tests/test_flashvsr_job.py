@@ -80,7 +80,7 @@ def test_the_dit_shape_comes_from_the_file(folder):
     assert config_from_shapes({k: tuple(v.shape) for k, v in published.state_dict().items()}) == DiTConfig()
 
 
-@pytest.mark.parametrize("mode", ["tiny", "full"])
+@pytest.mark.parametrize("mode", ["tiny", pytest.param("full", marks=pytest.mark.slow)])
 def test_the_command_line_upscales_every_frame_x4(folder, tmp_path, monkeypatch, mode):
     monkeypatch.setattr(os, "cpu_count", lambda: 1)  # the run's torch threads: one (see one_thread)
     clip = make_clip(tmp_path / "in" / "v.mp4", frames=30, size=(32, 24), audio=False)
@@ -150,6 +150,7 @@ def test_segments_whose_warmup_reaches_frame_0_equal_the_whole_run(folder):
     assert np.array_equal(got, whole)
 
 
+@pytest.mark.slow  # many seconds of CPU
 @torch.no_grad()
 def test_nine_frames_past_the_end_keep_the_last_owned_outputs_off_the_padding(folder):
     """A read range from frame 16 (on the grid): its outputs up to frame e - 1 (e a segment end, on

@@ -232,6 +232,7 @@ def test_output_size_and_count(n, h, w):
     assert np.array_equal(again, out)
 
 
+@pytest.mark.slow  # many seconds of CPU
 @torch.no_grad()
 def test_long_range_comes_out_whole_in_order_with_bounded_state():
     """4,203 constant-colour frames of 8 x 8 whose colour encodes the index: the colour correction
@@ -303,6 +304,7 @@ def test_load_flashvsr_names_the_missing_file(tmp_path):
         load_flashvsr(tmp_path, version="2")
 
 
+@pytest.mark.slow  # many seconds of CPU
 @torch.no_grad()
 def test_full_mode_decodes_with_the_wan_vae_in_pieces_as_in_one_call(tmp_path):
     """mode=full: the Wan 2.1 VAE decoder (tiny widths) in place of the TCDecoder, streamed with its
