@@ -21,8 +21,8 @@ import pytest
 import torch
 from builders import randomize
 
-from vsr_ddp.models.flashvsr.vae import (LATENT_MEAN, LATENT_STD, ModelError, WanVAEDecoder,
-                                         load_wan_vae_decoder)
+from vsr_ddp.models.flashvsr.vae import LATENT_MEAN, LATENT_STD, WanVAEDecoder, load_wan_vae_decoder
+from vsr_ddp.models.sr import ModelError
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import AutoencoderKLWan  # noqa: E402

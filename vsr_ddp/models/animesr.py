@@ -238,12 +238,6 @@ def looks_like_animesr(state) -> bool:
     return isinstance(state, dict) and all(k in state for k in _SIGNATURE)
 
 
-def _names(keys, limit: int = 3) -> str:
-    keys = sorted(keys)
-    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
 def _shape_of(state: dict) -> dict:
     """MSRSWVSR's num_feat, num_block and netscale as read from a state dict's shapes (the published
     64 / (5, 3, 2) / 4 where they cannot be read); load_animesr then still checks every key and shape."""
@@ -266,21 +260,15 @@ def load_animesr(path, device="cpu", state: dict | None = None) -> AnimeSR:
     a file that does not fit raises a one-line ModelError (a ValueError) naming it. ``state``: the
     file's contents when the caller has read them already (not read again). A safetensors file may
     name its :attr:`AnimeSR.preroll` in its header's metadata (``"preroll"``; 0 where absent)."""
-    from .sr import ModelError, load_state_dict
+    from .sr import ModelError, load_state_dict, shapes_of, state_mismatch
 
     path = Path(path)
     state = _unwrap(load_state_dict(path) if state is None else state)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelError(f"job.model: {path} is not an AnimeSR checkpoint (not a state dict of tensors)")
     net = MSRSWVSR(**_shape_of(state))
-    expected = net.state_dict()
-    missing, extra = set(expected) - set(state), set(state) - set(expected)
-    wrong = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != tuple(expected[k].shape))
-    if missing or extra or wrong:
-        why = "; ".join(p for p in (
-            f"missing {_names(missing)}" if missing else "",
-            f"unexpected {_names(extra)}" if extra else "",
-            f"wrong shape {_names(wrong)}" if wrong else "") if p)
+    why = state_mismatch(shapes_of(net), shapes_of(state))
+    if why:
         raise ModelError(f"job.model: {path} does not fit AnimeSR's network ({why})")
     net.load_state_dict(state, strict=True)
     return AnimeSR(net, preroll=_preroll(path)).to(device, torch.float32)

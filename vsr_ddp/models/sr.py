@@ -75,6 +75,34 @@ def read_weights(path: Path, what: str, help: str = "") -> dict:
         raise ModelError(f"{what}: cannot read {path} ({first}).{tail}") from None
 
 
+def _first(names, n: int = 3) -> str:
+    names = sorted(names)
+    more = f" (+{len(names) - n} more)" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
+
+
+def state_mismatch(expected: dict, got: dict) -> str:
+    """How a checkpoint's {key: shape} ``got`` misses a network's {key: shape} ``expected``, in one
+    line ("" when they fit): the first missing, unexpected and mis-shaped keys, sorted, a mis-shaped
+    one with its shape in the file and the network's, e.g. "wrong shape a.bias (4,) for (3,)"."""
+    expected = {k: tuple(v) for k, v in expected.items()}
+    got = {k: tuple(v) for k, v in got.items()}
+    missing, extra = set(expected) - set(got), set(got) - set(expected)
+    wrong = sorted(k for k in set(expected) & set(got) if got[k] != expected[k])
+    shapes = [f"{k} {got[k]} for {expected[k]}" for k in wrong[:3]]
+    more = f" (+{len(wrong) - 3} more)" if len(wrong) > 3 else ""
+    return "; ".join(p for p in (
+        f"missing {_first(missing)}" if missing else "",
+        f"unexpected {_first(extra)}" if extra else "",
+        f"wrong shape {', '.join(shapes)}{more}" if wrong else "") if p)
+
+
+def shapes_of(module_or_state) -> dict:
+    """{key: shape} of a module's state dict, or of a state dict of tensors."""
+    state = module_or_state.state_dict() if hasattr(module_or_state, "state_dict") else module_or_state
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
 def load_state_dict(path: Path) -> dict:
     """``job.model``'s weights (:func:`read_weights`; the error says where to get weights)."""
     return read_weights(path, "job.model", WEIGHTS_HELP)

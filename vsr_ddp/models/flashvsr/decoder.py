@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..sr import ModelError, read_weights
+from ..sr import ModelError, read_weights, shapes_of, state_mismatch
 
 # the projector: space-to-channel unshuffle of each frame, then two causal 3-D convolutions
 LQ_UNSHUFFLE = 16                 # (3, H, W) -> (3 * 16 * 16, H/16, W/16): the DiT's token grid
@@ -376,18 +376,16 @@ class TCDecoder(nn.Module):
 
 def _read(path: Path, what: str) -> dict:
     """A state dict from ``path`` without unpickling code (sr.read_weights), checked to be one."""
-    state = read_weights(path, f"FlashVSR {what}")
     # the published files are raw state dicts: no wrapper key, no prefix
+    return _tensors(read_weights(path, f"FlashVSR {what}"), path, what)
+
+
+def _tensors(state, path: Path, what: str) -> dict:
+    """``state`` if it is a non-empty {name: tensor} dict, else a one-line ModelError naming the file."""
     if not isinstance(state, dict) or not state or \
             not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise ModelError(f"FlashVSR {what}: {path} is not a state dict of tensors")
     return state
-
-
-def _names(keys, limit: int = 3) -> str:
-    keys = sorted(keys)
-    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
 
 
 def _load_strict(build, state: dict, path: Path, what: str) -> nn.Module:
@@ -396,16 +394,8 @@ def _load_strict(build, state: dict, path: Path, what: str) -> nn.Module:
     meta device and takes the file's tensors (no second copy of 300M parameters, no wasted init)."""
     with torch.device("meta"):
         net = build()
-    expected = net.state_dict()
-    missing, extra = set(expected) - set(state), set(state) - set(expected)
-    wrong = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != tuple(expected[k].shape))
-    if missing or extra or wrong:
-        shapes = [f"{k} {tuple(state[k].shape)} for {tuple(expected[k].shape)}" for k in wrong[:3]]
-        more = f" (+{len(wrong) - 3} more)" if len(wrong) > 3 else ""
-        why = "; ".join(p for p in (
-            f"missing {_names(missing)}" if missing else "",
-            f"unexpected {_names(extra)}" if extra else "",
-            f"wrong shape {', '.join(shapes)}{more}" if wrong else "") if p)
+    why = state_mismatch(shapes_of(net), shapes_of(state))
+    if why:
         raise ModelError(f"FlashVSR {what}: {path} does not fit ({why})")
     net.load_state_dict(state, strict=True, assign=True)
     return net.float().eval().requires_grad_(False)

@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..sr import shapes_of, state_mismatch
+
 # q, k, v: (B, L, C) with C = num_heads * head_dim, RoPE already applied; grid: the (f, h, w) token
 # grid of the L = f * h * w tokens, in that order. Returns (B, L, C), the heads concatenated.
 SelfAttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, "tuple[int, int, int]"],
@@ -170,10 +172,7 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 grid: tuple[int, int, int]) -> torch.Tensor:
-        q = apply_rope(self.norm_q(self.q(x)), rope, self.num_heads)  # (B, L, C)
-        k = apply_rope(self.norm_k(self.k(x)), rope, self.num_heads)  # (B, L, C)
-        v = self.v(x)                                                 # (B, L, C)
-        return self.o(self.attention(q, k, v, self.num_heads, grid))
+        return self.stream(x, rope, grid, None)[0]
 
     def stream(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], grid: tuple[int, int, int],
                past: tuple[torch.Tensor, torch.Tensor] | None
@@ -405,23 +404,10 @@ class DiTLoadError(ValueError):
     """A weights file that is not a DiT of the asked-for shape: one line naming the file."""
 
 
-def _first(names, n: int = 3) -> str:
-    names = sorted(names)
-    more = f" (+{len(names) - n} more)" if len(names) > n else ""
-    return ", ".join(names[:n]) + more
-
-
 def check_shapes(model: nn.Module, shapes: dict, path) -> None:
     """Raise DiTLoadError unless ``shapes`` ({key: shape}) are exactly the model's parameters."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing, extra = set(expected) - set(shapes), set(shapes) - set(expected)
-    wrong = sorted(k for k in set(expected) & set(shapes) if tuple(shapes[k]) != expected[k])
-    if missing or extra or wrong:
-        why = "; ".join(p for p in (
-            f"missing {_first(missing)}" if missing else "",
-            f"unexpected {_first(extra)}" if extra else "",
-            f"wrong shape {wrong[0]} {tuple(shapes[wrong[0]])} (expected {expected[wrong[0]]})"
-            + (f" (+{len(wrong) - 1} more)" if len(wrong) > 1 else "") if wrong else "") if p)
+    why = state_mismatch(shapes_of(model), shapes)
+    if why:
         raise DiTLoadError(f"{path}: not a Wan DiT of {_describe(model.config)} ({why})")
 
 

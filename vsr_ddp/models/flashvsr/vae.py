@@ -52,7 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..sr import ModelError, read_weights
+from ..sr import read_weights
+from .decoder import _load_strict, _tensors
 
 # the latent normalisation of Wan 2.1 (WanVideoVAE.mean / .std): the DiT works on (z - mean) / std
 LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -321,23 +322,13 @@ def _ramp(n: int, at_start: bool, at_end: bool, border: int) -> torch.Tensor:
 ENCODER_PREFIXES = ("encoder.", "conv1.")  # in the file, not used by the decoder
 
 
-def _names(keys, limit: int = 3) -> str:
-    keys = sorted(keys)
-    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
 def _read(path: Path) -> dict:
     """The file's state dict without unpickling code (sr.read_weights), unwrapped from a
     ``model_state`` key as the original's converter does."""
-    what = "Wan VAE"
-    state = read_weights(path, f"FlashVSR {what}")
+    state = read_weights(path, "FlashVSR Wan VAE")
     if isinstance(state, dict) and isinstance(state.get("model_state"), dict):
         state = state["model_state"]
-    if not isinstance(state, dict) or not state or \
-            not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-        raise ModelError(f"FlashVSR {what}: {path} is not a state dict of tensors")
-    return state
+    return _tensors(state, path, "Wan VAE")
 
 
 def _decoder_shape(state: dict) -> dict:
@@ -366,18 +357,5 @@ def load_wan_vae_decoder(path, device: str | torch.device = "cpu",
     path = Path(path)
     state = {k: v for k, v in _read(path).items() if not k.startswith(ENCODER_PREFIXES)}
     shape = _decoder_shape(state)
-    with torch.device("meta"):
-        net = WanVAEDecoder(**shape)
-    expected = net.state_dict()
-    missing, extra = set(expected) - set(state), set(state) - set(expected)
-    wrong = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != tuple(expected[k].shape))
-    if missing or extra or wrong:
-        shapes = [f"{k} {tuple(state[k].shape)} for {tuple(expected[k].shape)}" for k in wrong[:3]]
-        more = f" (+{len(wrong) - 3} more)" if len(wrong) > 3 else ""
-        why = "; ".join(p for p in (
-            f"missing {_names(missing)}" if missing else "",
-            f"unexpected {_names(extra)}" if extra else "",
-            f"wrong shape {', '.join(shapes)}{more}" if wrong else "") if p)
-        raise ModelError(f"FlashVSR Wan VAE: {path} does not fit ({why})")
-    net.load_state_dict(state, strict=True, assign=True)
-    return net.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    net = _load_strict(lambda: WanVAEDecoder(**shape), state, path, "Wan VAE")
+    return net.to(device=device, dtype=dtype)
