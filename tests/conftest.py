@@ -140,6 +140,25 @@ def job_runner(job_cls, inputs: Path, out: Path, monkeypatch, *overrides: str):
     return Runner(config.check(cfg), Dist(device=torch.device("cpu")))
 
 
+def one_and_two_ranks(overrides: list[str], out: Path, monkeypatch, name: str = "v.mp4"):
+    """The frames of ``name`` made by one rank (out/one) and by two ranks through torchrun (out/two),
+    as # (T, H, W, 3) arrays: for tests marked slow. The one rank runs with the CPU threads each of
+    the two gets (dist.setup gives a rank cores // ranks per node): a float sum split over other
+    threads may round a pixel a level the other way, and a recurrent state carries it on."""
+    import torch
+    from builders import read_frames
+
+    threads = torch.get_num_threads()
+    cores = os.cpu_count() or 1
+    monkeypatch.setattr(os, "cpu_count", lambda: max(1, cores // 2))  # what each of two ranks gets
+    try:
+        run_job(["job=upscale", f"output={out / 'one'}", *overrides])
+    finally:
+        torch.set_num_threads(threads)
+    run_job(["job=upscale", f"output={out / 'two'}", *overrides], nproc=2)
+    return read_frames(out / "one" / name), read_frames(out / "two" / name)
+
+
 def read_report(output: Path) -> dict:
     return json.loads((Path(output) / "run_report.json").read_text(encoding="utf-8"))
 

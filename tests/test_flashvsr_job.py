@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from builders import StubTemporal, make_clip, read_frames
-from conftest import read_report, run_job
+from conftest import one_and_two_ranks, read_report, run_job
 from test_settings import settings
 from test_temporal import make_job, run_units
 
@@ -184,15 +184,7 @@ def test_two_ranks_make_the_frames_of_one_rank(folder, tmp_path, monkeypatch):
     clip = make_clip(tmp_path / "in" / "v.mp4", frames=40, size=(32, 24), audio=False)
     common = [f"input={clip}", "job.model=flashvsr", f"job.flashvsr.dir={folder}", "work.segment_frames=16",
               "job.warmup=8", *COMMON]
-    threads = torch.get_num_threads()
-    cores = os.cpu_count() or 1
-    monkeypatch.setattr(os, "cpu_count", lambda: max(1, cores // 2))  # what each of two ranks gets
-    try:
-        run_job(["job=upscale", f"output={tmp_path / 'one'}", *common])
-    finally:
-        torch.set_num_threads(threads)
-    run_job(["job=upscale", f"output={tmp_path / 'two'}", *common], nproc=2)
-    one, two = (read_frames(tmp_path / d / "v.mp4") for d in ("one", "two"))
+    one, two = one_and_two_ranks(common, tmp_path, monkeypatch)
     assert one.shape == two.shape == (40, 96, 128, 3)
     assert np.array_equal(one, two)
 

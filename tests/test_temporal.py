@@ -2,14 +2,13 @@
 recurrent model on the CPU: segments read with context make the whole-video run's frames."""
 from __future__ import annotations
 
-import os
 from fractions import Fraction
 
 import numpy as np
 import pytest
 import torch
 from builders import StubTemporal, StubWindow, make_clip, read_frames, save_srvgg
-from conftest import read_report, run_job
+from conftest import one_and_two_ranks, read_report, run_job
 from test_settings import settings
 
 from vsr_ddp.jobs.upscale import UpscaleJob
@@ -238,14 +237,6 @@ def test_two_ranks_make_the_frames_of_one_rank(tmp_path, monkeypatch):
     clip = make_clip(tmp_path / "in" / "v.mp4", frames=20, size=(32, 24), audio=False)
     common = [f"input={clip}", f"job.model={weights}", "work.segment_frames=6", "job.warmup=4",
               "encode.crf=0", "encode.preset=ultrafast", "log.progress=false"]
-    threads = torch.get_num_threads()
-    cores = os.cpu_count() or 1
-    monkeypatch.setattr(os, "cpu_count", lambda: max(1, cores // 2))  # what each of two ranks gets
-    try:
-        run_job(["job=upscale", f"output={tmp_path / 'one'}", *common])
-    finally:
-        torch.set_num_threads(threads)
-    run_job(["job=upscale", f"output={tmp_path / 'two'}", *common], nproc=2)
-    one, two = (read_frames(tmp_path / d / "v.mp4") for d in ("one", "two"))
+    one, two = one_and_two_ranks(common, tmp_path, monkeypatch)
     assert one.shape == two.shape == (20, 96, 128, 3)
     assert np.array_equal(one, two)
