@@ -7,9 +7,14 @@ from __future__ import annotations
 
 import bisect
 import functools
+import hashlib
+import heapq
+import io
 import logging
 import math
+import os
 import re
+import struct
 import subprocess
 import tempfile
 from fractions import Fraction
@@ -19,7 +24,7 @@ from typing import Iterator
 import numpy as np
 
 from .plan import VideoInfo
-from .atomic import commit, tmp_path
+from .atomic import TMP_SUFFIX, commit, tmp_path
 
 log = logging.getLogger(__name__)
 
@@ -388,13 +393,15 @@ class ShardWriter:
     ffmpeg, which writes one encoded shard.
 
     The shard is written under a temporary name and only appears under ``path`` when
-    :meth:`close` has checked ffmpeg's exit status.
+    :meth:`close` has checked ffmpeg's exit status; flushed to disk first (``durable``), unless
+    it is a bundled clip's, remuxed to its output at once and removed.
     """
 
     def __init__(self, path: Path, width: int, height: int, fps: Fraction, encode, color: dict | None = None,
                  gpu: int | None = None, sar: Fraction = Fraction(1), deep: bool = False,
-                 writer: str | None = None):
+                 writer: str | None = None, durable: bool = True):
         self.path = Path(path)
+        self.durable = durable
         self.dtype = np.uint16 if deep else np.uint8
         self.tmp = tmp_path(self.path, writer)  # this writer's own temporary name
         self.size = (width, height)
@@ -451,7 +458,10 @@ class ShardWriter:
         rc = self._proc.wait()
         if rc != 0:
             raise self._error(f"encoder exited with status {rc}")
-        commit(self.tmp, self.path)
+        if self.durable:
+            commit(self.tmp, self.path)
+        else:
+            os.replace(self.tmp, self.path)
         self._stderr.close()
 
     def abort(self) -> None:
@@ -493,85 +503,346 @@ class Timeline:
         return n * self.step if self._ticks is None or n < 0 else self._ticks[n]
 
 
-def merge(shards: list[tuple[Path, int, int]], info: VideoInfo, out: Path, writer: str | None = None) -> None:
+def merge(shards: list[tuple[Path, int, int]], info: VideoInfo, out: Path, writer: str | None = None,
+          checksums: list[str | None] | None = None) -> dict:
     """Join shards ``(path, first frame, frame count)``, in frame order, into ``out`` without
     re-encoding, each frame at its input time (n / fps, or the input's timestamp for variable
     rate), with the input's audio and subtitles; atomic, faststart, checked as a player sees it.
+    Returns ``{"shard_bytes": bytes read from the shards, "output_bytes": size of out}``.
 
     Not ffmpeg's concat demuxer: it starts each shard where the previous one's duration ends,
     and a shard's B-frame delay depends on how many frames it holds (x264 gives a 1- or 2-frame
     shard none, longer ones two), so shards with other delays shifted the timeline and players
     repeated frames. Here each packet's presentation time comes from its absolute frame index,
-    and its decode time from its place in the joined stream less the largest delay of any shard.
+    and its decode time from its place in the joined stream less the reorder delay (see
+    :func:`_shard_packets`).
+
+    One pass over the data: each shard is read once, into memory (a shard is one segment, so
+    memory stays flat in the video's length), hashed there against ``checksums`` (sha256 hex per
+    shard, or None: not checked) and demuxed from that copy; its packets, the input's audio
+    (copied as it is where mp4 takes the codec) and the converted extras go, interleaved by
+    time, through libavformat's mp4 muxer into the one output file. Only what mp4 cannot copy
+    (audio to AAC, text subtitles to mov_text, cover art to PNG; small next to the video) is
+    converted first by one ffmpeg call into a side file that never holds the video. Faststart
+    without a second rewrite: the muxer reserves room for the index at the start of the file
+    (``moov_size``) and writes it there at the end; only if the reservation proves too small is
+    the merge done again with the muxer's ``+faststart`` (the shards read again, the file moved
+    once more), with a warning. The timeline is checked on the timestamps as they are written
+    and then on the finished file's index (its moov box), not by reading its media data again.
+    The input is still demuxed once for its audio, as before (in mp4/mov inputs the demuxer
+    skips the video's bytes; in interleaved containers such as mkv it reads past them).
     """
     timeline = Timeline(info)
-    delay = max(_reorder_delay(path, info.fps) for path, _, _ in shards)
-    # 1. The joined, retimed video, written by libavformat's mp4 muxer from our timestamps: it
-    #    keeps both (NUT over a pipe would not: it stores no decode times and guesses the first ones).
-    joined = tmp_path(shards[0][0].with_name("joined.mp4"), writer)
+    out = Path(out)
     tmp = tmp_path(out, writer)
+    # the converted streams: named like one of out's temporary files, so that the cleanup of
+    # an interrupted merge (atomic.partials(out)) removes it too
+    side = tmp.with_name(tmp.name.removesuffix(TMP_SUFFIX) + ".streams" + TMP_SUFFIX)
     try:
-        codec = _write_joined(joined, shards, info, timeline, delay)
-        # 2. ffmpeg copies it beside the input's audio, subtitles and cover art into the final mp4.
-        cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y"]
-        if info.start:  # the input's first frame comes this long after its audio starts
-            cmd += ["-itsoffset", f"{float(info.start):.6f}"]
-        cmd += ["-i", str(joined), "-i", info.path, "-map", "0:v:0", "-c:v:0", "copy"]
-        if codec == "hevc":  # Apple's players want HEVC tagged hvc1 (ffmpeg's mp4 default is hev1)
-            cmd += ["-tag:v:0", "hvc1"]
-        audio, extras, names = _input_streams(info)
-        tail = ["-movflags", "+faststart", "-video_track_timescale", str(timeline.scale),
-                "-f", "mp4", str(tmp)]
-        error = _run_mux(cmd + audio + extras + tail)
-        if error and extras and _run_mux(cmd + audio + tail) is None:
-            # A subtitle or picture ffmpeg cannot convert (a damaged cover, say) must not cost
-            # the video and its sound.
-            log.warning("%s: %s could not be written to mp4 (%s); dropped",
-                        info.path, ", ".join(names), error[-1])
-            error = None
-        if error:
-            raise EncodeError(f"merge failed: {' | '.join(error[-3:])}")
-        check_timeline(tmp, info)
+        sources = _side_streams(info, side)
+        estimate = _moov_estimate(info, sources, side)
+        try:
+            stats = _mux(tmp, shards, info, timeline, sources, side, checksums, {"moov_size": str(estimate)})
+        except _MoovTooSmall as e:
+            log.warning("%s: the index outgrew the %d bytes reserved for it at the start of the file (%s); "
+                        "writing the file again with +faststart", out.name, estimate, e)
+            stats = _mux(tmp, shards, info, timeline, sources, side, checksums, {"movflags": "+faststart"})
+        check_index(tmp, info)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     finally:
-        joined.unlink(missing_ok=True)
+        side.unlink(missing_ok=True)
     commit(tmp, out)
+    stats["output_bytes"] = out.stat().st_size
+    return stats
 
 
-def _input_streams(info: VideoInfo) -> tuple[list[str], list[str], list[str]]:
-    """ffmpeg output options that carry the input's (ffmpeg input 1) streams into the final mp4,
-    after its video: (every audio track, the text subtitles and cover art, those extras' names).
+class _MoovTooSmall(Exception):
+    pass
 
-    Every audio track is kept, in order, with its language and title (ffmpeg copies each mapped
-    stream's tags); one mp4 cannot copy is re-encoded to AAC. Text subtitles become mov_text.
-    Bitmap subtitles (DVD, PGS, DVB) are dropped with a warning: mp4 has no place players read
-    them from, and turning pictures into text is OCR. Cover art goes into mp4's ``covr`` tag,
-    which holds PNG, JPEG and BMP; another picture format is converted to PNG."""
-    audio, extras, names = [], [], []
-    for n, a in enumerate(info.audio):
-        audio += ["-map", f"1:{a['index']}"]
+
+def _side_streams(info: VideoInfo, side: Path) -> list[tuple[str, int]]:
+    """Where each output stream after the video comes from, in output order: ``("input", stream
+    index)`` for audio copied from the input, ``("side", stream index)`` for one converted into
+    ``side`` by ffmpeg here (audio mp4 cannot copy, text subtitles, cover art).
+
+    Every audio track is kept, in order, with its language and title; one mp4 cannot copy is
+    re-encoded to AAC. Text subtitles become mov_text. Bitmap subtitles (DVD, PGS, DVB) are
+    dropped with a warning: mp4 has no place players read them from, and turning pictures into
+    text is OCR. Cover art goes into mp4's ``covr`` tag, which holds PNG, JPEG and BMP; another
+    picture format is converted to PNG. Cover art goes through the side file even when it is
+    copied as it is: ffmpeg then tells a picture mp4 cannot hold (a damaged one) before the
+    merge, which drops it with a warning rather than losing the video and its sound."""
+    audio_maps, extras, names = [], [], []
+    sources: list = []
+    for a in info.audio:
         if a["codec"] in MP4_AUDIO_COPY:
-            audio += [f"-c:a:{n}", "copy"]
+            sources.append(("input", a["index"]))
         else:
             log.info("%s: audio stream %d is %s, re-encoding it to AAC for mp4",
                      info.path, a["index"], a["codec"])
-            audio += [f"-c:a:{n}", "aac", f"-b:a:{n}", "192k"]
-    n_sub = 0
+            n = len(audio_maps) // 6
+            audio_maps += ["-map", f"0:{a['index']}", f"-c:a:{n}", "aac", f"-b:a:{n}", "192k"]
+            sources.append(("side", n))
+    n_sub, n_pic = 0, 0
     for s in info.subtitles:
         if s["codec"] in TEXT_SUBTITLES:
-            extras += ["-map", f"1:{s['index']}", f"-c:s:{n_sub}", "mov_text"]
+            extras += ["-map", f"0:{s['index']}", f"-c:s:{n_sub}", "mov_text"]
             names.append(_stream_name("subtitle", s))
             n_sub += 1
         else:
             log.warning("%s: %s is a bitmap format mp4 cannot hold; dropped",
                         info.path, _stream_name("subtitle", s))
-    for k, c in enumerate(info.covers, 1):  # v:0 is the video
-        extras += ["-map", f"1:{c['index']}", f"-c:v:{k}", "copy" if c["codec"] in MP4_COVERS else "png",
-                   f"-disposition:v:{k}", "attached_pic"]
+    for c in info.covers:
+        extras += ["-map", f"0:{c['index']}", f"-c:v:{n_pic}", "copy" if c["codec"] in MP4_COVERS else "png",
+                   f"-disposition:v:{n_pic}", "attached_pic"]
         names.append(_stream_name("cover art", c))
-    return audio, extras, names
+        n_pic += 1
+    if not audio_maps and not extras:
+        return sources
+    cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y", "-i", info.path]
+    tail = ["-f", "mp4", str(side)]
+    error = _run_mux(cmd + audio_maps + extras + tail)
+    if error and extras and (not audio_maps or _run_mux(cmd + audio_maps + tail) is None):
+        # A subtitle or picture ffmpeg cannot convert (a damaged cover, say) must not cost
+        # the video and its sound.
+        log.warning("%s: %s could not be written to mp4 (%s); dropped",
+                    info.path, ", ".join(names), error[-1])
+        side.unlink(missing_ok=True)
+        error, extras = None, []
+    if error:
+        raise EncodeError(f"merge failed: {' | '.join(error[-3:])}")
+    # the side file's streams in order: converted audio, then subtitles, then pictures
+    extra_count = n_sub + n_pic if extras else 0
+    first = len(audio_maps) // 6
+    return sources + [("side", first + k) for k in range(extra_count)]
+
+
+def _moov_estimate(info: VideoInfo, sources: list[tuple[str, int]], side: Path) -> int:
+    """Bytes to reserve for the moov box at the start of the output: per sample the worst case of
+    its table entries (stts 8, ctts 8, stsz 4, co64 8, stsc 12, stss 4, sdtp 1 bytes for video;
+    the same less ctts/stss for audio and subtitles), plus the pictures (the covr tag is in the
+    moov), all times 1.25, plus 128 KiB for headers and tags. Input audio that is copied is
+    counted from its index where the container has one, else from its duration and the shortest
+    packet among its first ones (a few KiB of the input's start)."""
+    import av
+
+    samples, pictures = 0, 0
+    copied = [i for kind, i in sources if kind == "input"]
+    if copied:
+        with av.open(info.path) as c:
+            duration = max(Fraction(c.duration or 0, 1_000_000), info.time_of(info.frames) + info.start)
+            want = [c.streams[i] for i in copied]
+            for s in c.streams:
+                if s not in want:
+                    s.discard = av.stream.Discard.all
+            shortest: dict[int, Fraction] = {}
+            seen = 0
+            for pkt in c.demux(want):
+                if pkt.duration and pkt.stream.index in copied:
+                    d = pkt.duration * pkt.time_base
+                    shortest[pkt.stream.index] = min(shortest.get(pkt.stream.index, d), d)
+                seen += 1
+                if seen >= 50 * len(want):
+                    break
+            for s in want:
+                rate = 1 / shortest[s.index] if s.index in shortest else 400  # 2.5 ms: Opus's shortest
+                samples += max(s.frames, math.ceil(duration * rate))
+    if any(kind == "side" for kind, _ in sources) and side.exists():
+        with av.open(str(side)) as c:  # small: the converted streams only
+            for pkt in c.demux():
+                if pkt.stream.disposition & av.stream.Disposition.attached_pic:
+                    pictures += pkt.size
+                elif pkt.size:
+                    samples += 1
+    return math.ceil(1.25 * (45 * info.frames + 40 * samples + pictures) + 128 * 1024)
+
+
+def _shard_packets(shards, info: VideoInfo, timeline: Timeline, checksums, stats: dict):
+    """The joined video's packets, retimed, in decode order, one shard in memory at a time:
+    each shard file is read once, its bytes checked against its checksum, then demuxed.
+
+    A packet of frame n (absolute) is presented at ``timeline.at(n)`` (plus the input's start
+    offset, added by the caller) and decoded at ``timeline.at(k - delay)``, k its place in the
+    joined stream: the delay is the first shard's B-frame delay (from its first packet; every
+    shard has the same encoder settings, and the first is a full segment unless the video is
+    short). A later shard with a larger delay (or one that would decode a frame after showing it)
+    raises :class:`_NeedDelay`, and the caller starts over with the larger delay: the one case
+    where the shards are read twice, and only when the first shard is shorter than a B-frame
+    group (a video shorter than a few frames' segment)."""
+    import av
+
+    tb = Fraction(1, timeline.scale)
+    decoded, delay, extradata = 0, None, None
+    for i, (shard, start, frames) in enumerate(shards):
+        shard = Path(shard)
+        data = shard.read_bytes()
+        stats["shard_bytes"] += len(data)
+        want = checksums[i] if checksums else None
+        if want is not None:
+            got = hashlib.sha256(data).hexdigest()
+            if got != want:
+                raise EncodeError(f"{shard.name}: its bytes do not match the checksum its sidecar records "
+                                  f"(sha256 {got[:12]}..., recorded {want[:12]}...)")
+        with av.open(io.BytesIO(data)) as c:
+            vs = c.streams.video[0]
+            if extradata is None:
+                extradata = vs.codec_context.extradata
+                delay = stats["delay"]
+                yield "template", vs
+            elif vs.codec_context.extradata != extradata:
+                # One set of codec headers serves the joined stream: a shard encoded with other
+                # parameters would decode as garbage.
+                raise EncodeError(f"{shard.name} was encoded with other codec parameters "
+                                  f"than the first shard")
+            t0, shard_tb = vs.start_time or 0, vs.time_base
+            count = 0
+            for pkt in c.demux(vs):
+                if not pkt.size:
+                    continue
+                if count == 0 and pkt.dts is not None:  # this shard's own B-frame delay
+                    own = round(((vs.start_time or 0) - pkt.dts) * vs.time_base * info.fps)
+                    if own > delay and decoded:
+                        raise _NeedDelay(own)
+                    delay = max(delay, own)
+                local = round((pkt.pts - t0) * shard_tb * info.fps)  # shards are written at constant rate
+                frame = start + local
+                if not 0 <= local < frames:
+                    raise EncodeError(f"{shard.name}: a packet at frame {local} does not fit its "
+                                      f"{frames}-frame range (decode position {decoded}, delay {delay})")
+                if frame < decoded - delay:
+                    raise _NeedDelay(decoded - frame)
+                pkt.time_base = tb
+                pkt.pts = timeline.at(frame)
+                pkt.dts = timeline.at(decoded - delay)
+                pkt.duration = timeline.at(frame + 1) - timeline.at(frame)
+                yield frame, pkt
+                decoded += 1
+                count += 1
+            if count != frames:
+                raise EncodeError(f"{shard.name} holds {count} frames, its sidecar says {frames}")
+
+
+class _NeedDelay(Exception):
+    def __init__(self, delay: int):
+        super().__init__(delay)
+        self.delay = delay
+
+
+def _mux(tmp: Path, shards, info: VideoInfo, timeline: Timeline, sources: list[tuple[str, int]], side: Path,
+         checksums, options: dict, delay: int = 0) -> dict:
+    """Write ``tmp`` in one pass (see merge); returns the stats. Retries with a larger reorder
+    delay when a later shard needs one (rare: the codec headers give it)."""
+    try:
+        return _mux_once(tmp, shards, info, timeline, sources, side, checksums, options, delay)
+    except _NeedDelay as e:
+        log.info("a shard decodes %d frame(s) ahead; writing the merge again with that delay", e.delay)
+        return _mux(tmp, shards, info, timeline, sources, side, checksums, options, max(e.delay, delay + 1))
+
+
+def _mux_once(tmp, shards, info, timeline, sources, side, checksums, options, delay) -> dict:
+    import av
+
+    tmp.unlink(missing_ok=True)
+    stats = {"shard_bytes": 0, "delay": delay}
+    video = _shard_packets(shards, info, timeline, checksums, stats)
+    inputs, out = [], None
+    try:
+        _, template = next(video)
+        out = av.open(str(tmp), "w", format="mp4",
+                      options={"video_track_timescale": str(timeline.scale), **options})
+        ostream = out.add_stream_from_template(template)
+        ostream.time_base = Fraction(1, timeline.scale)
+        if template.codec_context.name == "hevc":
+            # Apple's players want HEVC tagged hvc1 (libavformat's mp4 default is hev1)
+            ostream.codec_context.codec_tag = "hvc1"
+        src = av.open(info.path) if any(k == "input" for k, _ in sources) else None
+        sc = av.open(str(side)) if any(k == "side" for k, _ in sources) else None
+        inputs = [c for c in (src, sc) if c is not None]
+        wanted = {id(src): [], id(sc): []}
+        for kind, index in sources:  # output streams in order: video, audio tracks, subtitles, pictures
+            c = src if kind == "input" else sc
+            s = c.streams[index]
+            o = out.add_stream_from_template(s)
+            o.time_base = s.time_base
+            o.metadata.update({k: v for k, v in s.metadata.items() if k.lower() in ("language", "title")})
+            if s.disposition & av.stream.Disposition.attached_pic:
+                o.disposition = av.stream.Disposition.attached_pic
+            wanted[id(c)].append((s, o))
+        feeds = [_video_feed(video, ostream, info, timeline)]
+        if src is not None:  # the input's own timestamps, less its start (as ffmpeg reads it)
+            feeds.append(_copied(src, wanted[id(src)], Fraction(src.start_time or 0, 1_000_000)))
+        if sc is not None:  # ffmpeg already took the input's start off
+            feeds.append(_copied(sc, wanted[id(sc)], Fraction(0)))
+        # interleaved by time here (one shard in memory at a time); the muxer's own interleaving
+        # (av_interleaved_write_frame) then only reorders within its small window
+        for _, pkt in heapq.merge(*feeds, key=lambda x: x[0]):
+            out.mux(pkt)
+    except BaseException as e:
+        if out is not None:
+            try:
+                out.close()
+            except Exception:
+                pass
+        if isinstance(e, av.error.FFmpegError):
+            raise EncodeError(f"merge failed: {_first_line(e)}") from None
+        raise
+    finally:
+        video.close()
+        for c in inputs:
+            c.close()
+    try:
+        out.close()  # the trailer: the index, into the room reserved at the start
+    except av.error.FFmpegError as e:
+        if "moov_size" in options:  # libavformat: "reserved_moov_size is too small"
+            raise _MoovTooSmall(_first_line(e)) from None
+        raise EncodeError(f"merge failed: {_first_line(e)}") from None
+    del stats["delay"]
+    return stats
+
+
+def _video_feed(video, ostream, info: VideoInfo, timeline: Timeline):
+    """(decode time in seconds, packet) of the joined video, moved to the input's start offset;
+    the timestamp check while writing: every frame of the timeline shown once, none outside it."""
+    offset = round(info.start * timeline.scale)  # the input's video starts this long after its audio
+    tb = Fraction(1, timeline.scale)
+    seen = bytearray(info.frames)
+    for frame, pkt in video:
+        if not 0 <= frame < info.frames or seen[frame]:
+            raise EncodeError(f"merged video has frame {frame} twice or outside its {info.frames} frames")
+        seen[frame] = 1
+        pkt.pts += offset
+        pkt.dts += offset
+        pkt.stream = ostream
+        yield pkt.dts * tb, pkt
+    if sum(seen) != info.frames:
+        raise EncodeError(f"merged video has {sum(seen)} timed frames, expected {info.frames}")
+
+
+def _copied(container, pairs, start: Fraction):
+    """(time in seconds, packet) of the given streams of ``container``, retargeted to the output
+    streams and moved ``start`` seconds earlier, in the container's order."""
+    import av
+
+    keep = {s.index: (s, o, round(start / s.time_base)) for s, o in pairs}
+    for s in container.streams:
+        if s.index not in keep:
+            s.discard = av.stream.Discard.all  # mp4: the demuxer then skips those samples' bytes altogether
+    for pkt in container.demux([s for s, _ in pairs]):
+        if pkt.stream.index not in keep or (not pkt.size and pkt.dts is None):
+            continue
+        s, o, shift = keep[pkt.stream.index]
+        if pkt.pts is not None:
+            pkt.pts -= shift
+        if pkt.dts is not None:
+            pkt.dts -= shift
+        t = pkt.dts if pkt.dts is not None else pkt.pts
+        if s.disposition & av.stream.Disposition.attached_pic:
+            pkt.pts = pkt.dts = None
+        pkt.stream = o
+        yield (-math.inf if t is None or s.disposition & av.stream.Disposition.attached_pic
+               else t * s.time_base), pkt
 
 
 def _stream_name(kind: str, stream: dict) -> str:
@@ -591,74 +862,32 @@ def _run_mux(cmd: list[str]) -> list[str] | None:
     return [line for line in lines if line] or [f"ffmpeg exited with status {proc.returncode}"]
 
 
-def _reorder_delay(path: Path, fps: Fraction) -> int:
-    """Frames by which a shard's first decode time precedes its first frame (its B-frame delay)."""
-    import av
-
-    with av.open(str(path)) as c:
-        vs = c.streams.video[0]
-        for pkt in c.demux(vs):
-            if pkt.size and pkt.dts is not None:
-                return max(0, round(((vs.start_time or 0) - pkt.dts) * vs.time_base * fps))
-    raise EncodeError(f"{path.name}: shard has no video packets")
-
-
-def _write_joined(path: Path, shards: list[tuple[Path, int, int]], info: VideoInfo, timeline: Timeline,
-                  delay: int) -> str:
-    """Every packet of every shard, in decode order, into one mp4, retimed (see merge). Returns
-    the codec's name."""
-    import av
-
-    tb = Fraction(1, timeline.scale)
-    ostream, extradata = None, None
-    decoded = 0  # packets written so far: the decode position in the joined stream
-    with av.open(str(path), "w", format="mp4",
-                 options={"video_track_timescale": str(timeline.scale)}) as joined:
-        for shard, start, frames in shards:
-            with av.open(str(shard)) as c:
-                vs = c.streams.video[0]
-                if ostream is None:
-                    ostream, extradata = joined.add_stream_from_template(vs), vs.codec_context.extradata
-                    ostream.time_base = tb
-                elif vs.codec_context.extradata != extradata:
-                    # One set of codec headers serves the joined stream: a shard encoded with other
-                    # parameters would decode as garbage.
-                    raise EncodeError(f"{shard.name} was encoded with other codec parameters "
-                                      f"than the first shard")
-                t0, shard_tb = vs.start_time or 0, vs.time_base
-                count = 0
-                for pkt in c.demux(vs):
-                    if not pkt.size:
-                        continue
-                    local = round((pkt.pts - t0) * shard_tb * info.fps)  # shards are written at constant rate
-                    frame = start + local
-                    if not 0 <= local < frames or frame < decoded - delay:
-                        raise EncodeError(f"{shard.name}: a packet at frame {local} does not fit its "
-                                          f"{frames}-frame range (decode position {decoded}, delay {delay})")
-                    pkt.stream = ostream
-                    pkt.time_base = tb
-                    pkt.pts = timeline.at(frame)
-                    pkt.dts = timeline.at(decoded - delay)
-                    pkt.duration = timeline.at(frame + 1) - timeline.at(frame)
-                    joined.mux(pkt)
-                    decoded += 1
-                    count += 1
-                if count != frames:
-                    raise EncodeError(f"{shard.name} holds {count} frames, its sidecar says {frames}")
-        return ostream.codec_context.name
-
-
 def check_timeline(path: Path, info: VideoInfo) -> None:
     """Raise unless ``path`` shows what a decoder should: ``info.frames`` frames, frame n at the
     input's time for frame n, the first at the input's start offset, and, at constant rate,
-    every frame lasting one frame (a longer one is what makes players repeat frames)."""
+    every frame lasting one frame (a longer one is what makes players repeat frames).
+
+    Reads every packet of the video (any container); :func:`check_index` asks the same of an
+    mp4's index alone."""
     import av
 
-    timeline = Timeline(info)
     with av.open(str(path)) as c:
         vs = c.streams.video[0]
         tb = vs.time_base
         packets = [(p.pts, p.duration) for p in c.demux(vs) if p.size and p.pts is not None]
+    _check_packets(packets, tb, info)
+
+
+def check_index(path: Path, info: VideoInfo) -> None:
+    """:func:`check_timeline` on an mp4's index (its moov box: sample durations, composition
+    offsets, edit list), which is what players time frames by; the media data is not read."""
+    packets, tb = _index_timeline(Path(path))
+    _check_packets(packets, tb, info)
+
+
+def _check_packets(packets: list[tuple[int, int]], tb: Fraction, info: VideoInfo) -> None:
+    """The checks of check_timeline on (pts, duration) pairs in decode order, in ``tb`` ticks."""
+    timeline = Timeline(info)
     if len(packets) != info.frames:
         raise EncodeError(f"merged video has {len(packets)} timed frames, expected {info.frames}")
     pts = sorted(p for p, _ in packets)
@@ -676,6 +905,104 @@ def check_timeline(path: Path, info: VideoInfo) -> None:
                 raise EncodeError(f"merged video's frame {n} (decode order) lasts "
                                   f"{float(duration * tb):.6f} s, "
                                   f"not one frame ({float(1 / info.fps):.6f} s)")
+
+
+def _boxes(data: bytes, pos: int = 0, end: int | None = None) -> Iterator[tuple[bytes, int, int]]:
+    """(type, payload start, box end) of the ISO BMFF boxes in data[pos:end]."""
+    end = len(data) if end is None else end
+    while pos + 8 <= end:
+        size, kind = struct.unpack_from(">I4s", data, pos)
+        head = 8
+        if size == 1:
+            size, head = struct.unpack_from(">Q", data, pos + 8)[0], 16
+        elif size == 0:
+            size = end - pos
+        if size < head:
+            raise EncodeError(f"damaged mp4 box {kind!r} at {pos}")
+        yield kind, pos + head, pos + size
+        pos += size
+
+
+def top_level_boxes(path: Path) -> list[tuple[bytes, int, int]]:
+    """(type, offset, size) of an mp4's top-level boxes, read from their headers only."""
+    found = []
+    with open(path, "rb") as f:
+        pos, end = 0, f.seek(0, 2)
+        while pos + 8 <= end:
+            f.seek(pos)
+            head = f.read(16)
+            size, kind = struct.unpack_from(">I4s", head)
+            if size == 1:
+                size = struct.unpack_from(">Q", head, 8)[0]
+            elif size == 0:
+                size = end - pos
+            if size < 8:
+                break
+            found.append((kind, pos, size))
+            pos += size
+    return found
+
+
+def _index_timeline(path: Path) -> tuple[list[tuple[int, int]], Fraction]:
+    """(pts, duration) of the first video track's samples in decode order, and its time base,
+    as libavformat's mov demuxer presents them: from stts, ctts and the edit list of the moov."""
+    boxes = {kind: (offset, size) for kind, offset, size in top_level_boxes(path)}
+    if b"moov" not in boxes:
+        raise EncodeError(f"{path.name}: no moov box")
+    offset, size = boxes[b"moov"]
+    with open(path, "rb") as f:
+        f.seek(offset)
+        moov = f.read(size)
+    movie_scale = None
+    for kind, a, b in _boxes(moov, 8):
+        if kind == b"mvhd":
+            version = moov[a]
+            movie_scale = struct.unpack_from(">I", moov, a + (20 if version == 1 else 12))[0]
+        if kind != b"trak":
+            continue
+        trak = {k: (x, y) for k, x, y in _boxes(moov, a, b)}
+        mdia = {k: (x, y) for k, x, y in _boxes(moov, *trak[b"mdia"])}
+        hdlr = mdia[b"hdlr"][0]
+        if moov[hdlr + 8:hdlr + 12] != b"vide":
+            continue
+        mdhd = mdia[b"mdhd"][0]
+        scale = struct.unpack_from(">I", moov, mdhd + (20 if moov[mdhd] == 1 else 12))[0]
+        minf = {k: (x, y) for k, x, y in _boxes(moov, *mdia[b"minf"])}
+        stbl = {k: (x, y) for k, x, y in _boxes(moov, *minf[b"stbl"])}
+        durations: list[int] = []
+        a2 = stbl[b"stts"][0]
+        for i in range(struct.unpack_from(">I", moov, a2 + 4)[0]):
+            count, delta = struct.unpack_from(">II", moov, a2 + 8 + 8 * i)
+            durations += [delta] * count
+        offsets = [0] * len(durations)
+        if b"ctts" in stbl:
+            a2 = stbl[b"ctts"][0]
+            fmt = ">Ii" if moov[a2] == 1 else ">II"
+            k = 0
+            for i in range(struct.unpack_from(">I", moov, a2 + 4)[0]):
+                count, value = struct.unpack_from(fmt, moov, a2 + 8 + 8 * i)
+                offsets[k:k + count] = [value] * count
+                k += count
+        shift = 0  # the edit list: an empty edit delays the track, a media time skips into it
+        if b"edts" in trak:
+            for kind2, x, _ in _boxes(moov, *trak[b"edts"]):
+                if kind2 != b"elst":
+                    continue
+                version = moov[x]
+                fmt, step = (">Qq", 20) if version == 1 else (">Ii", 12)
+                for i in range(struct.unpack_from(">I", moov, x + 4)[0]):
+                    edit, media = struct.unpack_from(fmt, moov, x + 8 + step * i)
+                    if media == -1:
+                        shift += edit * scale // (movie_scale or scale)
+                    else:
+                        shift -= media
+                        break
+        dts, packets = 0, []
+        for d, o in zip(durations, offsets):
+            packets.append((dts + o + shift, d))
+            dts += d
+        return packets, Fraction(1, scale)
+    raise EncodeError(f"{path.name}: no video track in its index")
 
 
 def output_sar(info: VideoInfo, width: int, height: int) -> Fraction:
