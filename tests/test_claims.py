@@ -14,10 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from builders import Gate, decode_indices, gated, make_clip, probe_streams, read_frames, wait_until
+from builders import (Gate, decode_indices, gated, make_clip, probe_streams, read_frames, records, sidecars,
+                      wait_until)
 from conftest import ROOT, job_cmd, job_env, read_report, run_job
 
-from vsr_ddp import claims
+from vsr_ddp import claims, shards
+from vsr_ddp.plan import probe
 
 HOST = socket.gethostname()
 
@@ -231,9 +233,9 @@ def unit_logs(output: Path, who: bool = False) -> list[tuple]:
     """(video, unit) of every unit made, from every rank log of every launch on the folder; with
     who, (video, unit, run, rank) as the line's tag says."""
     made = []
-    for log in sorted((output / ".vsr_ddp" / "logs").glob("rank*.log")):
+    for log in sorted(shards.logs_dir(output).glob("rank*.log")):
         for rank, run, video, unit in re.findall(
-                r"\[rank (\d+) run (\w+)\] INFO vsr_ddp\.runner: (\S+) (segment_\d{4}): frames \[",
+                r"\[rank (\d+) run (\w+)\] INFO vsr_ddp\.maker: (\S+) (segment_\d{4}): frames \[",
                 log.read_text(encoding="utf-8")):
             made.append((video, unit, run, int(rank)) if who else (video, unit))
     return made
@@ -245,16 +247,19 @@ def test_concurrent_launches_share_the_units_and_finish_together(tmp_path):
     script), then a lone process, each joining while the launches before it are at work. The
     launches are gated (tests/builders/gated_main.py): each one starts once every rank of the
     ones before holds a unit, and no unit is let through before every rank of all three holds
-    one, so every rank of every launch makes a unit, however fast or loaded the machine."""
+    one, so every rank of every launch makes a unit, however fast or loaded the machine. The
+    videos are longer than a segment (no bundles), and their shards are kept after the merge
+    (work.keep_shards=true) for the test to see who made each."""
     lengths = (24, 12, 18)
     clips = [make_clip(tmp_path / "in" / f"v{n}.mp4", frames=frames, size=(64, 48), audio=n == 0, seed=n)
              for n, frames in enumerate(lengths)]
     out = tmp_path / "out"
     args = [f"input={tmp_path / 'in'}", f"output={out}", "job=upscale", "job.model=lanczos", "job.scale=2",
-            "work.segment_frames=6"]
+            "work.segment_frames=6", "work.keep_shards=true"]
+    wdirs = {shards.work_dir(out, probe(clip), "2x"): clip.stem for clip in clips}
     gate = Gate(tmp_path / "gate")
     env = gate.env(job_env())
-    runs = out / ".vsr_ddp" / "runs"
+    runs = shards.runs_dir(out)
     launches = []
 
     def launch(nproc: int) -> None:
@@ -274,10 +279,10 @@ def test_concurrent_launches_share_the_units_and_finish_together(tmp_path):
     made = unit_logs(out)
     units = sum(-(-n // 6) for n in lengths)
     assert len(made) == len(set(made)) == units
-    sides = [json.loads(p.read_text()) for p in out.glob(".vsr_ddp/*/segment_????.json")]
+    sides = [json.loads(p.read_text()) for p in sidecars(out)]
     assert len(sides) == units
-    launched = re.findall(r"INFO vsr_ddp\.runner: run (\w{12}): (\d) rank\(s\)",
-                          (out / ".vsr_ddp" / "logs" / "rank0.log").read_text())
+    launched = re.findall(r"INFO vsr_ddp\.claims: run (\w{12}): (\d) rank\(s\)",
+                          (shards.logs_dir(out) / "rank0.log").read_text())
     assert sorted(int(n) for _, n in launched) == [1, 2, 2]
     first_run, second_run = [r for r, n in launched if n == "2"]
     by_run = {s["run"] for s in sides}
@@ -287,11 +292,11 @@ def test_concurrent_launches_share_the_units_and_finish_together(tmp_path):
     # The rank logs, shared by the launches, tag each line with its launch: they agree with the
     # sidecars on who made every unit.
     assert sorted(unit_logs(out, who=True)) == sorted(
-        (p.parent.name.removesuffix("_2x"), p.stem, s["run"], s["rank"])
-        for p in out.glob(".vsr_ddp/*/segment_????.json") for s in [json.loads(p.read_text())])
+        (wdirs[p.parent.parent], p.stem, s["run"], s["rank"])
+        for p in sidecars(out) for s in [json.loads(p.read_text())])
     # Every video whole and right, merged exactly once.
     merges = []
-    for log in (out / ".vsr_ddp" / "logs").glob("rank*.log"):
+    for log in shards.logs_dir(out).glob("rank*.log"):
         merges += re.findall(r"(\S+\.mp4) -> \S+: \d+ frames, merged in", log.read_text())
     assert sorted(Path(m).name for m in merges) == [f"v{n}.mp4" for n in range(3)]
     for n, (clip, frames) in enumerate(zip(clips, lengths)):
@@ -300,7 +305,8 @@ def test_concurrent_launches_share_the_units_and_finish_together(tmp_path):
         assert got.shape == (frames, 96, 128, 3)
         assert decode_indices(got) == list(range(frames))
         assert probe_streams(final)["fps"] == probe_streams(clip)["fps"]
-        assert json.loads((out / ".vsr_ddp" / f"v{n}_2x" / "merged.json").read_text())["run"] in by_run
+        wdir = shards.work_dir(out, probe(clip), "2x")
+        assert json.loads((wdir / shards.MERGED).read_text())["run"] in by_run
     audio = [probe_streams(f)["audio_duration"] for f in (out / "v0.mp4", clips[0])]
     assert abs(audio[0] - audio[1]) < 0.05
     assert [v["status"] for v in read_report(out)["videos"]] == ["ok"] * 3
@@ -316,26 +322,31 @@ def test_concurrent_launches_share_the_units_and_finish_together(tmp_path):
 
 @pytest.mark.slow
 def test_a_merge_interrupted_by_a_kill_is_redone_and_only_the_merge(tmp_path):
+    """A kill in the middle of a merge leaves every shard done (they go only after a merge is
+    recorded), no output and no merge record: the rerun merges the video again from the same
+    shards and makes no unit again. (The runs keep their shards, work.keep_shards=true, for the
+    test to tell kept shards from remade ones.)"""
     clip = make_clip(tmp_path / "clip.mp4", frames=30, size=(64, 48), audio=True)
     out = tmp_path / "out"
     args = ["job=upscale", f"input={clip}", f"output={out}", "job.model=lanczos", "job.scale=2",
-            "work.segment_frames=8"]
+            "work.segment_frames=8", "work.keep_shards=true"]
     run_job(args)
-    wdir = out / ".vsr_ddp" / "clip_2x"
-    sides = {p.name: p.read_text() for p in wdir.glob("segment_????.json")}
+    wdir = shards.work_dir(out, probe(clip), "2x")
+    sides = {p.name: p.read_text() for p in sidecars(out)}
+    assert len(sides) == 4
     first = read_frames(out / "clip.mp4")
     # What a kill in the middle of the merge leaves: the merger's lease (its process gone), its
-    # temporary files, no final video and no merge record.
+    # temporary files (the output's and its streams'), no final video and no merge record.
     (out / "clip.mp4").unlink()
-    (wdir / "merged.json").unlink()
-    foreign_lease(wdir / "merge.lease", pid=dead_pid())
+    (wdir / shards.MERGED).unlink()
+    foreign_lease(wdir / shards.MERGE_LEASE, pid=dead_pid())
     (out / "clip.mp4.0123456789ab-r1.partial").write_bytes(b"\0" * 1000)
-    (wdir / "joined.mp4.0123456789ab-r1.partial").write_bytes(b"\0" * 1000)
+    (out / "clip.mp4.0123456789ab-r1.streams.partial").write_bytes(b"\0" * 1000)
     proc = run_job(args)
     assert np.array_equal(read_frames(out / "clip.mp4"), first)
-    assert {p.name: p.read_text() for p in wdir.glob("segment_????.json")} == sides  # no unit redone
-    assert unit_logs(out).count(("clip", "segment_0000")) == 1
-    assert "taking over" in (out / ".vsr_ddp" / "logs" / "rank0.log").read_text()
+    assert {p.name: p.read_text() for p in sidecars(out)} == sides  # no unit redone
+    assert sorted(unit_logs(out)) == [("clip", f"segment_{k:04d}") for k in range(4)]  # each made once
+    assert "taking over" in (shards.logs_dir(out) / "rank0.log").read_text()
     assert not list(out.rglob("*.partial")) and not list(out.rglob("*.lease"))
     assert read_report(out)["videos"][0]["status"] == "ok"
     # A rerun of a finished folder merges nothing again.
@@ -365,7 +376,7 @@ def test_a_launch_with_other_settings_stops_before_any_work(tmp_path):
         assert errors[0].endswith("): wait for it to finish, launch with its settings to join it, or use "
                                   "another output=")
         assert "frames" not in proc.stderr  # no progress bar: nothing started
-        assert not list(out.glob(".vsr_ddp/clip_*")) and not (out / "clip.mp4").exists()
+        assert not list(shards.work_dirs(out)) and not records(out) and not (out / "clip.mp4").exists()
         assert [p.name for p in runs.iterdir()] == ["0123456789ab.json"]  # its own run file is gone
     finally:
         live.close()
@@ -378,18 +389,18 @@ def test_status_shows_who_holds_the_units_in_hand(tmp_path):
     clip = make_clip(tmp_path / "clip.mp4", frames=24, size=(64, 48), audio=False)
     out = tmp_path / "out"
     run_job(["job=upscale", f"input={clip}", f"output={out}", "job.model=lanczos", "job.scale=2",
-             "work.segment_frames=8"])
-    wdir = out / ".vsr_ddp" / "clip_2x"
-    for name in ("segment_0001.json", "merged.json"):
-        (wdir / name).unlink()
+             "work.segment_frames=8", "work.keep_shards=true"])
+    wdir = next(shards.work_dirs(out))
+    for path in (shards.sidecar_path(wdir, "segment_0001"), wdir / shards.MERGED):
+        path.unlink()
     (out / "clip.mp4").unlink()
     # A launch working on the folder now: its run file, and rank 1's lease on segment 1 ...
-    runs = out / ".vsr_ddp" / "runs"
+    runs = shards.runs_dir(out)
     runs.mkdir(exist_ok=True)
-    foreign_lease(runs / "0123456789ab.json", rank=0, world=2, job="upscale", input=str(clip))
-    foreign_lease(wdir / "segment_0001.lease", rank=1, host="node-17")
+    foreign_lease(shards.run_file(out, "0123456789ab"), rank=0, world=2, job="upscale", input=str(clip))
+    foreign_lease(shards.lease_path(wdir, "segment_0001"), rank=1, host="node-17")
     # ... and a merge lease left by a launch that died on this host
-    foreign_lease(wdir / "merge.lease", run="ba9876543210", rank=0, pid=dead_pid())
+    foreign_lease(wdir / shards.MERGE_LEASE, run="ba9876543210", rank=0, pid=dead_pid())
     proc = subprocess.run([sys.executable, "-m", "vsr_ddp.status", f"output={out}"], capture_output=True,
                           text=True, cwd=ROOT, env=job_env(), check=True)
     assert "run 0123456789ab: 2 rank(s), rank 0 on " + HOST in proc.stdout

@@ -14,8 +14,10 @@ import cv2
 import numpy as np
 import pytest
 from builders import (Gate, decode_indices, gated, kill_tree, make_clip, probe_streams, read_frames,
-                      unit_point, wait_until)
+                      sidecars, unit_point, wait_until)
 from conftest import ROOT, job_cmd, job_env, read_report, run_job
+from vsr_ddp import shards
+from vsr_ddp.plan import probe
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -28,7 +30,7 @@ def test_two_ranks_upscale_keeps_frames_order_fps_and_audio(clips, tmp_path):
     src = clips["av"]
     out = tmp_path / "out"
     proc = run_job(["job=upscale", f"input={src}", f"output={out}", "job.model=lanczos", "job.scale=2",
-                    "work.segment_frames=10"], nproc=2)
+                    "work.segment_frames=10", "work.keep_shards=true"], nproc=2)
     final = out / "av.mp4"
     got, ref = probe_streams(final), probe_streams(src)
     assert got["frames"] == ref["frames"] == 48
@@ -50,9 +52,8 @@ def test_two_ranks_upscale_keeps_frames_order_fps_and_audio(clips, tmp_path):
     text = (logs / "rank1.log").read_text()
     assert "[rank 1]" in text and re.search(r"\[rank 1 run [0-9a-f]+\] INFO vsr_ddp\.runner: ", text)
     assert "rank 1" not in proc.stderr.replace("rank 1/2", "")
-    sides = sorted((out / ".vsr_ddp" / "av_2x").glob("segment_????.json"))
-    assert len(sides) == 5
-    import json
+    sides = sidecars(out)  # kept: work.keep_shards=true
+    assert [p.parent.parent for p in sides] == [shards.work_dir(out, probe(src), "2x")] * 5
     ranks = {json.loads(p.read_text())["rank"] for p in sides}
     assert ranks == {0, 1}
     # The bar shows frames/s and a human ETA.
@@ -157,7 +158,7 @@ def test_job_array_shares_split_the_inputs_and_write_one_report_each(tmp_path):
     run_job([*args, "work.shard_index=0"])
     assert not (out / "run_report.json").exists()
     reports = {i: read_report_named(out, f"run_report.{i}-of-2.json") for i in (0, 1)}
-    assert [Path(v["input"]).name for v in reports[0]["videos"]] == ["a.mp4", "c.mp4"]
+    assert sorted(Path(v["input"]).name for v in reports[0]["videos"]) == ["a.mp4", "c.mp4"]
     assert [Path(v["input"]).name for v in reports[1]["videos"]] == ["b.mp4"]
     assert all(v["status"] == "ok" for r in reports.values() for v in r["videos"])
     for stem, n in frames.items():
@@ -186,11 +187,12 @@ def test_rank_that_finishes_early_outlives_the_collective_timeout(tmp_path):
     make_clip(inputs / "b_short.mp4", frames=12, size=(64, 48), audio=False)
     out = tmp_path / "out"
     logs = out / ".vsr_ddp" / "logs"
-    waiting = "waiting for 1 unit(s) and 0 merge(s) in other hands"
+    waiting = "nothing left to draw: waiting for 1 of 2 video(s) in other hands"
     gate = Gate(tmp_path / "gate")
     gate.open(unit_point("b_short", 0))
     cmd = gated(job_cmd(["job=upscale", f"input={inputs}", f"output={out}", "job.model=lanczos",
-                         "job.scale=2", "work.unit=video", "dist.timeout_min=0.1"], nproc=2))
+                         "job.scale=2", "work.unit=video", "work.bundle_frames=1", "dist.timeout_min=0.1"],
+                        nproc=2))
     proc = subprocess.Popen(cmd, cwd=ROOT, env=gate.env(job_env()), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -204,13 +206,14 @@ def test_rank_that_finishes_early_outlives_the_collective_timeout(tmp_path):
     assert proc.returncode == 0, err[-3000:]
     report = read_report(out)
     assert [v["status"] for v in report["videos"]] == ["ok", "ok"]
-    # Each video was merged by the rank that made it, as it completed: the short one while the
-    # other rank was still at work on the long one, which the short one's rank then waited for,
-    # longer than the timeout.
-    wdirs = {v: out / ".vsr_ddp" / f"{v}_2x" for v in ("a_long", "b_short")}
-    made_by = {v: json.loads((w / "segment_0000.json").read_text())["rank"] for v, w in wdirs.items()}
+    # Each video was made and written out by one rank, one bundle each (work.bundle_frames=1):
+    # the short one while the other rank was still at work on the long one, which the short
+    # one's rank then waited for, longer than the timeout.
+    bundles = [json.loads(p.read_text()) for p in shards.bundle_sidecars(out)]
+    assert sorted(c["rel"] for b in bundles for c in b["clips"]) == ["a_long", "b_short"]
+    assert all(len(b["clips"]) == 1 and b["clips"][0]["status"] == "ok" for b in bundles)
+    made_by = {b["clips"][0]["rel"]: b["rank"] for b in bundles}
     assert sorted(made_by.values()) == [0, 1]
-    assert {v: json.loads((w / "merged.json").read_text())["rank"] for v, w in wdirs.items()} == made_by
     log = (logs / f"rank{made_by['b_short']}.log").read_text()
     assert log.index("b_short.mp4 ->") < log.index(waiting)
     at = lambda line: datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")  # noqa: E731

@@ -118,7 +118,8 @@ def test_a_bad_setting_or_a_missing_file_stops_the_run_with_one_line(folder, tmp
                     f"job.flashvsr.dir={model_dir}", override, *COMMON], check=False)
     errors = [ln for ln in proc.stderr.splitlines() if not ln.startswith("INFO:") and ln.strip()]
     assert proc.returncode == 2 and len(errors) == 1 and says in errors[0], proc.stderr
-    assert not (out / "v.mp4").exists() and not list(out.rglob("segment_*"))  # no work done
+    # no work done: no video, shard, sidecar or bundle record
+    assert not [*out.rglob("*.mp4"), *out.rglob("segment_*"), *out.rglob("bundle-*")]
 
 
 def test_segments_start_on_the_step_grid_and_the_warmup_is_resolved(folder, tmp_path, monkeypatch):

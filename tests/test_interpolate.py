@@ -14,6 +14,7 @@ from builders import (Gate, already_done, encode_frames, ffmpeg_decode, frame_ti
                       unit_point)
 from conftest import ROOT, job_cmd, job_env, read_report, run_job
 
+from vsr_ddp import shards
 from vsr_ddp.models.interpolation import output_count
 
 
@@ -153,27 +154,29 @@ def test_two_ranks_equal_one_rank_and_a_rerun_keeps_finished_shards(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     # lossless shards: the frames compared are the engine's, whatever choices x264 makes
     same = ["job.model=flow", "job.factor=2", "work.segment_frames=6",
-            "encode.crf=0", "encode.preset=ultrafast"]
+            "encode.crf=0", "encode.preset=ultrafast", "work.keep_shards=true"]  # shards kept to compare
     interpolate(src, one, *same)
     interpolate(src, two, *same, nproc=2)
     a, b = read_frames(one / "p.mp4"), read_frames(two / "p.mp4")
     assert len(a) == len(b) == 42
     if not np.array_equal(a, b):  # say which units differ, and which rank made them when (a rare flake)
         shard_hash = lambda p: json.loads(p.read_text())["sha256"]  # noqa: E731
-        differ = [p.stem for p in sorted((one / ".vsr_ddp").glob("p_*/segment_*.json"))
-                  if shard_hash(p) != shard_hash(two / ".vsr_ddp" / p.parent.name / p.name)]
+        differ = [p.stem for p in sidecars(one) if shard_hash(p) != shard_hash(two / p.relative_to(one))]
         logs = [ln for f in sorted((two / ".vsr_ddp" / "logs").glob("rank*.log"))
                 for ln in f.read_text().splitlines() if "segment_" in ln]
         frames = [i for i in range(len(a)) if not np.array_equal(a[i], b[i])]
         pytest.fail(f"1 rank and 2 ranks differ at frames {frames}, shards {differ}; 2-rank logs: {logs}")
-    # take one shard away: the rerun makes that one alone and the video is the same
-    sidecars = sorted((two / ".vsr_ddp").glob("p_*/segment_*.json"))
-    assert len(sidecars) == 4
-    kept = {p: p.read_bytes() for p in sidecars[:2] + sidecars[3:]}
-    sidecars[2].unlink()
+    # take the video and one shard away: the rerun makes that shard alone and the video is the same
+    # (with the video in place, merged.json says it is done: the rerun makes nothing)
+    sides = sidecars(two)
+    assert len(sides) == 4
+    kept = {p: p.read_bytes() for p in sides[:2] + sides[3:]}
+    sides[2].unlink()
+    (two / "p.mp4").unlink()
     interpolate(src, two, *same)  # one rank will do
+    assert already_done(two, ranks=1) == 3
     assert all(p.read_bytes() == data for p, data in kept.items())
-    assert json.loads(sidecars[2].read_text())["frames_written"] == 12
+    assert json.loads(sides[2].read_text())["frames_written"] == 12
     assert np.array_equal(read_frames(two / "p.mp4"), a)
 
 
@@ -188,7 +191,8 @@ def test_a_killed_run_resumes_without_redoing_finished_shards(tmp_path):
     src = encode_frames(tmp_path / "p.mp4", pan_frames(30), "24", audio=True)
     args = lambda out: ["job=interpolate", f"input={src}", f"output={out}",  # noqa: E731
                         "log.progress=false", "job.model=flow", "job.factor=5/2", "work.segment_frames=5",
-                        "encode.crf=0", "encode.preset=ultrafast"]  # lossless: the engine's frames compared
+                        "encode.crf=0", "encode.preset=ultrafast",  # lossless: the engine's frames compared
+                        "work.keep_shards=true"]  # the shards stay after the merge, to compare
     total, frames = 6, output_count(30, Fraction(24), Fraction(60))
     assert frames == 75
     out = tmp_path / "killed"
@@ -197,7 +201,7 @@ def test_a_killed_run_resumes_without_redoing_finished_shards(tmp_path):
     in_place = lambda: len(sidecars(out)) == 2 and len(gate.reached()) == 4  # noqa: E731
     sigkill_when(gated(job_cmd(args(out), nproc=2)), in_place, env=gate.env(job_env()), cwd=ROOT)
 
-    [wdir] = [d for d in (out / ".vsr_ddp").glob("p_*") if d.is_dir()]
+    [wdir] = list(shards.work_dirs(out))
     units = json.loads((wdir / "checkpoint.json").read_text())["segments"]
     assert len(units) == total
     before = shard_files(wdir)
@@ -207,11 +211,11 @@ def test_a_killed_run_resumes_without_redoing_finished_shards(tmp_path):
     # names its shard exactly, every shard under its name is whole, and there is no video
     for side in done:
         meta = json.loads(side.read_text())
-        shard = wdir / meta["shard"]
+        shard = side.parent / meta["shard"]
         assert shard.stat().st_size == meta["size"]
         assert hashlib.sha256(shard.read_bytes()).hexdigest() == meta["sha256"]
         assert meta["frames_written"] == units[side.stem]["frames"]
-    for shard in wdir.glob("segment_????.mp4"):  # a shard is committed whole, its sidecar after it
+    for shard in wdir.glob("*/segment_????.mp4"):  # a shard is committed whole, its sidecar after it
         assert len(read_frames(shard)) == units[shard.stem]["frames"], shard.name
     assert not list(out.glob("p.mp4*")) and not (out / "run_report.json").exists()
 

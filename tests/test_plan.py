@@ -1,11 +1,12 @@
 """Planning, manifest and bookkeeping units (no video decoding, no torch)."""
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 
 from vsr_ddp import atomic, shards
 from vsr_ddp.logs import human_duration
-from vsr_ddp.plan import Plan, Unit, VideoInfo, list_inputs, plan_units
+from vsr_ddp.plan import InputError, Plan, Unit, VideoInfo, check_input, list_inputs, plan_units
 
 
 def _info(frames, name="v.mp4"):
@@ -54,6 +55,7 @@ def test_coverage_names_gaps_and_overlaps():
 def test_sidecar_marks_a_shard_done_only_when_it_matches(tmp_path):
     unit = Unit(0, 3, 30, 40, 28, 42)
     shard = shards.shard_path(tmp_path, unit)
+    shard.parent.mkdir(parents=True)
     shard.write_bytes(b"\x00" * 1000)
     assert not shards.shard_done(tmp_path, unit, "sig")  # no sidecar yet
     side = shards.write_sidecar(tmp_path, unit, signature="sig", encode={"crf": 18}, rank=1, host="h",
@@ -63,8 +65,9 @@ def test_sidecar_marks_a_shard_done_only_when_it_matches(tmp_path):
     assert shards.shard_done(tmp_path, unit, "sig")
     assert not shards.shard_done(tmp_path, unit, "other-settings")
     assert not shards.shard_done(tmp_path, Unit(0, 3, 30, 41, 28, 42), "sig")  # another plan
-    shard.write_bytes(b"\x01" * 1000)  # same size, other bytes: checksum catches it
-    assert not shards.shard_done(tmp_path, unit, "sig")
+    shard.write_bytes(b"\x01" * 1000)  # same size, other bytes: resume trusts the size, the checksum tells
+    assert shards.shard_done(tmp_path, unit, "sig")
+    assert not shards.shard_done(tmp_path, unit, "sig", verify_checksum=True)
     shards.discard_partial(tmp_path, unit)
     assert not shard.exists() and not shards.sidecar_path(tmp_path, unit).exists()
 
@@ -79,9 +82,33 @@ def test_atomic_json_leaves_no_partial(tmp_path):
 def test_inputs_are_listed_by_extension(tmp_path):
     for name in ("b.mkv", "a.mp4", "notes.txt", "c.WEBM"):
         (tmp_path / name).write_bytes(b"x")
-    assert [p.name for p in list_inputs(tmp_path)] == ["a.mp4", "b.mkv", "c.WEBM"]
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "d.mov").write_bytes(b"xy")
+    inputs = list_inputs(tmp_path)
+    assert [Path(i.path).name for i in inputs] == ["a.mp4", "b.mkv", "c.WEBM", "d.mov"]
+    assert [i.rel for i in inputs] == ["a", "b", "c", "sub/d"]  # the folder tree, mirrored in the output
+    assert inputs[3].path == str(tmp_path / "sub" / "d.mov") and inputs[3].size == 2
+    assert [i.rel for i in list_inputs(tmp_path, 1, 2)] == ["b", "sub/d"]  # a job-array task's share
+    assert [i.rel for i in list_inputs(tmp_path / "b.mkv")] == ["b"]
     with pytest.raises(ValueError, match="no such file"):
         list_inputs(tmp_path / "missing")
+
+
+def test_check_input_takes_a_tree_and_a_list_file(tmp_path):
+    (tmp_path / "deep" / "er").mkdir(parents=True)
+    with pytest.raises(InputError, match="no videos .* in this folder"):
+        check_input(tmp_path)
+    (tmp_path / "deep" / "er" / "v.mkv").write_bytes(b"x")
+    assert check_input(tmp_path) == tmp_path
+    listed = tmp_path / "list.txt"
+    listed.write_text("deep/er/v.mkv\n")
+    assert check_input(listed) == listed
+    with pytest.raises(InputError, match="no such file or folder"):
+        check_input(tmp_path / "other.txt")
+    binary = tmp_path / "clip.m4v"  # a video under an unknown extension is no list of paths
+    binary.write_bytes(b"\x00\x00\x00\x18ftypmp42")
+    with pytest.raises(InputError, match="binary data"):
+        check_input(binary)
 
 
 @pytest.mark.parametrize("seconds,text", [(5, "5 s"), (59.6, "1 min"), (720, "12 min"), (3780, "1 h 3 min"),

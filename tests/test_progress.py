@@ -1,8 +1,8 @@
 """The progress line counts what is there: "all ranks N/M frames, ETA ..." never shows more frames
 done than the run makes (N > M) nor a negative ETA, and a run ends at N == M: two ranks (the
-demo's run: the rank that completes a video merges it, the other finds its units done), a rerun
-on the same folder, a unit whose lease is taken over after its frames were counted, and a unit
-that fails part way."""
+demo's run: units drawn by whichever rank is free, the rank that completes a video merges it), a
+rerun on the same folder (every unit found done), a unit whose lease is taken over after its
+frames were counted, and a unit that fails part way."""
 from __future__ import annotations
 
 import logging
@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 import pytest
-from builders import make_clip
+from builders import already_done, make_clip
 from conftest import job_runner, read_report, run_job
 
 from vsr_ddp import claims, jobs
@@ -46,10 +46,10 @@ def test_human_duration_is_never_negative():
 
 @pytest.mark.slow
 def test_two_ranks_then_a_rerun(clips, tmp_path):
-    """Two ranks on one video: the rank that completes it merges it, the other one finds the
-    merging rank's units done in its survey and took them off the total although they were on
-    the bar (the demo's 'all ranks 100/50 frames, ETA -48 s'). The rerun on the same folder
-    finds everything done: 0/0."""
+    """Two ranks on one video cut into four segments: each unit is drawn by one rank, and the
+    rank that completes the video merges it; no unit's frames are counted twice (the demo's
+    'all ranks 100/50 frames, ETA -48 s' once). The rerun on the same folder finds everything
+    done (the merge record) and takes it all off the total: 0/0."""
     out = tmp_path / "out"
     args = ["job=upscale", f"input={clips['av']}", f"output={out}", "job.model=lanczos", "job.scale=2",
             "work.segment_frames=12", "encode.preset=ultrafast", "log.progress=false", "log.every_s=0.5"]
@@ -61,6 +61,7 @@ def test_two_ranks_then_a_rerun(clips, tmp_path):
         check_lines(progress_lines(text), 48, f"rank {rank}", text)
     sizes = {rank: len((logs / f"rank{rank}.log").read_text()) for rank in (0, 1)}
     run_job(args, nproc=2)  # the demo run again on its folder: a resume with nothing left
+    assert already_done(out, ranks=2) == 4  # its four units, found done by whichever rank drew each
     for rank in (0, 1):
         rerun = (logs / f"rank{rank}.log").read_text()[sizes[rank]:]  # the log files are appended
         check_lines(progress_lines(rerun), 0, f"rank {rank}, rerun", rerun)

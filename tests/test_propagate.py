@@ -15,10 +15,11 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from builders import Gate, gated, make_clip, read_frames, unit_point, wait_until
+from builders import Gate, gated, make_clip, read_frames, sidecars, unit_point, wait_until
 from conftest import ROOT, job_cmd, job_env, read_report, run_job
 from omegaconf import OmegaConf
 
+from vsr_ddp import shards
 from vsr_ddp.jobs.propagate import PropagateJob, key_units
 from vsr_ddp.models.blend import histogram_preserving_blend, poisson_fuse
 from vsr_ddp.models.ebsynth import Guide, GuideWeights, SynthParams, synthesize
@@ -347,7 +348,8 @@ def test_two_ranks_from_the_command_line(tmp_path):
     write_key(tmp_path / "keys" / "bad" / "first.png")
     out = tmp_path / "out"
     proc = run_job(["job=propagate", f"input={videos}", f"output={out}", f"job.keys={tmp_path / 'keys'}",
-                    *FAST_CLI, "device=cpu", "log.progress=false"], nproc=2, check=False)
+                    *FAST_CLI, "device=cpu", "log.progress=false", "work.keep_shards=true"],
+                   nproc=2, check=False)
     assert proc.returncode == 1, proc.stderr[-3000:]
     report = {Path(v["input"]).stem: v for v in read_report(out)["videos"]}
     assert report["good"]["status"] == "ok", report
@@ -357,19 +359,20 @@ def test_two_ranks_from_the_command_line(tmp_path):
     assert result.shape == (16, 48, 64, 3)
     for k, img in styled.items():                    # keys come back as given, up to H.264 at crf 18
         assert psnr(result[k], img) > 30
-    sidecars = sorted((out / ".vsr_ddp").glob("good_*/segment_*.json"))
-    assert len(sidecars) == 3
+    sides = sidecars(out)  # good.mp4's, kept (work.keep_shards=true)
+    assert len(sides) == 3
 
     # Restyle key 9 and run again: the two intervals that use it are redone, [0, 3) is kept.
-    before = {p.name: p.read_text() for p in sidecars}
+    before = {p.name: p.read_text() for p in sides}
     restyled = 255 - styled[9]
     cv2.imwrite(str(tmp_path / "keys" / "good" / "00009.png"), cv2.cvtColor(restyled, cv2.COLOR_RGB2BGR))
     run_job(["job=propagate", f"input={videos / 'good.mp4'}", f"output={out}",
              f"job.keys={tmp_path / 'keys'}",
-             "job.keys_layout=per_video", *FAST_CLI, "device=cpu", "log.progress=false"])
-    after = {p.name: p.read_text() for p in sidecars}
+             "job.keys_layout=per_video", *FAST_CLI, "device=cpu", "log.progress=false",
+             "work.keep_shards=true"])
+    after = {p.name: p.read_text() for p in sides}
     kept = [n for n in before if before[n] == after[n]]
-    assert kept == [sidecars[0].name], kept  # segment_0000 is [0, 3)
+    assert kept == [sides[0].name], kept  # segment_0000 is [0, 3)
     result = read_frames(out / "good.mp4")
     assert psnr(result[9], restyled) > 30 and psnr(result[3], styled[3]) > 30
 
@@ -406,7 +409,7 @@ def test_a_long_unit_shows_progress_and_a_stop_signal_ends_it_within_seconds(tmp
     try:
         wait_until("progress inside the unit", lambda: f"{unit_point('v', 0)}-progress" in gate.reached()
                    and log.exists() and moving.search(log.read_text()) is not None, [proc])
-        assert not list(out.glob(".vsr_ddp/*/segment_*.json"))
+        assert not sidecars(out) and not shards.bundle_sidecars(out)
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         status = proc.wait(timeout=60)
@@ -415,9 +418,11 @@ def test_a_long_unit_shows_progress_and_a_stop_signal_ends_it_within_seconds(tmp
     elapsed = time.monotonic() - t0
     assert status == 128 + signal.SIGTERM, proc.stderr.read()[-3000:]
     assert elapsed < 30, f"the rank took {elapsed:.1f} s to stop"
-    leftovers = [p.name for p in out.glob(".vsr_ddp/*/*") if p.suffix in (".partial", ".mp4")
-                 or p.name.startswith("segment_")]
+    # the unit is v.mp4 alone (a bundle of one clip): no clip shard, bundle record or partial file
+    leftovers = [str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and (
+        p.suffix in (".partial", ".mp4") or p.name.startswith(("segment_", "clip_")))]
     assert leftovers == [], leftovers
+    assert not shards.bundle_sidecars(out)
     assert not (out / "v.mp4").exists()
 
 

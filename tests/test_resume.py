@@ -15,39 +15,45 @@ from builders import (Gate, already_done, decode_indices, gated, make_clip, read
                       sidecars, sigkill_when, unit_point, wait_until)
 from conftest import ROOT, job_cmd, job_env, read_report, run_job
 
+from vsr_ddp import shards
+from vsr_ddp.plan import probe
+
 pytestmark = pytest.mark.slow
 
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     """SIGKILL the whole 2-rank job once units 0-2 are done and each rank is writing the shard of
     the next one (gated: tests/builders/gated_main.py); the rerun keeps those three, makes the
-    rest, and nothing half-written is ever under a finished file's name."""
+    rest, and nothing half-written is ever under a finished file's name. (The runs keep their
+    shards, work.keep_shards=true, so that the test can tell the kept ones from remade ones.)"""
     clip = make_clip(tmp_path / "clip.mp4", frames=40, size=(64, 48), audio=True)
     args = lambda out: ["job=upscale", f"input={clip}", f"output={out}", "job.model=lanczos",  # noqa: E731
-                        "job.scale=2", "work.segment_frames=4"]
+                        "job.scale=2", "work.segment_frames=4", "work.keep_shards=true"]
     out = tmp_path / "killed"
-    wdir = out / ".vsr_ddp" / "clip_2x"
+    wdir = shards.work_dir(out, probe(clip), "2x")
     gate = Gate(tmp_path / "gate")
     gate.open(*(unit_point("clip", k) for k in range(5)))
     for k in (3, 4):
         gate.hold(unit_point("clip", k) + "-written")
-    writing = lambda: [p for k in (3, 4) for p in wdir.glob(f"segment_{k:04d}.mp4.*.partial")]  # noqa: E731
+    writing = lambda: [p for k in (3, 4)  # noqa: E731
+                       for p in shards.unit_dir(wdir, k).glob(f"segment_{k:04d}.mp4.*.partial")]
     # torchrun, both ranks and their encoders, once 3 shards are done and the shards of units 3
     # and 4 are being written (their encoders have the frames): no chance to clean up
     in_place = lambda: (len(sidecars(out)) == 3  # noqa: E731
                         and {unit_point("clip", k) + "-written" for k in (3, 4)} <= gate.reached()
                         and len(writing()) == 2)
     sigkill_when(gated(job_cmd(args(out), nproc=2)), in_place, env=gate.env(job_env()), cwd=ROOT)
-    done_before = {p.name: json.loads(p.read_text()) for p in wdir.glob("segment_????.json")}
+    done_before = {p.name: json.loads(p.read_text()) for p in sidecars(out)}
     assert sorted(done_before) == [f"segment_{k:04d}.json" for k in range(3)]
     assert len(writing()) == 2  # the half-written shards are there, under their temporary names only
-    assert sorted(p.name for p in wdir.glob("segment_????.mp4")) == [f"segment_{k:04d}.mp4" for k in range(3)]
+    assert sorted(p.name for p in wdir.glob("*/segment_????.mp4")) == \
+        [f"segment_{k:04d}.mp4" for k in range(3)]
     assert not (out / "clip.mp4").exists()
 
     run_job(args(out))  # the same command again (one rank: shards do not depend on the rank count)
     assert already_done(out, ranks=1) == len(done_before)
     for name, side in done_before.items():  # finished shards were kept, not redone
-        assert json.loads((wdir / name).read_text()) == side
+        assert json.loads(shards.sidecar_path(wdir, name.removesuffix(".json")).read_text()) == side
     assert not list(out.rglob("*.partial"))
 
     fresh = tmp_path / "fresh"
@@ -93,14 +99,15 @@ PREEMPTIONS = ["SIGTERM-torchrun-step", "SIGUSR1-torchrun-ranks", "SIGTERM-srun-
 @pytest.mark.parametrize("how", PREEMPTIONS)
 def test_preemption_exits_128_plus_n_keeps_finished_shards_and_the_rerun_completes(tmp_path, how):
     """The signal comes once units 0 and 1 are done and each rank is inside the next one (gated:
-    tests/builders/gated_main.py): both ranks abandon their unit, and exactly those two stay."""
+    tests/builders/gated_main.py): both ranks abandon their unit, and exactly those two stay (and
+    are kept by the rerun: work.keep_shards=true keeps them after the merge, for the test to see)."""
     signame, launcher, target = how.split("-")
     sig = signal.Signals[signame]
     clip = make_clip(tmp_path / "clip.mp4", frames=24, size=(64, 48), audio=True)
     out = tmp_path / "out"
     args = ["job=upscale", f"input={clip}", f"output={out}", "job.model=lanczos", "job.scale=2",
-            "work.segment_frames=4"]
-    wdir = out / ".vsr_ddp" / "clip_2x"
+            "work.segment_frames=4", "work.keep_shards=true"]
+    wdir = shards.work_dir(out, probe(clip), "2x")
     gate = Gate(tmp_path / "gate")
     gate.open(unit_point("clip", 0), unit_point("clip", 1))
     procs = [subprocess.Popen(gated(job_cmd(args, nproc=2)), cwd=ROOT, env=gate.env(job_env()),
@@ -143,12 +150,12 @@ def test_preemption_exits_128_plus_n_keeps_finished_shards_and_the_rerun_complet
         assert "Traceback" not in log
     assert "rerun the same command to resume" in errs[0]
     assert not list(out.rglob("*.partial")), "a partial file was left behind"
-    assert not list(wdir.glob("*.failed.json")), "preemption was recorded as a failure"
+    assert not list(out.rglob("*.failed.json")), "preemption was recorded as a failure"
     assert not (out / "clip.mp4").exists()
     finished = shard_files(wdir)
-    for side in wdir.glob("segment_????.json"):  # every sidecar left describes a complete shard
+    for side in sidecars(out):  # every sidecar left describes a complete shard
         meta = json.loads(side.read_text())
-        assert (wdir / meta["shard"]).stat().st_size == meta["size"]
+        assert (side.parent / meta["shard"]).stat().st_size == meta["size"]
     assert sorted(finished) == [f"segment_{k:04d}.{ext}" for k in (0, 1) for ext in ("json", "mp4")]
 
     run_job(args)  # the same command again, as a requeue does (one rank: shards do not depend on it)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from builders import make_clip
-from conftest import run_here, run_job
+from conftest import read_report, run_here, run_job
 from hydra import compose, initialize_config_dir
 from test_configs import CONF, JOB_OVERRIDES
 
@@ -82,12 +82,16 @@ def test_every_spelling_of_an_input_as_output_is_refused(folder, tmp_path, monke
 
 
 def test_an_output_folder_inside_the_input_folder_is_fine(folder):
-    """Inputs are the files directly in the folder, so <input>/out holds no input."""
+    """The folder is listed recursively, but the output folder is left out: <input>/out holds no input."""
     out = folder / "out"
     run_job(["job=upscale", f"input={folder}", f"output={out}", "job.model=lanczos", "job.scale=2",
              "encode.preset=ultrafast"])
     assert (out / "clip.mp4").is_file()
     assert sorted(p.name for p in folder.glob("*.mp4")) == ["clip.mp4"]  # not clip.mp4 of the output
+    # run again: the output's clip.mp4 is still no input
+    run_job(["job=upscale", f"input={folder}", f"output={out}", "job.model=lanczos", "job.scale=2",
+             "encode.preset=ultrafast"])
+    assert [v["input"] for v in read_report(out)["videos"]] == [str(folder / "clip.mp4")]
 
 
 @pytest.mark.parametrize("job,key", [("propagate", "job.keys"), ("sim2real", "job.prompts"),

@@ -16,7 +16,7 @@ from conftest import job_runner, read_report, run_job
 from hydra import compose, initialize_config_dir
 from test_configs import CONF
 
-from vsr_ddp import jobs
+from vsr_ddp import jobs, shards
 from vsr_ddp.models import fresco
 from vsr_ddp.models.flow import warp
 from vsr_ddp.models.propagation import propagate_keys
@@ -626,7 +626,8 @@ def test_two_ranks_three_videos_through_the_command_line(tmp_path, models):
     out = tmp_path / "out"
     proc = run_job(["job=sim2real", f"input={src}", f"output={out}", f"job.prompts={prompts}",
                     f"job.base_model={models['sd']}", f"job.controlnet={models['cn']}", "job.control=canny",
-                    "encode.preset=ultrafast", "log.progress=false", *TINY_JOB], nproc=2, timeout=240)
+                    "encode.preset=ultrafast", "log.progress=false", "work.bundle_frames=1", *TINY_JOB],
+                   nproc=2, timeout=240)
     report = {v["input"].rsplit("/", 1)[1]: v for v in read_report(out)["videos"]}
     assert report["b.mp4"]["status"] == "skipped" and "no prompt" in report["b.mp4"]["reason"]
     assert report["a.mp4"]["status"] == report["c.mp4"]["status"] == "ok", proc.stderr[-2000:]
@@ -635,21 +636,30 @@ def test_two_ranks_three_videos_through_the_command_line(tmp_path, models):
         got = probe_streams(out / f"{name}.mp4")
         assert got["frames"] == frames and got["fps"] == fps and (got["width"], got["height"]) == size
         assert got["audio_codec"] is not None
-    sides = {p.parent.name: json.loads(p.read_text())["rank"]
-             for p in (out / ".vsr_ddp").glob("*/segment_0000.json")}
-    assert sorted(sides) == ["a_sim2real", "c_sim2real"]  # whole videos, the kept ones only
-    assert sorted(sides.values()) == [0, 1]  # one each: a rank takes the next video when it is free
-    assert not (out / "b.mp4").exists()
+    # whole videos, the kept ones only, each its own unit (work.bundle_frames=1): who made it
+    sides = bundles_by_clip(out)
+    assert sorted(sides) == ["a", "c"]
+    assert sorted(json.loads(text)["rank"] for text in sides.values()) == [0, 1]  # one each: a rank
+    assert not (out / "b.mp4").exists()  # takes the next video when it is free
 
     # A new prompt for c and a run again: c is redone, a is kept as it was.
-    before = {p.parent.name: p.read_text() for p in (out / ".vsr_ddp").glob("*/segment_0000.json")}
+    before = bundles_by_clip(out)
     (prompts / "c.txt").write_text("a real street in the rain")
     run_job(["job=sim2real", f"input={src}", f"output={out}", f"job.prompts={prompts}",
              f"job.base_model={models['sd']}", f"job.controlnet={models['cn']}", "job.control=canny",
-             "encode.preset=ultrafast", "log.progress=false", *TINY_JOB], timeout=240)
-    after = {p.parent.name: p.read_text() for p in (out / ".vsr_ddp").glob("*/segment_0000.json")}
-    assert after["a_sim2real"] == before["a_sim2real"] and after["c_sim2real"] != before["c_sim2real"]
+             "encode.preset=ultrafast", "log.progress=false", "work.bundle_frames=1", *TINY_JOB], timeout=240)
+    after = bundles_by_clip(out)
+    assert after["a"] == before["a"] and after["c"] != before["c"]
     assert probe_streams(out / "c.mp4")["frames"] == 8
+
+
+def bundles_by_clip(out) -> dict:
+    """The record of each bundle of one clip under ``out``, as text, by the clip's relative path."""
+    found = {}
+    for p in shards.bundle_sidecars(out):
+        [clip] = json.loads(p.read_text())["clips"]
+        found[clip["rel"]] = p.read_text()
+    return found
 
 
 def test_calibrate_estimates_a_sim2real_run_and_says_what_it_leaves_out(tmp_path, models):

@@ -207,7 +207,8 @@ def test_a_run_with_a_temporal_model_through_the_runner(tmp_path, monkeypatch):
     monkeypatch.setattr(temporal, "load_temporal", lambda path, device: StubTemporal())
     out = tmp_path / "out"
     run_job(["job=upscale", f"input={clip}", f"output={out}", f"job.model={weights}", "job.warmup=30",
-             "work.segment_frames=8", "encode.crf=0", "encode.preset=ultrafast", "log.progress=false"])
+             "work.segment_frames=8", "encode.crf=0", "encode.preset=ultrafast", "log.progress=false",
+             "work.keep_shards=true"])
     assert read_report(out)["videos"][0]["status"] == "ok"
     assert [shards.read_sidecar(shards.work_dir(out, info, "2x"), u)["read_start"]
             for info in [probe(clip)] for u in plan_units([info], "segment", 8, 0)] == [0, 0, 0, 0]

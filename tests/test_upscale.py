@@ -9,6 +9,7 @@ from builders import decode_indices, make_clip, probe_streams, read_frames, save
 from conftest import read_report, run_job
 from test_e2e import psnr
 
+from vsr_ddp import shards
 from vsr_ddp.models.sr import Upscaler
 
 
@@ -109,7 +110,8 @@ def test_bad_model_file_fails_before_any_work(content, needle, small_clip, tmp_p
     assert len(line) == 1 and needle in line[0] and str(model) in line[0]
     assert "github.com/xinntao/Real-ESRGAN/releases" in line[0]
     assert "python -m vsr_ddp.models fetch realesrgan-x4plus" in line[0]
-    assert not (out / "clip.mp4").exists() and not (out / ".vsr_ddp" / "clip_4x").exists()
+    assert not (out / "clip.mp4").exists() and not list(shards.work_dirs(out))  # no video, no work folder
+    assert not list(out.rglob("*.mp4"))
 
 
 def test_scale_mismatch_is_a_clear_error(tmp_path):

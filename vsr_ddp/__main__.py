@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from . import config, dist, preempt, sweep, usage
 from .config import CONFIG_ERROR
 from .logs import close_logging, setup_logging
-from .shards import WORK_DIR
+from .shards import logs_dir
 
 log = logging.getLogger("vsr_ddp")
 
@@ -91,7 +91,7 @@ def log_dir(settings: config.Settings) -> Path:
         from hydra.core.hydra_config import HydraConfig
 
         return Path(HydraConfig.get().runtime.output_dir)
-    return Path(settings.output).expanduser() / WORK_DIR / "logs"
+    return logs_dir(Path(settings.output).expanduser())
 
 
 @hydra.main(version_base="1.3", config_path=config.config_dir(), config_name="config")

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import shards
 from .config import shipped
 from .demo import make_pattern
 from .models.ebsynth import SynthParams, max_levels
@@ -71,7 +72,7 @@ def run_job(model: str, clip: Path, out: Path, nproc: int, batch: int, segment_f
     """The job through its command line; figures from the wall clock, the sidecars, the report."""
     args = ["job=upscale", f"input={clip}", f"output={out}", f"job.model={model}", f"job.batch_size={batch}",
             f"job.precision={precision}", f"work.segment_frames={segment_frames}", f"device={device}",
-            "log.progress=false", *extra]
+            "log.progress=false", "work.keep_shards=true", *extra]
     if nproc == 1:
         cmd = [sys.executable, "-m", "vsr_ddp", *args]
     else:
@@ -83,7 +84,11 @@ def run_job(model: str, clip: Path, out: Path, nproc: int, batch: int, segment_f
     if proc.returncode != 0:
         raise SystemExit(f"bench job failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     report = json.loads((out / "run_report.json").read_text())["videos"][0]
-    sides = [json.loads(p.read_text()) for p in sorted(out.glob(".vsr_ddp/*/segment_????.json"))]
+    sides = [json.loads(p.read_text()) for p in shards.sidecar_files(out)]
+    for p in shards.bundle_sidecars(out):  # whole short videos: one shard a clip, remuxed to its output
+        bundle = json.loads(p.read_text())
+        sides += [{**c["shard"], "frames_written": c["frames"], "rank": bundle["rank"]}
+                  for c in bundle["clips"] if c["status"] == "ok"]
     frames = sum(s["frames_written"] for s in sides)
     per_rank: dict[int, float] = {}
     for s in sides:
@@ -119,7 +124,7 @@ def bench_balance(args, root: Path, model: str, device: torch.device) -> dict:
     out = {}
     for claim in ("strided", "dynamic"):
         r = run_job(model, batch, root / f"out_balance_{claim}", nproc, args.batch, 10 ** 6, dev_arg,
-                    args.precision, extra=("work.unit=video", f"work.claim={claim}"))
+                    args.precision, extra=("work.unit=video", "work.bundle_frames=1", f"work.claim={claim}"))
         busy = r["busy_s_per_rank"]
         ideal = sum(busy.values()) / nproc
         out[claim] = {"frames_per_rank": r["frames_per_rank"], "busy_s_per_rank": busy,
@@ -151,7 +156,11 @@ def main(argv=None) -> int:
                     help="which to measure; sim2real runs only on CUDA (SD 1.5-sized random weights); "
                          "interpolate times rife-hdv3 when it is fetched; also flashvsr (frames/s: a tiny "
                          "random configuration on the CPU, the published 1.3B shapes on CUDA) and "
-                         "flashvsr-warmup (what a segment's warm-up buys)")
+                         "flashvsr-warmup (what a segment's warm-up buys); scale (bookkeeping at scale "
+                         "beside plain ffmpeg: vsr_ddp.bench_scale)")
+    ap.add_argument("--scale-clips", type=int, default=1000, help="--jobs scale: short clips")
+    ap.add_argument("--scale-frames", type=int, default=100_000, help="--jobs scale: long video's frames")
+    ap.add_argument("--sim-clips", type=int, default=100_000, help="--jobs scale: simulated clips")
     args = ap.parse_args(argv)
     jobs = set(args.jobs.split(","))
     root = Path(args.dir).resolve()
@@ -212,6 +221,13 @@ def main(argv=None) -> int:
         r = results["sim2real"] = bench_sim2real(size=512, frames=8, steps=20, device=device)
         print(table("sim2real (FRESCO keyframes, SD 1.5-sized random weights) at 512x512, batch 8",
                     [(k, v) for k, v in r.items()]), flush=True)
+    if "scale" in jobs:
+        from .bench_scale import bench_scale
+
+        r = results["scale"] = bench_scale(root / "scale", args.scale_clips, args.scale_frames,
+                                           args.sim_clips)
+        for part, rows in r.items():
+            print(table(f"scale: {part}", [(k, v) for k, v in rows.items()]), flush=True)
     (root / "bench.json").write_text(json.dumps(results, indent=2))
     print(f"wrote {root / 'bench.json'}")
     return 0

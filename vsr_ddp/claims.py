@@ -309,11 +309,38 @@ class Leases:
 # -- runs ------------------------------------------------------------------------------------------
 
 def runs_dir(output: Path) -> Path:
-    return Path(output) / ".vsr_ddp" / RUNS
+    from .shards import runs_dir as layout
+
+    return layout(output)
 
 
 def run_file(output: Path, run: str) -> Path:
-    return runs_dir(output) / f"{run}.json"
+    from .shards import run_file as layout
+
+    return layout(output, run)
+
+
+def register_run(output: Path, leases: Leases, settings: dict, **extra) -> str | None:
+    """Register the launch whose rank 0 holds ``leases`` in ``<output>/.vsr_ddp/runs/`` (its
+    file renewed as a lease) and return why it must stop before any work, or None: a live launch
+    on the folder runs other settings, and the two would overwrite each other's videos."""
+    from .jobs.base import signature
+
+    runs_dir(output).mkdir(parents=True, exist_ok=True)
+    sig = signature(settings)
+    leases.acquire(run_file(output, leases.run), what="run", extra={"signature": sig, "settings": settings,
+                                                                    **extra})
+    others = {r: h for r, h in live_runs(output, leases.timeout_s).items() if r != leases.run}
+    for holder in others.values():
+        if holder.get("signature") != sig:
+            return (f"output folder {output} is in use by {holder_text(holder)} with other settings "
+                    f"({settings_difference(holder.get('settings') or {}, settings)}): wait for it to "
+                    f"finish, launch with its settings to join it, or use another output=")
+    if others:
+        log.info("joining %d run(s) already working on %s: %s; units are shared", len(others), output,
+                 ", ".join(holder_text(h) for h in others.values()))
+    log.info("run %s: %d rank(s)", leases.run, extra.get("world", 1))
+    return None
 
 
 def live_runs(output: Path, timeout_s: float, host: str | None = None) -> dict[str, dict]:

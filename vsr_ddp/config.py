@@ -107,8 +107,17 @@ class Work:
     queue_depth: int
     shard_index: int
     num_shards: int
+    bundle_frames: int | str = "auto"
+    keep_shards: bool = False
 
     def __post_init__(self):
+        if self.bundle_frames != "auto":
+            try:
+                frames = int(self.bundle_frames)
+            except (TypeError, ValueError):
+                frames = 0
+            _need(frames >= 1 and str(frames) == str(self.bundle_frames).strip(), "work.bundle_frames",
+                  self.bundle_frames, "auto or a whole number of frames, at least 1")
         # leases are renewed every tenth of the timeout, and a network filesystem shows a renewal late
         _need(self.lease_timeout_s >= 10, "work.lease_timeout_s", self.lease_timeout_s,
               "at least 10 (seconds)")
@@ -518,16 +527,16 @@ def _within(path: Path, folder: Path) -> bool:
 def check_paths(settings: Settings) -> None:
     """Refuse an output that would write over, move or delete what the run reads.
 
-    Final videos are ``<output>/<stem>.mp4``, so the output may not be an input video, the input
-    folder (inputs are not listed recursively, so a folder inside it is fine), a single input's
-    own folder, a keyframe or prompt folder, or a model file; and the input may not sit inside the
-    output's work folder (``<output>/.vsr_ddp``), which runs clean up.
+    Final videos are ``<output>/<relative path>/<stem>.mp4``, so the output may not be an input
+    video, the input folder (a folder inside it is fine: the listing leaves the output out), a
+    single input video's own folder, a keyframe or prompt folder, or a model file; and the input
+    may not sit inside the output's work folder, which runs clean up.
     """
-    from .plan import InputError, check_input
+    from .plan import VIDEO_EXTENSIONS, InputError, check_input
     from .shards import WORK_DIR
 
     try:
-        check_input(settings.input)
+        check_input(settings.input, exclude=[settings.output])
     except InputError as e:
         raise ConfigError(str(e)) from None
     output = Path(settings.output).expanduser()
@@ -536,7 +545,8 @@ def check_paths(settings: Settings) -> None:
         what = f"{key}={path}"
         if _same(output, path):
             problem = f"it is {what}"
-        elif key == "input" and path.is_file() and _same(output, path.parent):
+        elif key == "input" and path.suffix.lower() in VIDEO_EXTENSIONS and path.is_file() \
+                and _same(output, path.parent):
             problem = f"it is the folder of {what}: the output video would replace it"
         elif key == "input" and _within(path, output / WORK_DIR):
             problem = f"{what} is inside its work folder {output / WORK_DIR}"

@@ -20,6 +20,7 @@ import numpy as np
 
 from .models import published
 from .plan import probe
+from .shards import logs_dir
 from .video import ffmpeg_exe
 
 DEMO_MODEL = "realesr-animevideov3"
@@ -131,7 +132,7 @@ def main(argv=None) -> int:
     print("running:", " ".join(cmd), flush=True)
     status = launch(cmd)
     if status != 0:
-        print(f"demo failed (exit status {status}); logs in {out / '.vsr_ddp' / 'logs'}", file=sys.stderr)
+        print(f"demo failed (exit status {status}); logs in {logs_dir(out)}", file=sys.stderr)
         return status
     res = probe(out / "sample.mp4")
     report = json.loads((out / "run_report.json").read_text())

@@ -113,7 +113,9 @@ class Dist:
         """
         if not self.distributed:
             return
-        folder = Path(output).expanduser() / ".vsr_ddp" / "hosts" / run
+        from .shards import hosts_dir
+
+        folder = hosts_dir(Path(output).expanduser(), run)
         folder.mkdir(parents=True, exist_ok=True)
         token = uuid.uuid4().hex
         tmp = folder / f"{self.rank}.json.{token[:8]}.partial"

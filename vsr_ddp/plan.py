@@ -54,6 +54,7 @@ class VideoInfo:
     interlaced: bool = False  # the stream flags its frames as interlaced (fields, not progressive)
     pix_fmt: str = "yuv420p"  # of the decoded stream (yuv420p10le: 10-bit)
     bit_depth: int = 8
+    rel: str = ""  # its path below the input folder, without extension: the output's (inputs.py)
 
     @property
     def stem(self) -> str:
@@ -106,10 +107,19 @@ class Unit:
     # (job=interpolate makes a retimed range); None: the owned range itself.
     out_start: int | None = None
     out_end: int | None = None
+    # A bundle: the whole-video units of several short videos (``video`` is the first's), made
+    # one after the other under the name ``bundle`` (shards.bundle_key). Empty for a segment.
+    parts: tuple = ()
+    bundle: str = ""
 
     @property
     def key(self) -> str:
-        return f"segment_{self.seg_idx:04d}"
+        return self.bundle or f"segment_{self.seg_idx:04d}"
+
+    @property
+    def clips(self) -> tuple:
+        """The plan indices of a bundle's videos; () for a segment."""
+        return tuple(p.video for p in self.parts)
 
     @property
     def frames(self) -> int:
@@ -134,7 +144,14 @@ class Plan:
     skipped: dict = field(default_factory=dict)  # input path -> reason, for inputs a job left out (SkipVideo)
 
     def units_of(self, video: int) -> list:
-        return [u for u in self.units if u.video == video]
+        """The units of one video (a bundle counts for each of its clips)."""
+        if getattr(self, "_by_video", None) is None or self._by_video[0] is not self.units:
+            index: dict = {}
+            for u in self.units:
+                for vi in (u.clips or (u.video,)):
+                    index.setdefault(vi, []).append(u)
+            self._by_video = (self.units, index)
+        return self._by_video[1].get(video, [])
 
     def units_for_rank(self, rank: int, world: int) -> list:
         """Rank-strided claim over the global unit order (videos, then segments)."""
@@ -149,32 +166,43 @@ def strided(items, index: int, count: int) -> list:
     return list(items)[index::count]
 
 
-def list_inputs(input_path: str | Path, shard_index: int = 0, num_shards: int = 1) -> list[Path]:
-    """A file, or the videos of a folder (by extension, sorted, not recursive).
+def list_inputs(input_path: str | Path, shard_index: int = 0, num_shards: int = 1, exclude=()) -> list:
+    """Every input (:class:`vsr_ddp.inputs.Input`: ``path``, output name ``rel``, size, mtime),
+    sorted by ``rel``: a video file, the videos of a folder tree (``exclude``: folders left out,
+    the output folder among them), or the paths of a list file. See :func:`vsr_ddp.inputs.list_inputs`.
 
     With ``num_shards > 1`` only this share is kept (:func:`shard_inputs`), before anything
     is probed: a Slurm job array splits a folder without its tasks talking to each other.
     """
-    p = check_input(input_path)
-    if p.is_dir():
-        return shard_inputs(sorted(_videos_in(p)), shard_index, num_shards)
-    return shard_inputs([p], shard_index, num_shards)
+    from .inputs import list_inputs as _list_inputs
+
+    return _list_inputs(input_path, shard_index, num_shards, exclude)
 
 
-def _videos_in(folder: Path):
-    return (f for f in folder.iterdir() if f.suffix.lower() in VIDEO_EXTENSIONS and f.is_file())
+def _videos_in(folder: Path, exclude=()):
+    """The videos of ``folder`` and below, as found (a generator of Inputs; stop at will)."""
+    from .inputs import walk
+
+    return walk(folder, exclude)
 
 
-def check_input(input_path: str | Path) -> Path:
-    """``input`` as a path, or InputError when it is neither a file nor a folder holding a video
-    (the folder is read only up to its first video: this runs before any work, on every rank)."""
+def check_input(input_path: str | Path, exclude=()) -> Path:
+    """``input`` as a path, or InputError when it is neither a video file, nor a folder with a video
+    somewhere below, nor a readable list file. Cheap, as it runs before any work on every rank:
+    a folder is walked only up to its first video, a list file is opened, not read."""
+    from .inputs import check_list_file
+
     p = Path(input_path).expanduser()
     if p.is_dir():
-        if next(_videos_in(p), None) is None:
+        if next(_videos_in(p, exclude), None) is None:
             raise InputError(f"{p}: no videos ({' '.join(VIDEO_EXTENSIONS)}) in this folder")
         return p
     if p.is_file():
+        if p.suffix.lower() not in VIDEO_EXTENSIONS:
+            check_list_file(p)
         return p
+    if p.exists():
+        raise InputError(f"{p}: neither a file nor a folder")
     raise InputError(f"{p}: no such file or folder")
 
 
@@ -384,6 +412,53 @@ def plan_units(videos: list[VideoInfo], unit: str, segment_frames: int, overlap:
     return units
 
 
+BUNDLE_CUT = 32  # a bundle also ends after a clip whose path hashes to 0 modulo this (see bundle_units)
+
+
+def bundle_units(units: list[Unit], videos: list[VideoInfo], bundle_frames: int, key_of) -> list[Unit]:
+    """Put the videos that are one unit each (short clips, or ``work.unit=video``) into bundles:
+    runs of consecutive such videos of at most ``bundle_frames`` frames in all (a longer video is
+    a bundle of its own). Videos cut into segments keep their units. ``key_of(rels)`` names a
+    bundle from its clips' relative paths (shards.bundle_key).
+
+    A bundle also ends after any clip whose relative path hashes to 0 modulo BUNDLE_CUT, so its
+    boundaries depend on the clips near it only: a clip added to (or removed from) the folder
+    changes one or two bundles, and a relaunch finds the other bundles' records where they were."""
+    import hashlib
+
+    count: dict[int, int] = {}
+    for u in units:
+        count[u.video] = count.get(u.video, 0) + 1
+    out: list[Unit] = []
+    run: list[Unit] = []
+    frames = 0
+
+    def close() -> None:
+        nonlocal run, frames
+        if run:
+            rels = [videos[p.video].rel or videos[p.video].stem for p in run]
+            total = sum(p.frames for p in run)
+            out.append(Unit(video=run[0].video, seg_idx=0, start=0, end=total, read_start=0, read_end=total,
+                            out_start=0, out_end=sum(p.out_frames for p in run), parts=tuple(run),
+                            bundle=key_of(rels)))
+        run, frames = [], 0
+
+    for u in units:
+        if count[u.video] > 1:
+            close()
+            out.append(u)
+            continue
+        if run and frames + u.frames > bundle_frames:
+            close()
+        run.append(u)
+        frames += u.frames
+        rel = videos[u.video].rel or videos[u.video].stem
+        if int(hashlib.sha1(rel.encode("utf-8")).hexdigest()[:8], 16) % BUNDLE_CUT == 0:
+            close()
+    close()
+    return out
+
+
 def format_plan(plan: Plan, world: int, claim: str = "dynamic") -> str:
     """The dry-run text: the units and frame ranges, per rank when claims are strided."""
     lines = [f"{len(plan.videos)} video(s), {len(plan.units)} unit(s), {world} rank(s)"]
@@ -397,8 +472,9 @@ def format_plan(plan: Plan, world: int, claim: str = "dynamic") -> str:
         lines.append(f"  {path}: SKIPPED: {reason}")
 
     def unit_lines(units):
-        return [f"  {plan.videos[u.video].stem} {u.key}: owns [{u.start}, {u.end}) "
-                f"reads [{u.read_start}, {u.read_end})" for u in units]
+        return [f"  {plan.videos[p.video].stem} {p.key}: owns [{p.start}, {p.end}) "
+                f"reads [{p.read_start}, {p.read_end})" + (f" ({u.key})" if u.parts else "")
+                for u in units for p in (u.parts or (u,))]
 
     if claim == "strided":
         for rank in range(world):
@@ -410,3 +486,106 @@ def format_plan(plan: Plan, world: int, claim: str = "dynamic") -> str:
                      f"{sum(u.frames for u in plan.units)} frames")
         lines += unit_lines(plan.units)
     return "\n".join(lines)
+
+
+def make_plan(cfg, ctx, job, output: Path, run: str, key_of, dry_run: bool = False) -> Plan:
+    """The launch's plan, the same on every rank: inputs listed once (rank 0, one scan), probed
+    only when new or changed since the manifest (``<output>/.vsr_ddp/manifest.jsonl``; each rank
+    probes a share of those and appends to a part of it), cut into units by the job (or into
+    ``work.*`` segments), short videos bundled. Rank 0 writes the probed list to a file every rank
+    reads (``runs/<run>.plan.jsonl``): no per-video objects are gathered to every rank, except in
+    a dry run, which writes nothing."""
+    import json
+    import logging
+    from dataclasses import replace
+
+    from . import shards
+    from .inputs import Input, Manifest, info_from_json, info_to_json, list_inputs as list_all
+
+    log = logging.getLogger(__name__)
+    w = cfg.work
+    output = Path(output)
+    inputs, manifest, todo = [], None, None
+    if ctx.is_main:
+        inputs = list_all(cfg.input, w.shard_index, w.num_shards, exclude=[output])
+        manifest = Manifest.load(shards.manifest_path(output))
+        todo = [i for i in inputs if i.missing is None and manifest.lookup(i) is None]
+        log.info("%d input(s) listed, %d to probe (new or changed since the manifest)", len(inputs),
+                 len(todo))
+    todo_file = shards.todo_file(output, run)
+    if dry_run:
+        todo = ctx.all_gather_object(todo)[0]
+    else:  # the new files, for every rank to probe a share of: through a file, not gathered
+        if ctx.is_main:
+            todo_file.parent.mkdir(parents=True, exist_ok=True)
+            with open(todo_file, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps([i.path, i.rel, i.size, i.mtime_ns]) + "\n" for i in todo)
+        ctx.barrier()
+        with open(todo_file, encoding="utf-8") as f:
+            todo = [Input(*json.loads(line)) for n, line in enumerate(f) if n % ctx.world == ctx.rank]
+    probed = []
+    for inp in (strided(todo, ctx.rank, ctx.world) if dry_run else todo):
+        try:
+            probed.append((inp, replace(probe(inp.path), rel=inp.rel)))
+        except InputError as e:
+            probed.append((inp, str(e)))
+        except OSError as e:
+            probed.append((inp, f"cannot read ({e.strerror or e})"))
+    plan_file = shards.plan_file(output, run)
+    if dry_run:
+        gathered = [p for part in ctx.all_gather_object(probed) for p in part]
+    else:
+        Manifest.append(shards.manifest_part(output, run, ctx.rank), probed)
+        ctx.barrier()
+    lines = None
+    if ctx.is_main:
+        if dry_run:
+            fresh = {inp.path: res for inp, res in gathered}
+        else:
+            parts = [shards.manifest_part(output, run, r) for r in range(ctx.world)]
+            todo_file.unlink(missing_ok=True)
+            manifest = Manifest.compact(shards.manifest_path(output), [p for p in parts if p.exists()],
+                                        keep={i.path for i in inputs} if w.num_shards == 1 else None)
+            fresh = {}
+        lines = []
+        for inp in inputs:
+            res = (inp.missing or fresh.get(inp.path) or manifest.lookup(inp)
+                   or "not probed (its file changed as the run started)")
+            lines.append({"path": inp.path, "error": res} if isinstance(res, str)
+                         else {"path": inp.path, "info": info_to_json(res)})
+        if not dry_run:
+            plan_file.parent.mkdir(parents=True, exist_ok=True)
+            with open(plan_file, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(line) + "\n" for line in lines)
+    if dry_run:
+        lines = ctx.all_gather_object(lines)[0]
+    else:
+        ctx.barrier()
+        with open(plan_file, encoding="utf-8") as f:
+            lines = [json.loads(line) for line in f]
+    videos, failed, skipped, units = [], {}, {}, []
+    for line in lines:
+        if "error" in line:
+            failed[line["path"]] = line["error"]
+            if ctx.is_main:
+                log.error("%s: %s", line["path"], line["error"])
+            continue
+        info = info_from_json(line["info"])
+        # The job may cut its own units (key intervals, whole videos, retimed segments) and
+        # reject a video (missing keys, say) with a reason of its own; else work.* segments.
+        try:
+            mine = job.plan_video(info, len(videos))
+            if mine is None:
+                mine = plan_units([info], w.unit, w.segment_frames, w.overlap, first_index=len(videos))
+            units += mine
+            videos.append(info)
+        except SkipVideo as e:  # left out on purpose (no prompt for it, say): not a failure
+            skipped[info.path] = str(e)
+            log.warning("%s: skipped: %s", info.path, e)
+        except InputError as e:
+            failed[info.path] = str(e)
+            log.error("%s: %s", info.path, e)
+    bundle = w.segment_frames if w.bundle_frames == "auto" else int(w.bundle_frames)
+    units = bundle_units(units, videos, bundle, key_of)
+    log.info("plan: %d video(s), %d unit(s), %d failed to probe", len(videos), len(units), len(failed))
+    return Plan(videos=videos, failed=failed, units=units, skipped=skipped)

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
+from vsr_ddp import shards
+
 from .gated_main import GATE_ENV
 
 GATED_MAIN = Path(__file__).with_name("gated_main.py")
@@ -65,8 +67,16 @@ class Gate:
 
 
 def sidecars(output: Path) -> list[Path]:
-    """The finished units' sidecars in every work folder under ``output``."""
-    return sorted(Path(output).glob(".vsr_ddp/*/segment_????.json"))
+    """The finished segments' sidecars in every work folder under ``output`` (a merged video's
+    are gone unless the run kept its shards: work.keep_shards=true)."""
+    return shards.sidecar_files(Path(output))
+
+
+def records(output: Path) -> list[Path]:
+    """What says work is finished under ``output``: segment and bundle sidecars, merge records."""
+    output = Path(output)
+    return sorted([*shards.sidecar_files(output), *shards.bundle_sidecars(output),
+                   *(d / shards.MERGED for d in shards.work_dirs(output) if (d / shards.MERGED).exists())])
 
 
 def wait_until(what: str, condition: Callable[[], bool], procs: Iterable[subprocess.Popen] = (),
@@ -169,15 +179,15 @@ def _descendants(root: int) -> set[int]:
 
 
 def already_done(output: Path, ranks: int | None = None) -> int:
-    """Finished shards the last run found, over all ranks: each rank log's last
-    'N unit(s) for this rank, M already done' line (the logs are appended across reruns).
+    """Finished units the last run found, over all ranks: each rank log's last
+    'N unit(s) drawn by this rank, M already done' line (the logs are appended across reruns).
     ``ranks``: the last run's rank count, when an earlier run on the folder had more."""
     total = 0
-    logs = sorted((Path(output) / ".vsr_ddp" / "logs").glob("rank*.log"))
+    logs = sorted(shards.logs_dir(Path(output)).glob("rank*.log"))
     if ranks is not None:
-        logs = [Path(output) / ".vsr_ddp" / "logs" / f"rank{r}.log" for r in range(ranks)]
+        logs = [shards.logs_dir(Path(output)) / f"rank{r}.log" for r in range(ranks)]
     for log in logs:
-        found = re.findall(r"\d+ unit\(s\) for this rank, (\d+) already done",
+        found = re.findall(r"\d+ unit\(s\) drawn by this rank, (\d+) already done",
                            log.read_text(encoding="utf-8"))
         assert found, f"{log} has no unit count"
         total += int(found[-1])
@@ -188,7 +198,7 @@ def shard_files(wdir: Path) -> dict[str, tuple[bytes, int]]:
     """Every finished shard and its sidecar: name -> (bytes, inode). Files are replaced, never
     rewritten in place, so an unchanged inode means the file was not made again."""
     files = {}
-    for side in sorted(Path(wdir).glob("segment_????.json")):
+    for side in sorted(Path(wdir).glob("*/segment_????.json")):
         for f in (side, side.parent / json.loads(side.read_text())["shard"]):
             files[f.name] = (f.read_bytes(), f.stat().st_ino)
     return files
