@@ -40,6 +40,7 @@ test-slurm: $(VENV)/.installed ## opt-in, root: one-node Slurm from Debian runs 
 
 bench: $(VENV)/.installed ## benchmarks (not tests): frames/s and stage shares; then the real Real-ESRGAN models (fetched)
 	$(PY) -m vsr_ddp.bench
+	$(PY) -m vsr_ddp.bench --jobs scale --dir bench_out/scale
 	$(PY) -m vsr_ddp.models fetch realesr-animevideov3 realesrgan-x4plus rife-hdv3
 	$(PY) -m vsr_ddp.bench --jobs upscale --model realesr-animevideov3 --size 256x144 --frames 48 --long 2 --dir bench_out/animevideov3
 	$(PY) -m vsr_ddp.bench --jobs upscale --model realesrgan-x4plus --size 128x72 --frames 12 --long 2 --dir bench_out/x4plus

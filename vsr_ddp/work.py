@@ -106,12 +106,20 @@ class Board:
         return self.ctx.add("settled", 0) >= len(self.plan.videos)
 
     def watch(self, item: int) -> None:
-        """Hand a unit (its index) or a merge (``-1 - video``) in another launch's hands to the watcher."""
-        self.ctx.add(f"watch/{self.ctx.add('watch_n', 1) - 1}", item + 1)
+        """Hand a unit (its index) or a merge (``-1 - video``) in another launch's hands to the
+        watcher: slot ``watch/<k>`` holds it as a non-zero number (units + 1, merges as they are)."""
+        self.ctx.add(f"watch/{self.ctx.add('watch_n', 1) - 1}", item + 1 if item >= 0 else item)
 
     def watched(self, start: int) -> list[int]:
-        n = self.ctx.add("watch_n", 0)
-        return [self.ctx.add(f"watch/{k}", 0) - 1 for k in range(start, n)]
+        """The items handed to the watcher from slot ``start`` on, up to the first slot whose
+        number is not written yet (a rank takes a slot, then writes it: read again next time)."""
+        items = []
+        for k in range(start, self.ctx.add("watch_n", 0)):
+            value = self.ctx.add(f"watch/{k}", 0)
+            if value == 0:
+                break
+            items.append(value - 1 if value > 0 else value)
+        return items
 
 
 def claim_order(board: Board, claim: str):
