@@ -140,7 +140,6 @@ class Plan:
     videos: list  # VideoInfo per input that probed fine, in input order
     failed: dict  # input path -> reason, for inputs that did not probe
     units: list
-    inputs: list = field(default_factory=list)  # every input path (str), in input order
     skipped: dict = field(default_factory=dict)  # input path -> reason, for inputs a job left out (SkipVideo)
 
     def units_of(self, video: int) -> list:
