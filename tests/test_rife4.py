@@ -225,7 +225,7 @@ def test_training_parts_are_dropped_and_unknown_keys_refused_in_one_line(referen
         # the job stops before any work, in one line naming the file
         cfg = OmegaConf.create({"model": str(path), "factor": "5/2", "fps": None, "scene_threshold": 0.2,
                                 "scale": 1.0, "precision": "fp32", "vfr": "error", "batch_size": 4,
-                                "segment_frames": 8, "models_dir": None})
+                                "segment_frames": 8, "models_dir": None, "seed": 0})
         with pytest.raises(InterpolationError) as e:
             InterpolateJob(cfg, torch.device("cpu")).setup()
         assert str(path) in str(e.value) and "\n" not in str(e.value) and "Practical-RIFE" in str(e.value)

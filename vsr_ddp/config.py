@@ -268,6 +268,7 @@ class Interpolate:
     flow_preset: DIS_PRESETS
     segment_frames: int
     models_dir: Optional[str]
+    seed: int = 0
 
     def __post_init__(self):
         if self.fps in (None, ""):

@@ -61,11 +61,13 @@ class InterpolateJob(Job):
             from ..models.rife import CheckpointError
 
             self.model_file = self._rife_file(model)
-            try:
-                self.engine = interp.Rife(self.model_file, self.device, float(c.scale), dtype)
-            except CheckpointError as e:  # unreadable, or neither RIFE HDv3 nor a Practical-RIFE 4.x
-                raise InterpolationError(f"job.model: {e}") from None
-            log.info("job.model: %s is %s", self.model_file, self.engine.net.description)
+            self.engine = interp.Eden.load(self.model_file, self.device, dtype, int(c.seed))
+            if self.engine is None:  # not an EDEN checkpoint (by its keys): RIFE's loader says what it is
+                try:
+                    self.engine = interp.Rife(self.model_file, self.device, float(c.scale), dtype)
+                except CheckpointError as e:  # unreadable, or neither RIFE HDv3 nor a Practical-RIFE 4.x
+                    raise InterpolationError(f"job.model: {e}") from None
+            log.info("job.model: %s is %s", self.model_file, self.engine.description)
         if self.engine.midpoint_only and self.factor is not None:
             self._check_midpoints(self.factor, f"job.factor={self.factor}")
 
@@ -83,7 +85,7 @@ class InterpolateJob(Job):
             path = Path(model).expanduser()
             if not path.is_file():
                 raise InterpolationError(f"job.model: {path} does not exist (rife-hdv3, a RIFE flownet.pkl, "
-                                         f"flow or blend)")
+                                         f"an EDEN eden.pt, flow or blend)")
         return path
 
     def _check_midpoints(self, ratio: Fraction, what: str) -> None:
@@ -96,6 +98,10 @@ class InterpolateJob(Job):
                 f"midpoint model: 2x, 4x, 8x) cannot make exactly; use job.model=flow or blend, a "
                 f"Practical-RIFE 4.x flownet.pkl (any t), or a power-of-two factor")
 
+    @property
+    def _seeded(self) -> bool:
+        return getattr(self.engine, "seeded", False)
+
     def tag(self) -> str:
         rate = f"x{self.factor}" if self.factor is not None else f"{self.fps}fps"
         return rate.replace("/", "-")
@@ -104,7 +110,7 @@ class InterpolateJob(Job):
         model = str(self.cfg.model) if self.model_file is None else fingerprint(self.model_file)
         return {"job": self.name, "model": model, "factor": str(self.factor), "fps": str(self.fps),
                 "scale": float(self.cfg.scale), "scene_threshold": self.threshold,
-                "vfr": str(self.cfg.vfr),
+                "vfr": str(self.cfg.vfr), **({"seed": int(self.cfg.seed)} if self._seeded else {}),
                 "dtype": str(getattr(self.engine, "dtype", "float32")),
                 "flow_weights": str(self.cfg.flow_weights),
                 "flow_preset": str(self.cfg.flow_preset)}
@@ -189,7 +195,7 @@ class InterpolateJob(Job):
                     # (i, i + 1) still belongs to the earlier shot, so it repeats frame i
                     slots.append(a)
                 else:
-                    pairs.append((a, b, t))
+                    pairs.append((a, b, t, i))
                     slots.append(len(pairs) - 1)
             self._next_out += 1
         made = self._run(pairs)
@@ -217,6 +223,10 @@ class InterpolateJob(Job):
             part = pairs[s:s + batch]
             a = np.stack([p[0] for p in part])
             b = np.stack([p[1] for p in part])
-            out.extend(self.engine(a, b, [p[2] for p in part]))
+            ts = [p[2] for p in part]
+            # a sampling engine (EDEN) draws each pair's noise from its source index: the same
+            # frames whichever rank, unit or rerun makes the pair
+            out.extend(self.engine(a, b, ts, keys=[p[3] for p in part]) if self._seeded
+                       else self.engine(a, b, ts))
         self.counts["interpolated_frames"] += len(pairs)
         return out

@@ -146,6 +146,7 @@ class Rife:
         from .rife import load_rife
 
         self.net = load_rife(path, device).to(dtype)
+        self.description = self.net.description
         self.device, self.scale, self.dtype = device, float(scale), dtype
         self.midpoint_only = not self.net.takes_time
         self.pad = self.net.multiple(self.scale)
@@ -185,3 +186,63 @@ class Rife:
             out = self.net(x0, x1, t, self.scale).clamp(0, 1)
         y = out[:, :, :h, :w].float().mul(255).round().clamp(0, 255).byte()
         return y.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3) uint8
+
+
+def pair_seed(seed: int, key: int, lo: Fraction, hi: Fraction) -> int:
+    """The noise seed of the frame between positions ``key + lo`` and ``key + hi`` of a video
+    (``key``: the pair's first source index): a function of where the frame is, so a rerun, a
+    resumed run and any number of ranks draw the same noise for it."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{seed}:{key}:{lo}:{hi}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+class Eden:
+    """EDEN (models/eden): a diffusion transformer that samples the midpoint of a pair (two Euler
+    steps from noise), so other times come from bisecting, as rife-hdv3 (``midpoint_only``). Each
+    midpoint's noise is seeded by :func:`pair_seed` (``seeded``: the job passes each pair's source
+    index). ``load`` returns None for a file that is not an EDEN checkpoint (by its keys)."""
+
+    name = "eden"
+    midpoint_only = True
+    seeded = True
+    description = "EDEN (diffusion transformer, midpoints)"
+
+    def __init__(self, model, device: torch.device, dtype: torch.dtype, seed: int = 0):
+        self.model, self.device, self.dtype, self.seed = model, device, dtype, int(seed)
+        self.precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
+
+    @classmethod
+    def load(cls, path, device: torch.device, dtype: torch.dtype, seed: int = 0) -> "Eden | None":
+        from . import eden
+
+        model = eden.load_eden_if(path, device)
+        return None if model is None else cls(model, device, dtype, seed)
+
+    def _at(self, x0: torch.Tensor, x1: torch.Tensor, t: Fraction, key: int, lo: Fraction,
+            hi: Fraction) -> torch.Tensor:
+        """The frame at ``t`` between x0 (at ``lo``) and x1 (at ``hi``), by bisection."""
+        from . import eden
+
+        if t == 0:
+            return x0
+        if t == 1:
+            return x1
+        mid_pos = (lo + hi) / 2
+        mid = eden.midpoint(self.model, x0, x1, pair_seed(self.seed, key, lo, hi), precision=self.precision)
+        if t == Fraction(1, 2):
+            return mid
+        if t < Fraction(1, 2):
+            return self._at(x0, mid, t * 2, key, lo, mid_pos)
+        return self._at(mid, x1, t * 2 - 1, key, mid_pos, hi)
+
+    @torch.no_grad()
+    def __call__(self, a: np.ndarray, b: np.ndarray, ts: list[Fraction], keys: list[int]) -> np.ndarray:
+        out = []
+        for k in range(len(a)):
+            x0, x1 = (torch.from_numpy(x[k]).to(self.device).permute(2, 0, 1)[None].float() / 255
+                      for x in (a, b))
+            y = self._at(x0, x1, Fraction(ts[k]), int(keys[k]), Fraction(0), Fraction(1))
+            out.append(y[0].float().mul(255).round().clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy())
+        return np.stack(out)
