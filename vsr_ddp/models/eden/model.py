@@ -197,7 +197,10 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-class DiTBlock(nn.Module):
+class _Block(nn.Module):
+    """The parts (and state-dict keys) the DiT and decoder blocks share: self-attention, temporal
+    attention to the two frames' tokens, an MLP, each after its layer norm."""
+
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = False):
         super().__init__()
         self.norm_self_attn = nn.LayerNorm(dim, eps=LN_EPS)
@@ -206,6 +209,9 @@ class DiTBlock(nn.Module):
         self.temp_attn = TemporalAttention(dim, num_heads, qkv_bias)
         self.norm_mlp = nn.LayerNorm(dim, eps=LN_EPS)
         self.mlp = Mlp(dim, mlp_ratio)
+
+
+class DiTBlock(_Block):
 
     def forward(self, x, tokens0, tokens1, ph: int, pw: int, modulations: torch.Tensor) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulations.chunk(6, dim=1)
@@ -214,17 +220,8 @@ class DiTBlock(nn.Module):
         return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm_mlp(x), shift_mlp, scale_mlp))
 
 
-class DecoderBlock(nn.Module):
+class DecoderBlock(_Block):
     """The original's VAEBlock(is_encoder=False, add_attn_decoder=True, add_attn_type="temporal_attn")."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = False):
-        super().__init__()
-        self.norm_self_attn = nn.LayerNorm(dim, eps=LN_EPS)
-        self.self_attn = SelfAttention(dim, num_heads, qkv_bias)
-        self.norm_temp_attn = nn.LayerNorm(dim, eps=LN_EPS)
-        self.temp_attn = TemporalAttention(dim, num_heads, qkv_bias)
-        self.norm_mlp = nn.LayerNorm(dim, eps=LN_EPS)
-        self.mlp = Mlp(dim, mlp_ratio)
 
     def forward(self, query, recon, tokens0, tokens1, ph: int, pw: int) -> torch.Tensor:
         n = recon.shape[1]
