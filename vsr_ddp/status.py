@@ -30,6 +30,7 @@ its requeue do not count. Videos no rank has started yet have no files and are n
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -277,10 +278,19 @@ def collect(output: str | Path, timeout_s: float, verify: bool = False) -> dict:
     runs' ``work.lease_timeout_s``, after which a lease not renewed counts as its holder's death.
     ``verify``: also check the checksums of the shards on disk and the sizes of the merged
     outputs, under ``"verify": {"files", "problems"}``."""
-    enabled = gc.isenabled()
-    gc.disable()  # a million rows and no cycles among them: the collector's passes would cost most
-    try:
+    with _no_gc():
         return _collect(Path(output).expanduser(), timeout_s, verify)
+
+
+@contextlib.contextmanager
+def _no_gc():
+    """The cyclic garbage collector off meanwhile (restored after): status makes a million rows and
+    a table's lines with no cycles among them, and the collector's passes over them would cost most
+    of its time."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
     finally:
         if enabled:
             gc.enable()
@@ -508,13 +518,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="the runs' work.lease_timeout_s: a lease not renewed this long is a dead holder's "
                          f"(default: conf/config.yaml's, {default:g})")
     args = ap.parse_args(argv)
-    enabled = gc.isenabled()
-    gc.disable()  # the rows and the table's lines: nothing to collect, a million objects to walk
-    try:
+    with _no_gc():
         return _report(args)
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _report(args) -> int:
